@@ -9,12 +9,15 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Appends one JSON object per call; flushes every line so a crash loses nothing."""
+    """One JSON object per call, flushed per line so a crash loses nothing.
 
-    def __init__(self, path: str | Path):
+    A new run starts the file afresh; ``append=True`` continues it (resuming a run).
+    """
+
+    def __init__(self, path: str | Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+        self._file = self.path.open("a" if append else "w")
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}
