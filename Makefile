@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/flywheel demo
 
 bench: install
-	$(BIN)/python -m pytest -q -s tests/bench
+	$(BIN)/python tests/bench/bench_sft.py
 
 # Regenerate the pins after changing dependencies in pyproject.toml.
 lock: install
