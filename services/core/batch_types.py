@@ -1,0 +1,79 @@
+"""Data that flows between services: trajectories from rollout, token batches for the
+learner and the reference server.
+
+Per-token convention: every per-token tensor is aligned with ``input_ids`` positions.
+The value at position t belongs to token ``input_ids[:, t]`` (for log-probs: log p of that
+token given the tokens before it, computed from the logits at t-1). Position 0 has no
+value. ``response_mask`` is 1 exactly on the response tokens' positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Trajectory:
+    """One sampled response, with everything needed to train on it later."""
+
+    prompt_id: str
+    prompt: str
+    prompt_ids: list[int]
+    response: str
+    response_ids: list[int]
+    logprobs: list[float]  # the sampler's log-prob of each response token
+    finish_reason: str  # "stop" (EOS) or "length"
+    policy_version: int  # version of the weights that produced it
+    sample_index: int = 0  # which of the n samples of this prompt
+    columns: dict[str, Any] = field(default_factory=dict)  # extra dataset columns for rewards
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded prompt+response sequences. Tensors are [B, T] (torch.long / float)."""
+
+    input_ids: Any
+    attention_mask: Any
+    response_mask: Any
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> TokenBatch:
+    """Concatenate each prompt with its response and right-pad to the longest."""
+    import torch
+
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    batch = len(prompt_ids)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    response_mask = torch.zeros((batch, width), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention[i, : len(p) + len(r)] = 1
+        response_mask[i, len(p) : len(p) + len(r)] = 1.0
+    return TokenBatch(input_ids, attention, response_mask)
+
+
+def response_values(per_token, batch: TokenBatch) -> list[list[float]]:
+    """Per-token tensor [B, T] -> the response tokens' values, one list per sequence."""
+    mask = batch.response_mask.bool()
+    return [per_token[i][mask[i]].tolist() for i in range(batch.size)]
+
+
+def pad_response_values(values: list[list[float]], batch: TokenBatch):
+    """Inverse of ``response_values``: lists of per-response-token values -> [B, T] float."""
+    import torch
+
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+    for i, row in enumerate(values):
+        positions = batch.response_mask[i].nonzero().flatten()
+        if len(row) != len(positions):
+            raise ValueError(f"sequence {i}: {len(row)} values for {len(positions)} response tokens")
+        out[i, positions] = torch.tensor(row, dtype=torch.float32)
+    return out
