@@ -31,3 +31,30 @@ def toy_sft_run(tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     return {**summary, "out": out}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (actors ask for num_cpus=0 on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer toy Llama with the toy tokenizer, as a HF directory."""
+    from services.core import toy_world
+    from services.core.config import ToyModelConfig
+    from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
+
+    rows = toy_world.sft_corpus(["preference", "arithmetic"], 500, seed=0)
+    tokenizer = train_toy_tokenizer([r["prompt"] + r["response"] for r in rows], vocab_size=400)
+    model = build_toy_llama(ToyModelConfig(num_layers=2), tokenizer, seed=0)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -93,6 +93,11 @@ class RolloutPool:
 
         return ray.get(self.workers[worker].sequence_logprobs.remote(prompt_ids, response_ids))
 
+    def engine_process_ids(self, worker: int) -> list[int]:
+        import ray
+
+        return ray.get(self.workers[worker].engine_process_ids.remote())
+
     def metrics_texts(self) -> list[str]:
         import ray
 

@@ -125,6 +125,12 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
+    def engine_process_ids(self) -> list[int]:
+        """PIDs of the engine processes vLLM spawned (for operators and fault tests)."""
+        import psutil
+
+        return [child.pid for child in psutil.Process().children(recursive=True)]
+
     def metrics_text(self) -> str:
         return self.metrics.exposition()
 

