@@ -23,6 +23,13 @@ class Resources(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
     custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
 
+    def ray_options(self) -> dict:
+        """Keyword arguments for ``ActorClass.options(...)``."""
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        return options
+
 
 class ToyModelConfig(Section):
     """Shape of the tiny Llama built from scratch for the toy world (head_dim = hidden/heads)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
@@ -98,14 +97,6 @@ class ScorerActor:
         return self.metrics.exposition()
 
 
-def actor_options(resources) -> dict[str, Any]:
-    """``.options(...)`` for one member actor from ``reward.resources``."""
-    opts: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-    if resources.custom:
-        opts["resources"] = dict(resources.custom)
-    return opts
-
-
 class PendingScores:
     """Scores in flight on one replica; ``result()`` waits and aggregates."""
 
@@ -132,7 +123,7 @@ class RewardService:
         self.cfg = cfg
         resolved = [resolve_scorer_config(s, i) for i, s in enumerate(cfg.scorers)]
         self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
-        actor_cls = ray.remote(ScorerActor).options(**actor_options(cfg.resources))
+        actor_cls = ray.remote(ScorerActor).options(**cfg.resources.ray_options())
         self.replicas = [
             [actor_cls.remote(s, i, r) for i, s in enumerate(resolved)] for r in range(cfg.replicas)
         ]
@@ -180,5 +171,5 @@ class RewardService:
 
 __all__ = [
     "EnsembleScores", "aggregate_scores", "RewardEnsemble", "ScorerActor", "RewardService",
-    "PendingScores", "actor_options",
+    "PendingScores",
 ]

@@ -17,21 +17,13 @@ from services.rollout.weight_sync import WeightSyncTimeout, encode_weights
 from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
 
-def actor_options(resources) -> dict[str, Any]:
-    """Ray ``.options(...)`` from a config ``Resources`` section."""
-    options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-    if resources.custom:
-        options["resources"] = dict(resources.custom)
-    return options
-
-
 class RolloutPool:
     def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = 600.0):
         import ray
 
         self.cfg = cfg
         actor_cls = ray.remote(RolloutWorkerActor)
-        options = actor_options(cfg.rollout.resources)
+        options = cfg.rollout.resources.ray_options()
         self.workers = [
             actor_cls.options(name=None, max_concurrency=2, **options).remote(str(model_dir), cfg, i)
             for i in range(cfg.rollout.num_workers)
