@@ -75,6 +75,12 @@ class RolloutPool:
         elapsed = time.perf_counter() - started
         return {"sync/seconds": elapsed, "sync/encode_s": encoded_s, "sync/bytes": len(payload)}
 
+    def nccl_client(self):
+        """The control-plane client the learner's NCCL publisher drives (GPU path, unverified)."""
+        from services.rollout.nccl_client import PoolWeightSyncClient
+
+        return PoolWeightSyncClient(self.workers, self.names, self.cfg.rollout.sync_timeout_s)
+
     def versions(self) -> list[int]:
         import ray
 

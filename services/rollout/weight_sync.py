@@ -73,8 +73,10 @@ class CpuReloadTransport(WeightTransport):
 class NcclTransport(WeightTransport):
     """GPU path through vLLM's weight-transfer engine. **Unverified: never run on a GPU.**
 
-    ``payload`` is the update-info dict the trainer side announces (names, dtypes, shapes);
-    the tensors themselves travel over the NCCL group set up by ``init``.
+    The four engine-side steps run as worker RPCs; the trainer side
+    (``services.learner.nccl_publisher``) broadcasts the tensors over the NCCL group that
+    ``init`` joins, concurrently with ``update``. ``apply`` is not used on this path:
+    ``services.rollout.nccl_client.PoolWeightSyncClient`` drives the steps.
     """
 
     name = "nccl"
@@ -85,10 +87,17 @@ class NcclTransport(WeightTransport):
     def init(self, llm, init_info: dict[str, Any], timeout_s: float) -> None:
         llm.collective_rpc("init_weight_transfer_engine", timeout=timeout_s, args=(init_info,))
 
-    def apply(self, llm, payload: dict[str, Any], timeout_s: float) -> None:
+    def start(self, llm, timeout_s: float) -> None:
         llm.collective_rpc("start_weight_update", timeout=timeout_s)
-        llm.collective_rpc("update_weights", timeout=timeout_s, args=(payload,))
+
+    def update(self, llm, update_info: dict[str, Any], timeout_s: float) -> None:
+        llm.collective_rpc("update_weights", timeout=timeout_s, args=(update_info,))
+
+    def finish(self, llm, timeout_s: float) -> None:
         llm.collective_rpc("finish_weight_update", timeout=timeout_s)
+
+    def apply(self, llm, payload: Any, timeout_s: float) -> None:
+        raise RuntimeError("the NCCL transport is driven by PoolWeightSyncClient, not apply()")
 
 
 def make_transport(cuda: bool) -> WeightTransport:

@@ -122,6 +122,23 @@ class RolloutWorker:
         self.last_sync_s = time.perf_counter() - started
         return version
 
+    def nccl_step(self, step: str, info: dict | None = None, version: int | None = None) -> int:
+        """One step of the GPU weight-transfer handshake (init/start/update/finish). Unverified."""
+        with self.metrics.track(f"nccl_{step}"):
+            try:
+                if step in ("init", "update"):
+                    getattr(self.transport, step)(self.llm, info, self.sync_timeout_s)
+                else:
+                    getattr(self.transport, step)(self.llm, self.sync_timeout_s)
+                if step == "finish":
+                    self.llm.reset_prefix_cache()
+            except Exception as exc:
+                raise RuntimeError(f"{self.name}: weight transfer step '{step}' failed: {exc}") from exc
+        if step == "finish" and version is not None:
+            self.version = version
+            self.metrics.set_policy_version(version)
+        return self.version
+
     def get_version(self) -> int:
         return self.version
 
