@@ -30,6 +30,8 @@ demo: install
 
 bench: install
 	$(BIN)/python tests/bench/bench_sft.py
+	$(BIN)/python tests/bench/bench_weight_sync.py
+	$(BIN)/python tests/bench/bench_rollout_throughput.py
 
 # Regenerate the pins after changing dependencies in pyproject.toml.
 lock: install

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+DIST_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def run_flywheel(*args: str, timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``flywheel ARGS`` in a subprocess (importable from any cwd, even without the editable install)."""
-    env = dict(os.environ)
+    # in-process learner tests leave torch.distributed's rendezvous variables set (and its
+    # port bound); a CLI run must pick its own
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args],

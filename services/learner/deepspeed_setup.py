@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 
 from services.core.config import LearnerConfig
 from services.core.errors import UserError
@@ -20,9 +21,9 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -39,6 +40,8 @@ def import_deepspeed():
     """Import DeepSpeed quietly, on the CPU accelerator when there is no CUDA."""
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # ZeRO-3 calls torch.distributed collectives that torch 2.13 marks deprecated; not ours to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     import deepspeed
     from deepspeed.utils import logger
 
@@ -46,10 +49,22 @@ def import_deepspeed():
     return deepspeed
 
 
-def deepspeed_config(learner: LearnerConfig, dtype: str, world_size: int = 1) -> dict:
+def default_dtype(dtype: str | None) -> str:
+    """``dtype`` or, when None, bf16 on GPUs and fp32 on CPU; fp16 on CPU is a UserError."""
     on_gpu = cuda_available()
+    dtype = dtype or ("bf16" if on_gpu else "fp32")
     if dtype == "fp16" and not on_gpu:
         raise UserError("model.dtype: fp16 is not supported by DeepSpeed on CPU; use fp32 or bf16")
+    return dtype
+
+
+def deepspeed_config(
+    learner: LearnerConfig, dtype: str, world_size: int = 1, managed_accumulation: bool = True
+) -> dict:
+    """The DeepSpeed config dict. With ``managed_accumulation=False`` the caller owns the
+    accumulation boundary: any number of ``engine.backward`` calls, then one ``engine.step``
+    (the RL learner's train_step takes one optimizer step per batch of any size)."""
+    dtype = default_dtype(dtype)
     config = {
         "train_micro_batch_size_per_gpu": learner.micro_batch_size,
         "gradient_accumulation_steps": learner.grad_accum_steps,
@@ -66,11 +81,23 @@ def deepspeed_config(learner: LearnerConfig, dtype: str, world_size: int = 1) ->
         config["bf16"] = {"enabled": True}
     if dtype == "fp16":
         config["fp16"] = {"enabled": True}
+    if not managed_accumulation:
+        config["managed_gradient_accumulation"] = False
+        config["gradient_accumulation_steps"] = 1
+        config["train_batch_size"] = learner.micro_batch_size * world_size
     return config
 
 
-def init_engine(model, learner: LearnerConfig, dtype: str, total_steps: int):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and linear warmup + cosine decay."""
+def init_engine(
+    model,
+    learner: LearnerConfig,
+    dtype: str,
+    total_steps: int,
+    lr: float | None = None,
+    managed_accumulation: bool = True,
+):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and linear warmup + cosine decay
+    (``lr`` overrides ``learner.lr``, e.g. for the critic)."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -79,7 +106,7 @@ def init_engine(model, learner: LearnerConfig, dtype: str, total_steps: int):
     deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
     world_size = int(os.environ["WORLD_SIZE"])
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=learner.lr, weight_decay=learner.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=lr or learner.lr, weight_decay=learner.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, num_warmup_steps=min(learner.warmup_steps, total_steps // 2), num_training_steps=total_steps
@@ -88,9 +115,25 @@ def init_engine(model, learner: LearnerConfig, dtype: str, total_steps: int):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(learner, dtype, world_size),
+        config=deepspeed_config(learner, dtype, world_size, managed_accumulation),
     )
+    _keep_grad_norm(engine)
     return engine
+
+
+def _keep_grad_norm(engine) -> None:
+    """Without ZeRO, bf16 or fp16 DeepSpeed clips gradients but drops the norm, so
+    ``get_global_grad_norm()`` stays None; keep it (the gradients are already all-reduced)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+
+    def clip_fp32_gradients():
+        norm = clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def full_state_dict(engine) -> dict:
@@ -102,3 +145,19 @@ def full_state_dict(engine) -> dict:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def hf_state_dict(engine) -> dict:
+    """Full weights named as in the model's ``model.safetensors``: tied aliases (``lm_head``
+    tied to the embeddings) dropped, floating tensors CPU fp32 and contiguous. Gathers ZeRO-3
+    partitions, which is collective: with several ranks every rank must call it."""
+    import torch
+
+    module = engine.module
+    every_name = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    unique = {name for name, _ in module.named_parameters()}
+    return {
+        name: (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()
+        for name, tensor in full_state_dict(engine).items()
+        if name in unique or name not in every_name
+    }

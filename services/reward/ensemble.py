@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.core.actor_group import ActorGroup
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
 from services.reward.scorers import Columns, Scorer, build_scorer, resolve_scorer_config, scorer_name
@@ -109,7 +110,7 @@ class PendingScores:
         return aggregate_scores(ray.get(self.refs, timeout=timeout), self._names, self._mode, self._lambda)
 
 
-class RewardService:
+class RewardService(ActorGroup):
     """``reward.replicas`` copies of the ensemble as Ray actors, one actor per member.
 
     Configs are checked here first (bad paths raise UserError in the caller, not in an
@@ -127,9 +128,10 @@ class RewardService:
         self.replicas = [
             [actor_cls.remote(s, i, r) for i, s in enumerate(resolved)] for r in range(cfg.replicas)
         ]
+        self.actors = [actor for replica in self.replicas for actor in replica]
         self._next = 0
         try:
-            ray.get([a.ready.remote() for replica in self.replicas for a in replica])
+            ray.get([a.ready.remote() for a in self.actors])
         except Exception:
             self.shutdown()
             raise
@@ -154,18 +156,8 @@ class RewardService:
     ) -> EnsembleScores:
         return self.submit(prompts, completions, columns).result(timeout)
 
-    def metrics_texts(self) -> list[str]:
-        """Prometheus exposition text of every member actor (merge with ``merge_expositions``)."""
-        import ray
-
-        return ray.get([a.metrics_text.remote() for replica in self.replicas for a in replica])
-
     def shutdown(self) -> None:
-        import ray
-
-        for replica in self.replicas:
-            for actor in replica:
-                ray.kill(actor)
+        super().shutdown()
         self.replicas = []
 
 

@@ -12,24 +12,25 @@ import time
 from typing import Any
 
 from services.core.batch_types import Trajectory
+from services.core.actor_group import ActorGroup
 from services.core.config import FlywheelConfig
 from services.rollout.weight_sync import WeightSyncTimeout, encode_weights
 from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
 
-class RolloutPool:
+class RolloutPool(ActorGroup):
     def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = 600.0):
         import ray
 
         self.cfg = cfg
         actor_cls = ray.remote(RolloutWorkerActor)
         options = cfg.rollout.resources.ray_options()
-        self.workers = [
+        self.actors = [
             actor_cls.options(name=None, max_concurrency=2, **options).remote(str(model_dir), cfg, i)
             for i in range(cfg.rollout.num_workers)
         ]
-        self.names = [f"rollout-{i}" for i in range(len(self.workers))]
-        ray.get([w.ready.remote() for w in self.workers], timeout=start_timeout_s)
+        self.names = [f"rollout-{i}" for i in range(len(self.actors))]
+        ray.get([w.ready.remote() for w in self.actors], timeout=start_timeout_s)
         self.version = 0
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec | None = None) -> list[Trajectory]:
@@ -37,15 +38,15 @@ class RolloutPool:
         import ray
 
         sampling = sampling or SamplingSpec.from_config(self.cfg)
-        size = chunk_sizes(len(prompts), len(self.workers))
+        size = chunk_sizes(len(prompts), len(self.actors))
         pending_chunks = [(start, prompts[start : start + size]) for start in range(0, len(prompts), size)]
         results: dict[int, list[Trajectory]] = {}
         in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (chunk start, worker index)
-        idle = list(range(len(self.workers)))
+        idle = list(range(len(self.actors)))
         while pending_chunks or in_flight:
             while idle and pending_chunks:
                 worker, (start, chunk) = idle.pop(0), pending_chunks.pop(0)
-                in_flight[self.workers[worker].generate.remote(chunk, sampling)] = (start, worker)
+                in_flight[self.actors[worker].generate.remote(chunk, sampling)] = (start, worker)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             start, worker = in_flight.pop(done[0])
             results[start] = ray.get(done[0])
@@ -61,7 +62,7 @@ class RolloutPool:
         payload = state_dict_or_bytes if isinstance(state_dict_or_bytes, bytes) else encode_weights(state_dict_or_bytes)
         encoded_s = time.perf_counter() - started
         ref = ray.put(payload)
-        refs = {w.update_weights.remote(ref, version): name for w, name in zip(self.workers, self.names)}
+        refs = {w.update_weights.remote(ref, version): name for w, name in zip(self.actors, self.names)}
         done, not_done = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         if not_done:
             late = ", ".join(refs[r] for r in not_done)
@@ -79,31 +80,19 @@ class RolloutPool:
         """The control-plane client the learner's NCCL publisher drives (GPU path, unverified)."""
         from services.rollout.nccl_client import PoolWeightSyncClient
 
-        return PoolWeightSyncClient(self.workers, self.names, self.cfg.rollout.sync_timeout_s)
+        return PoolWeightSyncClient(self.actors, self.names, self.cfg.rollout.sync_timeout_s)
 
     def versions(self) -> list[int]:
         import ray
 
-        return ray.get([w.get_version.remote() for w in self.workers])
+        return ray.get([w.get_version.remote() for w in self.actors])
 
     def sequence_logprobs(self, prompt_ids, response_ids, worker: int = 0) -> list[list[float]]:
         import ray
 
-        return ray.get(self.workers[worker].sequence_logprobs.remote(prompt_ids, response_ids))
+        return ray.get(self.actors[worker].sequence_logprobs.remote(prompt_ids, response_ids))
 
     def engine_process_ids(self, worker: int) -> list[int]:
         import ray
 
-        return ray.get(self.workers[worker].engine_process_ids.remote())
-
-    def metrics_texts(self) -> list[str]:
-        import ray
-
-        return ray.get([w.metrics_text.remote() for w in self.workers])
-
-    def shutdown(self) -> None:
-        import ray
-
-        for worker in self.workers:
-            ray.kill(worker)
-        self.workers = []
+        return ray.get(self.actors[worker].engine_process_ids.remote())

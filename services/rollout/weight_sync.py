@@ -41,9 +41,24 @@ class WeightReloadExtension:
     def flywheel_reload_weights(self, payload: bytes) -> int:
         from safetensors.torch import load
 
-        tensors = load(payload)
+        tensors = untie_output_embeddings(load(payload), self.model_runner.model_config.hf_text_config)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
         return len(tensors)
+
+
+def untie_output_embeddings(tensors: dict, hf_config) -> dict:
+    """Add ``lm_head.weight`` for tied-embedding models when the state dict leaves it out.
+
+    transformers omits the tied head from state dicts, and vLLM's in-place reload then keeps
+    the *old* head (it logs ``ParallelLMHead: Failed to load weights``): rollouts would
+    silently sample from new body + old head.
+    """
+    if not getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" in tensors:
+        return tensors
+    embedding = next((k for k in tensors if k.endswith("embed_tokens.weight")), None)
+    if embedding is None:
+        raise KeyError("tied-embedding model: no '*embed_tokens.weight' in the published weights")
+    return {**tensors, "lm_head.weight": tensors[embedding]}
 
 
 class WeightTransport(ABC):

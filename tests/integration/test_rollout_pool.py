@@ -72,6 +72,48 @@ def test_work_is_spread_over_both_workers(pool):
     assert all(a > b for a, b in zip(after, before)), (before, after)
 
 
+def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
+    """The invariant: after one optimizer step the engines' log-probs of a fixed (prompt,
+    response) differ from the learner's; after sync they match within 1e-4 (fp32)."""
+    from services.core.batch_types import pack_sequences, response_values
+    from services.core.config import LearnerConfig, Resources
+    from services.learner.group import LearnerGroup
+    from services.learner.losses import LossSpec
+    from services.rollout.worker import SamplingSpec
+
+    trajectories = pool.generate(_prompts(4), SamplingSpec(n=2, max_tokens=8))
+    prompts, responses = [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
+    tokens = pack_sequences(prompts, responses, pad_id=1)
+    config = LearnerConfig(lr=1e-2, warmup_steps=0, micro_batch_size=8, resources=Resources(num_cpus=0))
+    with LearnerGroup(str(tiny_model_dir), config) as learner:
+
+        def learner_logprobs():
+            return torch.tensor(sum(response_values(learner.logprobs(tokens), tokens), []))
+
+        def engine_logprobs(worker):
+            return torch.tensor(sum(pool.sequence_logprobs(prompts, responses, worker=worker), []))
+
+        torch.testing.assert_close(engine_logprobs(0), learner_logprobs(), atol=1e-4, rtol=0)
+        advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(0))
+        batch = {
+            "tokens": tokens,
+            "old_logprobs": learner.logprobs(tokens),
+            "advantages": advantages[:, None] * tokens.response_mask,
+        }
+        metrics = learner.train_step(batch, LossSpec(kind="ppo"))
+        assert metrics["policy_version"] == 1
+        after_step = learner_logprobs()
+        stale = engine_logprobs(0)
+        assert (stale - after_step).abs().max() > 1e-3  # the step moved the policy
+        info = pool.sync_weights(learner.export_weights(), version=metrics["policy_version"])
+        print(f"sync: {info}")
+        for worker in (0, 1):
+            torch.testing.assert_close(engine_logprobs(worker), after_step, atol=1e-4, rtol=0)
+        assert pool.versions() == [1, 1]
+        fresh = pool.generate(_prompts(2), SamplingSpec(n=1, max_tokens=4))
+        assert {t.policy_version for t in fresh} == {1}
+
+
 def test_stuck_engine_sync_times_out_naming_the_worker(pool, tiny_model_dir):
     """Freeze worker 1's engine process (SIGSTOP): the sync must fail within the timeout."""
     from safetensors.torch import load_file

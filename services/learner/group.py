@@ -1,0 +1,177 @@
+"""M data-parallel learner ranks as Ray actors (``LearnerGroup``) around ``PolicyLearner``.
+
+Start-up: the M ``LearnerRank`` actors are created empty; rank 0 reports its node IP and a
+free port on that node; every actor then gets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT in its os.environ and builds its PolicyLearner (all at once: torch.distributed's
+rendezvous waits for every rank). LOCAL_RANK is the rank's index among the ranks on its
+node; for GPU actors it is 0, because Ray gives each actor its own CUDA_VISIBLE_DEVICES.
+
+Data parallel: a batch of B sequences (pairs for DPO) is cut into M contiguous shards of
+B / M rows (B must be divisible by M), every rank trains on its shard in parallel and
+DeepSpeed averages the gradients. The group passes the global loss denominator with each
+shard (see ``PolicyLearner.train_step``), so M ranks x B/M sequences make the same update
+as one rank x B sequences for every ``agg_mode``, even with unequal lengths. Metrics are the
+mean over ranks; for the loss terms that is exactly the global batch's value.
+``logprobs`` / ``entropy`` / ``values`` pad B up to a multiple of M (repeating the last row:
+under ZeRO-3 every rank must run the same number of forwards), split, and concatenate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from services.core.batch_types import TokenBatch
+from services.core.config import LearnerConfig
+from services.core.actor_group import ActorGroup
+from services.learner.losses import LossSpec, batch_size, loss_denominator, slice_rows, slice_tokens
+
+
+class LearnerRank:
+    """A thin Ray actor around one PolicyLearner rank."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.learner = None
+
+    def address(self) -> tuple[str, int]:
+        """This actor's node IP and a port free on it (rank 0's becomes MASTER_ADDR/PORT)."""
+        import ray
+
+        from services.learner.deepspeed_setup import free_port
+
+        return ray.util.get_node_ip_address(), free_port("")
+
+    def start(self, env: dict[str, str], model_dir: str, learner: LearnerConfig, kwargs: dict) -> int:
+        os.environ.update(env)
+        from services.learner.policy_learner import PolicyLearner
+
+        self.learner = PolicyLearner(model_dir, learner, **kwargs)
+        return self.rank
+
+    def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
+        return self.learner.train_step(batch, spec)
+
+    def per_token(self, method: str, batch: TokenBatch) -> torch.Tensor:
+        return getattr(self.learner, method)(batch)
+
+    def export_weights(self) -> dict[str, torch.Tensor] | None:
+        weights = self.learner.export_weights()  # collective under ZeRO-3: every rank calls it
+        return weights if self.rank == 0 else None
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.learner.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> int:
+        return self.learner.load_checkpoint(directory)
+
+    def policy_version(self) -> int:
+        return self.learner.policy_version
+
+    def metrics_text(self) -> str:
+        return self.learner.metrics_text()
+
+
+class LearnerGroup(ActorGroup):
+    """``learner.num_ranks`` LearnerRank actors with ``learner.resources`` each."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        learner: LearnerConfig,
+        *,
+        dtype: str | None = None,
+        total_steps: int = 1000,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        import ray
+
+        self.world_size = learner.num_ranks
+        res = learner.resources
+        actor_cls = ray.remote(LearnerRank).options(**res.ray_options())
+        self.actors = [actor_cls.remote(rank, self.world_size) for rank in range(self.world_size)]
+        addresses = ray.get([actor.address.remote() for actor in self.actors])
+        master_addr, master_port = addresses[0]
+        kwargs = {"dtype": dtype, "total_steps": total_steps, "seed": seed, "trust_remote_code": trust_remote_code}
+        starts = []
+        for rank, actor in enumerate(self.actors):
+            node = addresses[rank][0]
+            local_rank = 0 if res.num_gpus > 0 else [ip for ip, _ in addresses[:rank]].count(node)
+            env = {
+                "RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(self.world_size),
+                "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            }
+            starts.append(actor.start.remote(env, str(model_dir), learner, kwargs))
+        ray.get(starts)
+        self.policy_version = 0
+
+    # ------------------------------------------------------------------ data parallel
+
+    def _shards(self, batch: dict) -> list[dict]:
+        size = batch_size(batch)
+        if size % self.world_size:
+            raise ValueError(
+                f"a batch of {size} rows cannot be split evenly over learner.num_ranks={self.world_size}: "
+                "use a batch size divisible by the number of ranks"
+            )
+        per = size // self.world_size
+        return [slice_rows(batch, r * per, (r + 1) * per) for r in range(self.world_size)]
+
+    def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
+        """One optimizer step on every rank over its shard; metrics averaged over ranks."""
+        import ray
+
+        denominator = loss_denominator(batch, spec)
+        shards = [{**shard, "loss_denominator": denominator} for shard in self._shards(batch)]
+        results = ray.get([a.train_step.remote(s, spec) for a, s in zip(self.actors, shards)])
+        metrics = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
+        self.policy_version = int(results[0]["policy_version"])
+        metrics["policy_version"] = self.policy_version
+        return metrics
+
+    def _per_token(self, method: str, batch: TokenBatch) -> torch.Tensor:
+        import ray
+
+        size, m = batch.size, self.world_size
+        if size == 0:
+            return torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        rows = torch.arange(size)
+        if size % m:
+            rows = torch.cat([rows, rows.new_full(((-size) % m,), size - 1)])
+        padded = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
+        per = padded.size // m
+        parts = ray.get([
+            a.per_token.remote(method, slice_tokens(padded, r * per, (r + 1) * per)) for r, a in enumerate(self.actors)
+        ])
+        return torch.cat(parts)[:size]
+
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        return self._per_token("logprobs", batch)
+
+    def entropy(self, batch: TokenBatch) -> torch.Tensor:
+        return self._per_token("entropy", batch)
+
+    def values(self, batch: TokenBatch) -> torch.Tensor:
+        return self._per_token("values", batch)
+
+    # ------------------------------------------------------------------ collectives
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Every rank takes part (ZeRO-3 gathers collectively); rank 0's copy is returned."""
+        import ray
+
+        return ray.get([a.export_weights.remote() for a in self.actors])[0]
+
+    def save_checkpoint(self, directory: str) -> None:
+        import ray
+
+        ray.get([a.save_checkpoint.remote(str(directory)) for a in self.actors])
+
+    def load_checkpoint(self, directory: str) -> int:
+        import ray
+
+        versions = ray.get([a.load_checkpoint.remote(str(directory)) for a in self.actors])
+        self.policy_version = versions[0]
+        return self.policy_version

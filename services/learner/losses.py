@@ -1,0 +1,263 @@
+"""Loss assembly for the RL learner: which loss terms a train step uses (``LossSpec``) and
+how one micro-batch's terms are built from logits with the formulas in ``rl_math``.
+
+Pure torch (no DeepSpeed, no Ray), so the pieces are unit-tested on their own.
+
+Per-token alignment follows ``services.core.batch_types``: the value at position t belongs
+to token t and comes from the model output at t-1 (position 0 holds 0). Values of the critic
+use the same shift: ``values[:, t]`` is V(state before token t), read from position t-1.
+
+Micro-batch weighting: a batch's loss is ``aggregate_loss`` over the whole batch. Each
+micro-batch's aggregated loss is weighted by ``agg_count(micro) / denominator``, where the
+denominator is ``agg_count`` of the whole batch (response tokens for token-mean, sequences
+with a response token for the seq-mean modes, pairs for DPO). The sum over micro-batches
+equals the whole-batch aggregate exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from services.core import rl_math
+from services.core.batch_types import TokenBatch
+
+KINDS = ("ppo", "dpo", "sft")
+
+
+@dataclass
+class LossSpec:
+    """The loss of one train step.
+
+    kind: "ppo" (clipped surrogate; PPO and GRPO), "dpo" (DPO / IPO on pairs) or "sft"
+    (negative log-likelihood of the response tokens). kl_coef > 0 adds
+    ``kl_coef * KL(pi || ref)`` as a loss term (needs ``ref_logprobs``); entropy_coef > 0
+    subtracts ``entropy_coef * entropy``; value_clip / vf_coef configure the critic.
+    """
+
+    kind: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    agg_mode: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5
+    dpo_beta: float = 0.1
+    dpo_loss_type: str = "sigmoid"
+    ptx_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "kind": KINDS, "agg_mode": rl_math.AGG_MODES,
+            "kl_estimator": rl_math.KL_KINDS, "dpo_loss_type": rl_math.DPO_LOSS_TYPES,
+        }
+        for name, options in allowed.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"LossSpec.{name}={getattr(self, name)!r}; allowed: {', '.join(options)}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"LossSpec.dual_clip must be > 1, got {self.dual_clip}")
+        if self.ptx_coef:
+            raise ValueError("LossSpec.ptx_coef: a pretraining-mix loss is not implemented yet; use 0")
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSpec":
+        """From a FlywheelConfig: the algorithm section plus learner.entropy_coef / vf_coef.
+        With ``algorithm.kl_in_reward`` the KL goes into the reward, not the loss."""
+        alg, learner = cfg.algorithm, cfg.learner
+        kind = {"ppo": "ppo", "grpo": "ppo", "online_dpo": "dpo", "sft": "sft"}[alg.name]
+        return cls(
+            kind=kind, clip_low=alg.clip_range, clip_high=alg.clip_range_high, dual_clip=alg.dual_clip,
+            agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward else alg.kl_coef,
+            kl_estimator=alg.kl_estimator, entropy_coef=learner.entropy_coef, value_clip=alg.value_clip,
+            vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ---------------------------------------------------------------------------
+# per-token quantities from model outputs
+# ---------------------------------------------------------------------------
+
+def _shift(per_position: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] computed from positions 0..T-2 -> [B, T] aligned to tokens 1..T-1."""
+    return torch.nn.functional.pad(per_position, (1, 0))
+
+
+def per_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t] | input_ids[:, :t]) at position t; [B, T] (position 0 is 0)."""
+    return _shift(rl_math.logprobs_from_logits(logits[:, :-1], input_ids[:, 1:]))
+
+
+def per_token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the distribution token t was drawn from, at position t; [B, T]."""
+    return _shift(rl_math.entropy_from_logits(logits[:, :-1]))
+
+
+def per_token_values(scores: torch.Tensor) -> torch.Tensor:
+    """Critic head output [B, T] or [B, T, 1] -> V(state before token t) at position t."""
+    if scores.dim() == 3:
+        scores = scores.squeeze(-1)
+    return _shift(scores[:, :-1].float())
+
+
+# ---------------------------------------------------------------------------
+# batches: rows, widths, denominators
+# ---------------------------------------------------------------------------
+
+def batch_size(batch: dict) -> int:
+    return (batch["chosen"] if "chosen" in batch else batch["tokens"]).size
+
+
+def slice_tokens(tokens: TokenBatch, start: int, stop: int) -> TokenBatch:
+    return TokenBatch(tokens.input_ids[start:stop], tokens.attention_mask[start:stop], tokens.response_mask[start:stop])
+
+
+def slice_rows(batch: dict, start: int, stop: int) -> dict:
+    """Rows start:stop of every TokenBatch and every tensor with a batch dimension."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, TokenBatch):
+            out[key] = slice_tokens(value, start, stop)
+        elif torch.is_tensor(value) and value.dim() >= 1:
+            out[key] = value[start:stop]
+        else:
+            out[key] = value
+    return out
+
+
+def trim_width(batch: dict) -> dict:
+    """Drop padding columns past the longest sequence of each TokenBatch (right padding;
+    causal models are unaffected). [B, T] tensors of a ppo/sft batch follow ``tokens``."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, TokenBatch) and value.size:
+            width = max(int(value.attention_mask.sum(dim=1).max().item()), 1)
+            out[key] = TokenBatch(*(t[:, :width] for t in (value.input_ids, value.attention_mask, value.response_mask)))
+    if "tokens" in batch:
+        full, width = batch["tokens"].input_ids.shape[1], out["tokens"].input_ids.shape[1]
+        for key, value in batch.items():
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == full:
+                out[key] = value[:, :width]
+    return out
+
+
+def agg_count(mask: torch.Tensor, agg_mode: str) -> float:
+    """What ``aggregate_loss`` divides by: masked tokens (token-mean) or sequences with at
+    least one masked token (seq-mean-*)."""
+    m = mask.bool()
+    if agg_mode == "token-mean":
+        return float(m.sum().item())
+    return float((m.sum(dim=-1) > 0).sum().item())
+
+
+def loss_denominator(batch: dict, spec: LossSpec) -> float:
+    """The whole batch's ``agg_count`` (pairs for DPO)."""
+    if spec.kind == "dpo":
+        return float(batch["chosen"].size)
+    return agg_count(batch["tokens"].response_mask, spec.agg_mode)
+
+
+def micro_weight(micro: dict, spec: LossSpec, denominator: float) -> float:
+    """Weight of a micro-batch's aggregated loss so that the weighted sum is the batch's."""
+    if denominator <= 0:
+        return 0.0
+    if spec.kind == "dpo":
+        return micro["chosen"].size / denominator
+    return agg_count(micro["tokens"].response_mask, spec.agg_mode) / denominator
+
+
+# ---------------------------------------------------------------------------
+# loss terms of one micro-batch (aggregated over the micro-batch)
+# ---------------------------------------------------------------------------
+
+def _device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(device=like.device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+
+def policy_terms(logits: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ppo / sft loss of one micro-batch: (loss, detached stats)."""
+    tokens: TokenBatch = micro["tokens"]
+    ids = tokens.input_ids.to(logits.device)
+    mask = tokens.response_mask.to(logits.device).bool()
+    mode = spec.agg_mode
+    logprobs = per_token_logprobs(logits, ids)
+    stats: dict[str, torch.Tensor] = {}
+    if spec.kind == "sft":
+        loss = rl_math.aggregate_loss(-logprobs, mask, mode)
+        stats["nll"] = loss.detach()
+    elif spec.kind == "ppo":
+        loss, ppo_stats = rl_math.ppo_policy_loss(
+            logprobs, _device(micro["old_logprobs"], logits), _device(micro["advantages"], logits), mask,
+            clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip, agg_mode=mode,
+        )
+        stats["pg_loss"] = loss.detach()
+        stats.update(ppo_stats)
+    else:
+        raise ValueError(f"policy_terms handles ppo and sft, not {spec.kind!r}")
+    if spec.entropy_coef:
+        entropy = rl_math.aggregate_loss(per_token_entropy(logits), mask, mode)
+        loss = loss - spec.entropy_coef * entropy
+    else:
+        with torch.no_grad():
+            entropy = rl_math.aggregate_loss(per_token_entropy(logits.detach()), mask, mode)
+    stats["entropy"] = entropy.detach()
+    ref = micro.get("ref_logprobs")
+    if ref is not None:
+        ref = _device(ref, logits)
+        # masked positions: logprobs := ref, so they give KL 0 and no NaN gradients
+        kl = rl_math.aggregate_loss(
+            rl_math.kl_estimate(torch.where(mask, logprobs, ref), ref, spec.kl_estimator), mask, mode
+        )
+        if spec.kl_coef:
+            loss = loss + spec.kl_coef * kl
+        stats["kl"] = kl.detach()
+    stats["loss"] = loss.detach()
+    return loss, stats
+
+
+def sequence_logps(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
+    """Sum of the response tokens' log-probs per sequence, [B]."""
+    mask = tokens.response_mask.to(logits.device).bool()
+    return rl_math.masked_sum(per_token_logprobs(logits, tokens.input_ids.to(logits.device)), mask, dim=-1)
+
+
+def dpo_terms(
+    chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, micro: dict, spec: LossSpec
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO / IPO loss of one micro-batch of pairs: (loss, detached stats)."""
+    chosen = sequence_logps(chosen_logits, micro["chosen"])
+    rejected = sequence_logps(rejected_logits, micro["rejected"])
+    loss, st = rl_math.dpo_loss(
+        chosen, rejected, _device(micro["ref_chosen_logps"], chosen), _device(micro["ref_rejected_logps"], chosen),
+        beta=spec.dpo_beta, loss_type=spec.dpo_loss_type,
+    )
+    stats = {
+        "loss": loss.detach(), "dpo_loss": loss.detach(), "dpo_acc": st["accuracy"],
+        "dpo_margin": st["margins"].mean(), "dpo_chosen_reward": st["chosen_rewards"].mean(),
+        "dpo_rejected_reward": st["rejected_rewards"].mean(),
+    }
+    return loss, stats
+
+
+def critic_terms(scores: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Value loss of one micro-batch (times vf_coef). Clipping needs ``old_values``; without
+    them the loss is unclipped."""
+    mask = micro["tokens"].response_mask.to(scores.device).bool()
+    values = per_token_values(scores)
+    returns = _device(micro["returns"], values)
+    old = micro.get("old_values")
+    clip = spec.value_clip if old is not None else None
+    old = _device(old, values) if old is not None else values.detach()
+    loss, st = rl_math.value_loss(values, old, returns, mask, clip_range=clip, agg_mode=spec.agg_mode)
+    stats = {
+        "value_loss": loss.detach(), "value_clip_frac": st["clip_frac"],
+        "values_mean": rl_math.masked_mean(values.detach(), mask),
+    }
+    return spec.vf_coef * loss, stats

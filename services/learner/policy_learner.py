@@ -1,0 +1,267 @@
+"""The RL learner: a DeepSpeed engine around a HF causal LM (and an optional critic).
+
+``PolicyLearner`` is a plain class (no Ray) holding one data-parallel rank. In a process of
+its own it is a world of one; ``services.learner.group.LearnerGroup`` runs M of them as Ray
+actors with the torch.distributed environment set for each.
+
+- CPU: DeepSpeed's CPU accelerator, gloo, fp32 (or bf16); fp16 is a UserError.
+- GPU: NCCL and bf16 by default (written to DeepSpeed's documented API, not yet run on a GPU).
+
+One ``train_step`` is one optimizer step over the whole given batch: micro-batches of
+``learner.micro_batch_size`` are accumulated with DeepSpeed's unmanaged gradient
+accumulation (``managed_gradient_accumulation: false``: any number of ``backward`` calls,
+then one ``step``), each micro-batch's loss weighted as in ``services.learner.losses``.
+
+The critic (``learner.critic: true``) is the policy's backbone loaded as
+``AutoModelForTokenClassification`` with one label (a zero-initialised linear value head on
+the last hidden state) in a DeepSpeed engine of its own, so it works under every ZeRO stage
+like any HF model. ``values[:, t]`` is V(state before token t), aligned like log-probs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from services.core.batch_types import TokenBatch
+from services.core.config import LearnerConfig
+from services.core.errors import UserError
+from services.core.service_metrics import ServiceMetrics
+from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
+from services.learner.losses import (
+    LossSpec,
+    batch_size,
+    critic_terms,
+    dpo_terms,
+    loss_denominator,
+    micro_weight,
+    per_token_entropy,
+    per_token_logprobs,
+    per_token_values,
+    policy_terms,
+    slice_rows,
+    slice_tokens,
+    trim_width,
+)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_policy(model_dir: str, dtype: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    if not Path(model_dir).expanduser().is_dir():
+        raise UserError(f"learner: no model directory at '{model_dir}'")
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+
+
+def load_critic(model_dir: str, dtype: str, trust_remote_code: bool = False):
+    """The policy's backbone with a 1-output token-classification head (zero-initialised,
+    no dropout): a value model that DeepSpeed treats like any HF model (ZeRO-3 included)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    config.classifier_dropout = 0.0
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is "newly initialised": expected, not news
+    try:
+        critic = AutoModelForTokenClassification.from_pretrained(
+            model_dir, config=config, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for name in ("score", "classifier"):
+        head = getattr(critic, name, None)
+        if isinstance(head, torch.nn.Linear):
+            torch.nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                torch.nn.init.zeros_(head.bias)
+    return critic
+
+
+class PolicyLearner:
+    """One data-parallel rank of the policy (and critic) learner.
+
+    ``total_steps`` sizes the warmup + cosine learning-rate schedule (optimizer steps, i.e.
+    train_step calls). The torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT) is read from os.environ; unset, it is a world of one.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        learner: LearnerConfig,
+        *,
+        dtype: str | None = None,
+        total_steps: int = 1000,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        self.cfg = learner
+        self.dtype = default_dtype(dtype)  # fp16 on CPU fails here, before any loading
+        self.rank = int(os.environ.get("RANK", 0))
+        self.metrics = ServiceMetrics(service="learner", replica=self.rank)
+        torch.manual_seed(seed)
+        model = load_policy(model_dir, self.dtype, trust_remote_code)
+        self.engine = init_engine(model, learner, self.dtype, total_steps, managed_accumulation=False)
+        self.critic_engine = None
+        if learner.critic:
+            critic = load_critic(model_dir, self.dtype, trust_remote_code)
+            self.critic_engine = init_engine(
+                critic, learner, self.dtype, total_steps, lr=learner.critic_lr, managed_accumulation=False
+            )
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.policy_version = 0
+
+    # ------------------------------------------------------------------ inference
+
+    @staticmethod
+    def _forward(engine, tokens: TokenBatch, causal_lm: bool = True) -> torch.Tensor:
+        kwargs = {"use_cache": False} if causal_lm else {}
+        out = engine(
+            input_ids=tokens.input_ids.to(engine.device),
+            attention_mask=tokens.attention_mask.to(engine.device),
+            **kwargs,
+        )
+        return out.logits
+
+    def _per_token(self, engine, batch: TokenBatch, fn, causal_lm: bool = True) -> torch.Tensor:
+        """fn(model output, micro TokenBatch) -> [b, t], micro-batched, eval mode, no grad.
+        Zero at position 0 and on padding."""
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        step = self.cfg.micro_batch_size
+        engine.eval()
+        with torch.no_grad():
+            for start in range(0, batch.size, step):
+                micro = trim_width({"tokens": slice_tokens(batch, start, start + step)})["tokens"]
+                values = fn(self._forward(engine, micro, causal_lm), micro).float().cpu()
+                out[start : start + micro.size, : values.shape[1]] = values
+        valid = batch.attention_mask.bool().clone()
+        valid[:, 0] = False
+        return torch.where(valid, out, torch.zeros(()))
+
+    def logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """Per-token log-probs [B, T] of the current policy (batch_types alignment)."""
+        with self.metrics.track("logprobs"):
+            return self._per_token(
+                self.engine, batch, lambda logits, mb: per_token_logprobs(logits, mb.input_ids.to(logits.device))
+            )
+
+    def entropy(self, batch: TokenBatch) -> torch.Tensor:
+        """Per-token entropy [B, T] of the distribution each token was drawn from."""
+        with self.metrics.track("entropy"):
+            return self._per_token(self.engine, batch, lambda logits, mb: per_token_entropy(logits))
+
+    def values(self, batch: TokenBatch) -> torch.Tensor:
+        """Critic values [B, T]: V(state before token t) at position t."""
+        with self.metrics.track("values"):
+            if self.critic_engine is None:
+                raise RuntimeError("values() needs a critic: set learner.critic: true")
+            return self._per_token(
+                self.critic_engine, batch, lambda scores, mb: per_token_values(scores), causal_lm=False
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
+        """One optimizer step of the policy (and of the critic when the batch has
+        ``returns``) over the whole batch; returns ``train/*`` metrics and ``policy_version``.
+
+        Batch fields, ppo: ``tokens`` (TokenBatch), ``old_logprobs`` and ``advantages``
+        [B, T], optional ``ref_logprobs`` [B, T] (KL term and metric), optional ``returns``
+        and ``old_values`` [B, T] (critic). sft: ``tokens``. dpo: ``chosen`` and ``rejected``
+        (TokenBatch), ``ref_chosen_logps`` and ``ref_rejected_logps`` [B] (response sums).
+
+        Normalisation: without ``loss_denominator`` the loss is aggregated over this rank's
+        batch (with M ranks DeepSpeed then averages the M per-rank losses). The group passes
+        ``loss_denominator`` = the global batch's ``agg_count``; each micro-batch is then
+        weighted by count / denominator x world_size, which makes the averaged gradient
+        exactly that of the global batch, whatever the sequence lengths on each rank.
+        """
+        with self.metrics.track("train_step"):
+            size = batch_size(batch)
+            if size == 0:
+                raise ValueError("train_step got an empty batch")
+            denominator = batch.get("loss_denominator")
+            scale = float(self.world_size) if denominator is not None else 1.0
+            if denominator is None:
+                denominator = loss_denominator(batch, spec)
+            metrics = self._step(self.engine, batch, spec, denominator, scale, critic=False)
+            if self.critic_engine is not None and spec.kind == "ppo" and batch.get("returns") is not None:
+                critic_metrics = self._step(self.critic_engine, batch, spec, denominator, scale, critic=True)
+                metrics["train/critic_grad_norm"] = critic_metrics.pop("train/grad_norm")
+                critic_metrics.pop("train/lr")
+                metrics.update(critic_metrics)
+            self.policy_version += 1
+            self.metrics.set_policy_version(self.policy_version)
+            metrics["policy_version"] = self.policy_version
+            return metrics
+
+    def _step(self, engine, batch: dict, spec: LossSpec, denominator: float, scale: float, critic: bool) -> dict:
+        engine.train()
+        lr = float(engine.get_lr()[0])
+        sums: dict[str, float] = defaultdict(float)
+        step = self.cfg.micro_batch_size
+        for start in range(0, batch_size(batch), step):
+            micro = trim_width(slice_rows(batch, start, start + step))
+            weight = micro_weight(micro, spec, denominator) * scale
+            if critic:
+                loss, stats = critic_terms(self._forward(engine, micro["tokens"], causal_lm=False), micro, spec)
+            elif spec.kind == "dpo":
+                chosen = self._forward(engine, micro["chosen"])
+                rejected = self._forward(engine, micro["rejected"])
+                loss, stats = dpo_terms(chosen, rejected, micro, spec)
+            else:
+                loss, stats = policy_terms(self._forward(engine, micro["tokens"]), micro, spec)
+            # every micro-batch runs forward and backward (even at weight 0): under ZeRO-3
+            # the ranks must make the same collective calls
+            engine.backward(loss * weight, scale_wrt_gas=False)
+            for key, value in stats.items():
+                sums[key] += weight * float(value)
+        engine.step()
+        metrics = {f"train/{key}": value for key, value in sums.items()}
+        norm = engine.get_global_grad_norm()
+        metrics["train/grad_norm"] = float(norm) if norm is not None else float("nan")
+        metrics["train/lr"] = lr
+        return metrics
+
+    # ------------------------------------------------------------------ weights, checkpoints
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Full policy weights, HF names as in model.safetensors, CPU fp32 contiguous.
+        Collective under multi-rank ZeRO-3: every rank must call it."""
+        with self.metrics.track("export_weights"):
+            return hf_state_dict(self.engine)
+
+    def save_checkpoint(self, directory: str | Path) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) of policy and critic, plus
+        the policy version. Collective: with several ranks every rank must call it."""
+        with self.metrics.track("save_checkpoint"):
+            tag, state = f"version-{self.policy_version}", {"policy_version": self.policy_version}
+            self.engine.save_checkpoint(str(Path(directory) / "policy"), tag=tag, client_state=state)
+            if self.critic_engine is not None:
+                self.critic_engine.save_checkpoint(str(Path(directory) / "critic"), tag=tag, client_state=state)
+
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore what ``save_checkpoint`` wrote (latest tag); returns the policy version."""
+        with self.metrics.track("load_checkpoint"):
+            path, state = self.engine.load_checkpoint(str(Path(directory) / "policy"))
+            if path is None:
+                raise UserError(f"checkpoint: no learner checkpoint in '{directory}'")
+            if self.critic_engine is not None:
+                critic_path, _ = self.critic_engine.load_checkpoint(str(Path(directory) / "critic"))
+                if critic_path is None:
+                    raise UserError(f"checkpoint: learner.critic is on but '{directory}' has no critic checkpoint")
+            self.policy_version = int(state["policy_version"])
+            self.metrics.set_policy_version(self.policy_version)
+            return self.policy_version
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()

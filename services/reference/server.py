@@ -1,0 +1,114 @@
+"""Reference log-probs: the frozen initial policy (``ReferenceServer``) and R Ray replicas of
+it (``ReferencePool``).
+
+A plain HF causal LM in eval mode under no_grad (no DeepSpeed: nothing trains here). The
+log-probs are those of ``PolicyLearner.logprobs`` for the same weights (same alignment,
+same ``per_token_logprobs``), which is what the KL terms compare against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import torch
+
+from services.core.batch_types import TokenBatch, pack_sequences, response_values
+from services.core.config import ReferenceConfig
+from services.core.errors import UserError
+from services.core.actor_group import ActorGroup
+from services.core.service_metrics import ServiceMetrics
+from services.learner.losses import per_token_logprobs
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ReferenceServer:
+    """Per-token log-probs of response tokens under the frozen model in ``model_dir``.
+
+    dtype None means bf16 on a GPU and fp32 on CPU (fp16 only on a GPU).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        reference: ReferenceConfig,
+        *,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        replica: int = 0,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = reference
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        if dtype == "fp16" and self.device.type == "cpu":
+            raise UserError("model.dtype: fp16 is not supported on CPU; use fp32 or bf16")
+        if not Path(model_dir).expanduser().is_dir():
+            raise UserError(f"reference: no model directory at '{model_dir}'")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=TORCH_DTYPES[dtype], trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval().requires_grad_(False)
+        pad = self.model.config.pad_token_id
+        self.pad_id = int(pad) if pad is not None else 0  # only padding positions see it
+        self.metrics = ServiceMetrics(service="reference", replica=replica)
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """log p(response token | prompt, earlier response tokens), one list per response."""
+        with self.metrics.track("logprobs"):
+            if len(prompt_ids) != len(response_ids):
+                raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+            if any(len(p) == 0 for p in prompt_ids):
+                raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
+            # micro-batches of similar lengths pad less; results go back in request order
+            order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+            out: list[list[float]] = [[] for _ in order]
+            step = self.cfg.micro_batch_size
+            for start in range(0, len(order), step):
+                idx = order[start : start + step]
+                batch = pack_sequences([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], self.pad_id)
+                for i, row in zip(idx, response_values(self.token_logprobs(batch), batch)):
+                    out[i] = row
+            return out
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """Per-token log-probs [B, T] of a packed batch (batch_types alignment), one forward."""
+        logits = self.model(
+            input_ids=batch.input_ids.to(self.device),
+            attention_mask=batch.attention_mask.to(self.device),
+            use_cache=False,
+        ).logits
+        return per_token_logprobs(logits, batch.input_ids.to(self.device)).float().cpu()
+
+    def metrics_text(self) -> str:
+        return self.metrics.exposition()
+
+
+class ReferencePool(ActorGroup):
+    """``reference.replicas`` Ray actors of ReferenceServer with ``reference.resources``; a
+    request is split into contiguous chunks, one per replica, and reassembled in order."""
+
+    def __init__(self, model_dir: str, reference: ReferenceConfig, *, dtype: str | None = None,
+                 trust_remote_code: bool = False):
+        import ray
+
+        actor_cls = ray.remote(ReferenceServer).options(**reference.resources.ray_options())
+        self.actors = [
+            actor_cls.remote(str(model_dir), reference, dtype=dtype, trust_remote_code=trust_remote_code, replica=r)
+            for r in range(reference.replicas)
+        ]
+        ray.get([actor.metrics_text.remote() for actor in self.actors])  # wait until loaded
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        import ray
+
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        n = len(prompt_ids)
+        per = -(-n // len(self.actors)) if n else 0
+        calls = [
+            actor.logprobs.remote(prompt_ids[start : start + per], response_ids[start : start + per])
+            for actor, start in zip(self.actors, range(0, n, per or 1))
+        ]
+        return [row for part in ray.get(calls) for row in part]
