@@ -41,6 +41,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.core.config_loading import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from services.driver.train import run_train
+
+    run_train(cfg, args.out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -65,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (model/, metrics.jsonl, summary.json)")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("train", help="RL training (ppo, grpo, online_dpo) on local Ray or a cluster")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output directory (metrics.jsonl, report/, policy/)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT on CPU, then vLLM samples")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -1,0 +1,248 @@
+"""The driver: builds the services from config and streams on-policy batches through them.
+
+One step: prompts -> rollout -> (reward ensemble | reference log-probs | critic values, run
+concurrently) -> advantages or DPO pairs (pure functions) -> learner update -> weight sync.
+With ``algorithm.max_staleness >= 1`` the rollout of the next batch runs while the learner
+trains on this one; every trajectory carries the policy version that produced it and one
+older than the bound is dropped, never trained on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from statistics import mean, pstdev
+
+from services.core import toy_world
+from services.core.batch_types import Trajectory, pack_sequences, pad_response_values
+from services.core.config import FlywheelConfig
+from services.core.config_loading import dump_config
+from services.core.errors import UserError
+from services.core.metrics import MetricsWriter
+from services.driver import algorithms as alg
+from services.driver.prompt_source import PromptSource, toy_prompt_source
+
+
+class Driver:
+    def __init__(self, cfg: FlywheelConfig, out_dir: str | Path, policy_dir: str | Path):
+        self.cfg, self.out, self.policy_dir = cfg, Path(out_dir), str(policy_dir)
+        self.algorithm = cfg.algorithm.name
+        if self.algorithm not in ("ppo", "grpo", "online_dpo"):
+            raise UserError(f"algorithm.name: '{self.algorithm}' is not an RL algorithm (ppo, grpo, online_dpo)")
+        if self.algorithm in ("grpo", "online_dpo") and cfg.rollout.n_samples < 2:
+            raise UserError(f"rollout.n_samples: {self.algorithm} needs at least 2 samples per prompt")
+        self.prompts: PromptSource = toy_prompt_source(cfg)
+        self.executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flywheel-driver")
+        self.services: list = []
+
+    # ------------------------------------------------------------------ building
+
+    def build(self) -> None:
+        """Start every service's actors (resources and replica counts from config)."""
+        from transformers import AutoTokenizer
+
+        from services.learner.group import LearnerGroup
+        from services.learner.losses import LossSpec
+        from services.reference.server import ReferencePool
+        from services.reward.ensemble import RewardService
+        from services.rollout.pool import RolloutPool
+
+        cfg = self.cfg
+        tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        learner_cfg = cfg.learner.model_copy(update={"critic": self.algorithm == "ppo"})
+        self.learner = LearnerGroup(
+            self.policy_dir, learner_cfg, dtype=cfg.model.dtype, total_steps=cfg.algorithm.total_steps,
+            seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
+        )
+        self.services.append(self.learner)
+        self.reference = ReferencePool(self.policy_dir, cfg.reference, dtype=cfg.model.dtype)
+        self.services.append(self.reference)
+        self.reward = RewardService(cfg.reward)
+        self.services.append(self.reward)
+        self.rollout = RolloutPool(self.policy_dir, cfg)
+        self.services.append(self.rollout)
+        self.spec = LossSpec.from_config(cfg)
+
+    def metrics_texts(self) -> list[str]:
+        return [text for service in self.services for text in service.metrics_texts()]
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for service in reversed(self.services):
+            service.shutdown()
+        self.services = []
+
+    # ------------------------------------------------------------------ one step
+
+    def _rollout(self) -> tuple[list[Trajectory], float]:
+        started = time.perf_counter()
+        batch = self.prompts.next_batch(self.cfg.rollout.prompts_per_step)
+        return self.rollout.generate(batch), time.perf_counter() - started
+
+    def _sync(self) -> float:
+        version = self.learner.policy_version
+        if self.rollout.version == version:
+            return 0.0
+        return self.rollout.sync_weights(self.learner.export_weights(), version)["sync/seconds"]
+
+    def _score(self, trajectories: list[Trajectory]):
+        """Reward ensemble, reference log-probs and (PPO) critic values, concurrently."""
+        prompts = [t.prompt for t in trajectories]
+        completions = [t.response for t in trajectories]
+        columns = {key: [t.columns.get(key) for t in trajectories] for key in trajectories[0].columns}
+        pending = self.reward.submit(prompts, completions, columns)
+        tokens = pack_sequences([t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories], self.pad_id)
+        ref_future = self.executor.submit(
+            self.reference.logprobs, [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
+        )
+        values_future: Future | None = None
+        if self.algorithm == "ppo":
+            values_future = self.executor.submit(self.learner.values, tokens)
+        old_future: Future | None = None
+        if self.cfg.algorithm.max_staleness == 0:
+            old_future = self.executor.submit(self.learner.logprobs, tokens)
+        scores = pending.result()
+        ref = pad_response_values(ref_future.result(), tokens)
+        values = values_future.result() if values_future else None
+        sampler = alg.sampler_logprobs(trajectories, tokens)
+        # strictly on-policy: the learner's own log-probs; off-policy: the sampler's, so the
+        # PPO ratio corrects for the staler policy that produced the samples
+        old = old_future.result() if old_future else sampler
+        return scores, tokens, ref, values, sampler, old
+
+    def _train_batch(self, trajectories, scores, tokens, ref, values, old) -> tuple[dict | None, dict]:
+        a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
+        if self.algorithm == "grpo":
+            return alg.grpo_batch(
+                trajectories, scores, n, self.pad_id, a.scale_rewards_by_std, a.drop_zero_variance_groups,
+                old_logprobs=old, ref_logprobs=ref,
+            )
+        if self.algorithm == "ppo":
+            return alg.ppo_batch(
+                trajectories, scores, values, ref, old, a.gamma, a.lam, a.kl_coef, a.kl_estimator,
+                a.kl_in_reward, self.pad_id,
+            )
+        chosen, rejected, stats = alg.dpo_pairs(trajectories, scores, n, self.pad_id)
+        if not chosen:
+            return None, stats
+        ref_rows = alg.sequence_sums(ref, tokens)
+        index = {id(t): i for i, t in enumerate(trajectories)}
+        batch = alg.dpo_batch(
+            chosen, rejected,
+            ref_rows[[index[id(t)] for t in chosen]], ref_rows[[index[id(t)] for t in rejected]], self.pad_id,
+        )
+        return batch, stats
+
+    def step(self, step: int, trajectories: list[Trajectory], rollout_s: float) -> dict:
+        started = time.perf_counter()
+        learner_version = self.learner.policy_version
+        kept, dropped = alg.filter_stale(trajectories, learner_version, self.cfg.algorithm.max_staleness)
+        if self.algorithm != "ppo":  # keep whole prompt groups for group-relative algorithms
+            kept = complete_groups(kept, self.cfg.rollout.n_samples)
+        record: dict = {"step": step, "rollout/trajectories": len(trajectories), "rollout/dropped_stale": dropped}
+        if not kept:
+            return record
+        score_started = time.perf_counter()
+        ensemble, tokens, ref, values, sampler, old = self._score(kept)
+        scores = ensemble.scores
+        record["timing/score_s"] = time.perf_counter() - score_started
+        batch, stats = self._train_batch(kept, scores, tokens, ref, values, old)
+        record.update(stats)
+        staleness = [learner_version - t.policy_version for t in kept]
+        assert max(staleness) <= self.cfg.algorithm.max_staleness, staleness  # never train on stale data
+        train_started = time.perf_counter()
+        train_metrics = self.learner.train_step(batch, self.spec) if batch is not None else {}
+        record["timing/train_s"] = time.perf_counter() - train_started
+        record.update(train_metrics)
+        record.update(ensemble.summary())
+        record.update(alg.kl_stats(sampler, ref, tokens, self.cfg.algorithm.kl_estimator))
+        record.setdefault("train/kl", record["rollout/kl"])
+        record["reward/std"] = pstdev(scores) if len(scores) > 1 else 0.0
+        if self.cfg.data.source == "toy":
+            record["gold/mean"] = mean(toy_world.gold_reward([t.prompt for t in kept], [t.response for t in kept]))
+        record["rollout/response_length_mean"] = mean(len(t.response_ids) for t in kept)
+        record["rollout/staleness_max"] = max(staleness)
+        record["rollout/stop_fraction"] = mean(t.finish_reason == "stop" for t in kept)
+        record["timing/rollout_s"] = rollout_s
+        record["timing/learn_s"] = time.perf_counter() - started
+        return record
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, progress: bool = True) -> list[dict]:
+        from tqdm import tqdm
+
+        from services.driver.exporter import MetricsExporter, RunMetrics
+        from services.driver.report import write_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        run_metrics = RunMetrics()
+        exporter = None
+        if self.cfg.metrics.prometheus_port is not None:
+            exporter = MetricsExporter(self.cfg.metrics.prometheus_port, self.metrics_texts, registry=run_metrics.registry)
+            print(f"Prometheus metrics at {exporter.url}")
+        records = []
+        stream = self.cfg.algorithm.max_staleness >= 1
+        total = self.cfg.algorithm.total_steps
+        try:
+            with MetricsWriter(self.out / "metrics.jsonl") as writer, tqdm(
+                total=total, desc=self.algorithm, unit="step", disable=not progress
+            ) as bar:
+                in_flight = self.executor.submit(self._rollout) if stream else None
+                for step in range(1, total + 1):
+                    step_started = time.perf_counter()
+                    sync_s = 0.0
+                    if stream:
+                        trajectories, rollout_s = in_flight.result()
+                        sync_s = self._sync()  # engines are idle now
+                        if step < total:
+                            in_flight = self.executor.submit(self._rollout)
+                    else:
+                        sync_s = self._sync()
+                        trajectories, rollout_s = self._rollout()
+                    record = self.step(step, trajectories, rollout_s)
+                    record["policy_version"] = self.learner.policy_version
+                    record["timing/sync_s"] = sync_s
+                    record["timing/step_s"] = time.perf_counter() - step_started
+                    writer.write(record)
+                    run_metrics.update(record)
+                    records.append(record)
+                    bar.set_postfix(
+                        reward=f"{record.get('reward/mean', float('nan')):.3f}",
+                        gold=f"{record.get('gold/mean', float('nan')):.3f}",
+                        refresh=False,
+                    )
+                    bar.update(1)
+            self.save_policy()
+        finally:
+            if exporter is not None:
+                exporter.close()
+        report = write_report(self.out)
+        print(f"report: {report}")
+        return records
+
+    def save_policy(self) -> Path:
+        """The trained policy as a HF directory (weights from the learner, config/tokenizer copied)."""
+        from safetensors.torch import save_file
+
+        target = self.out / "policy"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in Path(self.policy_dir).iterdir():
+            if path.is_file() and not path.name.endswith(".safetensors") and path.name != "model.safetensors.index.json":
+                shutil.copy2(path, target / path.name)
+        weights = self.learner.export_weights()
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(target / "model.safetensors"), metadata={"format": "pt"})
+        return target
+
+
+def complete_groups(trajectories: list[Trajectory], group_size: int) -> list[Trajectory]:
+    """Only prompt groups that still have all ``group_size`` samples (after staleness drops)."""
+    by_prompt: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_prompt.setdefault(t.prompt_id + f"@{t.policy_version}", []).append(t)
+    return [t for group in by_prompt.values() if len(group) == group_size for t in group]
+

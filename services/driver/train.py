@@ -1,0 +1,67 @@
+"""`flywheel train`: start (or join) Ray, make sure there is a policy, run the driver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from services.core.config import FlywheelConfig
+from services.core.errors import UserError
+
+QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(cfg: FlywheelConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update({k: os.environ.get(k, v) for k, v in QUIET_ENGINES.items()})
+    ray.init(
+        address=cfg.cluster.address,
+        namespace=cfg.cluster.namespace,
+        include_dashboard=False,
+        runtime_env={"env_vars": {k: os.environ[k] for k in QUIET_ENGINES}},
+    )
+
+
+def bootstrap_toy_policy(cfg: FlywheelConfig, out: Path) -> Path:
+    """No ``model.path`` on the toy world: SFT the tiny Llama first (its own process)."""
+    target = out / "sft"
+    if (target / "model" / "model.safetensors").is_file():
+        print(f"using the SFT policy already in {target / 'model'}")
+        return target / "model"
+    print(f"model.path is null: bootstrapping the toy policy with `flywheel sft sft-toy` into {target}")
+    command = [sys.executable, "-m", "services.cli", "sft", "sft-toy", "--out", str(target), f"seed={cfg.seed}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if subprocess.run(command, env=env).returncode != 0:
+        raise RuntimeError(f"toy SFT bootstrap failed (command: {' '.join(command)})")
+    return target / "model"
+
+
+def policy_dir(cfg: FlywheelConfig, out: Path) -> Path:
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.path: no HF model directory (config.json) at '{cfg.model.path}'")
+        return path
+    if cfg.data.source != "toy":
+        raise UserError("model.path: RL needs a policy directory (the output of `flywheel sft`)")
+    return bootstrap_toy_policy(cfg, out)
+
+
+def run_train(cfg: FlywheelConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+    from services.driver.driver import Driver
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = policy_dir(cfg, out)
+    init_ray(cfg)
+    driver = Driver(cfg, out, policy)
+    try:
+        driver.build()
+        return driver.run(progress=progress)
+    finally:
+        driver.shutdown()
