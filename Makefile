@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python tests/bench/bench_sft.py
 	$(BIN)/python tests/bench/bench_weight_sync.py
 	$(BIN)/python tests/bench/bench_rollout_throughput.py
+	$(BIN)/python tests/bench/bench_staleness.py
 
 # Regenerate the pins after changing dependencies in pyproject.toml.
 lock: install
