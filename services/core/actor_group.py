@@ -7,6 +7,11 @@ from typing import Any
 from services.core.service_metrics import merge_expositions
 
 
+def placed(options: dict, placement: list[dict] | None, index: int) -> dict:
+    """Actor options plus the placement-group bundle reserved for actor ``index``, if any."""
+    return {**options, **(placement[index] if placement else {})}
+
+
 class ActorGroup:
     """A set of Ray actors that each expose ``metrics_text()``; ``actors`` lists them all."""
 

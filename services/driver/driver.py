@@ -36,6 +36,7 @@ class Driver:
         self.prompts: PromptSource = toy_prompt_source(cfg)
         self.executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flywheel-driver")
         self.services: list = []
+        self.placement_group = None
 
     # ------------------------------------------------------------------ building
 
@@ -49,20 +50,23 @@ class Driver:
         from services.reward.ensemble import RewardService
         from services.rollout.pool import RolloutPool
 
+        from services.driver.placement import reserve
+
         cfg = self.cfg
+        self.placement_group, placement = reserve(cfg)
         tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         learner_cfg = cfg.learner.model_copy(update={"critic": self.algorithm == "ppo"})
         self.learner = LearnerGroup(
             self.policy_dir, learner_cfg, dtype=cfg.model.dtype, total_steps=cfg.algorithm.total_steps,
-            seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
+            seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, placement=placement["learner"],
         )
         self.services.append(self.learner)
-        self.reference = ReferencePool(self.policy_dir, cfg.reference, dtype=cfg.model.dtype)
+        self.reference = ReferencePool(self.policy_dir, cfg.reference, dtype=cfg.model.dtype, placement=placement["reference"])
         self.services.append(self.reference)
-        self.reward = RewardService(cfg.reward)
+        self.reward = RewardService(cfg.reward, placement=placement["reward"])
         self.services.append(self.reward)
-        self.rollout = RolloutPool(self.policy_dir, cfg)
+        self.rollout = RolloutPool(self.policy_dir, cfg, placement=placement["rollout"])
         self.services.append(self.rollout)
         self.spec = LossSpec.from_config(cfg)
 
@@ -74,6 +78,11 @@ class Driver:
         for service in reversed(self.services):
             service.shutdown()
         self.services = []
+        if self.placement_group is not None:
+            import ray
+
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
 
     # ------------------------------------------------------------------ one step
 

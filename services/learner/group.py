@@ -24,7 +24,7 @@ import torch
 
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
-from services.core.actor_group import ActorGroup
+from services.core.actor_group import ActorGroup, placed
 from services.learner.losses import LossSpec, batch_size, loss_denominator, slice_rows, slice_tokens
 
 
@@ -85,13 +85,17 @@ class LearnerGroup(ActorGroup):
         total_steps: int = 1000,
         seed: int = 0,
         trust_remote_code: bool = False,
+        placement: list[dict] | None = None,
     ):
         import ray
 
         self.world_size = learner.num_ranks
         res = learner.resources
-        actor_cls = ray.remote(LearnerRank).options(**res.ray_options())
-        self.actors = [actor_cls.remote(rank, self.world_size) for rank in range(self.world_size)]
+        actor_cls = ray.remote(LearnerRank)
+        self.actors = [
+            actor_cls.options(**placed(res.ray_options(), placement, rank)).remote(rank, self.world_size)
+            for rank in range(self.world_size)
+        ]
         addresses = ray.get([actor.address.remote() for actor in self.actors])
         master_addr, master_port = addresses[0]
         kwargs = {"dtype": dtype, "total_steps": total_steps, "seed": seed, "trust_remote_code": trust_remote_code}

@@ -14,7 +14,7 @@ import torch
 from services.core.batch_types import TokenBatch, pack_sequences, response_values
 from services.core.config import ReferenceConfig
 from services.core.errors import UserError
-from services.core.actor_group import ActorGroup
+from services.core.actor_group import ActorGroup, placed
 from services.core.service_metrics import ServiceMetrics
 from services.learner.losses import per_token_logprobs
 
@@ -90,12 +90,14 @@ class ReferencePool(ActorGroup):
     request is split into contiguous chunks, one per replica, and reassembled in order."""
 
     def __init__(self, model_dir: str, reference: ReferenceConfig, *, dtype: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, placement: list[dict] | None = None):
         import ray
 
-        actor_cls = ray.remote(ReferenceServer).options(**reference.resources.ray_options())
+        actor_cls = ray.remote(ReferenceServer)
         self.actors = [
-            actor_cls.remote(str(model_dir), reference, dtype=dtype, trust_remote_code=trust_remote_code, replica=r)
+            actor_cls.options(**placed(reference.resources.ray_options(), placement, r)).remote(
+                str(model_dir), reference, dtype=dtype, trust_remote_code=trust_remote_code, replica=r
+            )
             for r in range(reference.replicas)
         ]
         ray.get([actor.metrics_text.remote() for actor in self.actors])  # wait until loaded

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.core.actor_group import ActorGroup
+from services.core.actor_group import ActorGroup, placed
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
 from services.reward.scorers import Columns, Scorer, build_scorer, resolve_scorer_config, scorer_name
@@ -118,15 +118,20 @@ class RewardService(ActorGroup):
     Needs ``ray.init`` to have run.
     """
 
-    def __init__(self, cfg: RewardConfig):
+    def __init__(self, cfg: RewardConfig, placement: list[dict] | None = None):
         import ray
 
         self.cfg = cfg
         resolved = [resolve_scorer_config(s, i) for i, s in enumerate(cfg.scorers)]
         self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
-        actor_cls = ray.remote(ScorerActor).options(**cfg.resources.ray_options())
+        actor_cls = ray.remote(ScorerActor)
+        k = len(resolved)
         self.replicas = [
-            [actor_cls.remote(s, i, r) for i, s in enumerate(resolved)] for r in range(cfg.replicas)
+            [
+                actor_cls.options(**placed(cfg.resources.ray_options(), placement, r * k + i)).remote(s, i, r)
+                for i, s in enumerate(resolved)
+            ]
+            for r in range(cfg.replicas)
         ]
         self.actors = [actor for replica in self.replicas for actor in replica]
         self._next = 0

@@ -12,21 +12,22 @@ import time
 from typing import Any
 
 from services.core.batch_types import Trajectory
-from services.core.actor_group import ActorGroup
+from services.core.actor_group import ActorGroup, placed
 from services.core.config import FlywheelConfig
 from services.rollout.weight_sync import WeightSyncTimeout, encode_weights
 from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
 
 class RolloutPool(ActorGroup):
-    def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = 600.0):
+    def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = 600.0,
+                 placement: list[dict] | None = None):
         import ray
 
         self.cfg = cfg
         actor_cls = ray.remote(RolloutWorkerActor)
         options = cfg.rollout.resources.ray_options()
         self.actors = [
-            actor_cls.options(name=None, max_concurrency=2, **options).remote(str(model_dir), cfg, i)
+            actor_cls.options(max_concurrency=2, **placed(options, placement, i)).remote(str(model_dir), cfg, i)
             for i in range(cfg.rollout.num_workers)
         ]
         self.names = [f"rollout-{i}" for i in range(len(self.actors))]
