@@ -73,7 +73,7 @@ def merge_expositions(texts: list[str]) -> str:
     """Merge several actors' exposition texts into one valid text (one block per family).
 
     Each actor's samples carry distinct ``service``/``replica`` labels, so merging is a
-    union of sample lines under one HELP/TYPE header per family.
+    union of sample lines under one HELP/TYPE header per family (the first one seen).
     """
     headers: dict[str, list[str]] = {}
     samples: dict[str, list[str]] = {}
@@ -82,7 +82,10 @@ def merge_expositions(texts: list[str]) -> str:
         for line in text.splitlines():
             if line.startswith("# HELP ") or line.startswith("# TYPE "):
                 family = line.split()[2]
-                if line not in headers.setdefault(family, []):
+                kind = line.split()[1]
+                # one HELP and one TYPE per family: Prometheus rejects a second one, even
+                # when two actors (or the driver) describe the same family differently
+                if not any(h.split()[1] == kind for h in headers.setdefault(family, [])):
                     headers[family].append(line)
                 samples.setdefault(family, [])
             elif line.strip() and family is not None:

@@ -84,19 +84,6 @@ class RunMetrics:
         return generate_latest(self.registry).decode()
 
 
-def _one_help_per_family(text: str) -> str:
-    """Prometheus rejects a second HELP line for a family (the driver's and actors' texts may differ)."""
-    seen, lines = set(), []
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            name = line.split()[2]
-            if name in seen:
-                continue
-            seen.add(name)
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 class MetricsExporter:
     """Serves GET /metrics on ``host:port`` from a daemon thread; ``port=0`` picks a free port.
 
@@ -154,7 +141,7 @@ class MetricsExporter:
             self._errors.inc()
             actors = ""
         own = [generate_latest(r).decode() for r in (self.registry, self._registry) if r is not None]
-        return _one_help_per_family(merge_expositions(own + [actors]))
+        return merge_expositions(own + [actors])
 
     def close(self) -> None:
         self._server.shutdown()
