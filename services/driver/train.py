@@ -58,8 +58,8 @@ def run_train(cfg: FlywheelConfig, out_dir: str | Path, progress: bool = True) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy = policy_dir(cfg, out)
+    driver = Driver(cfg, out, policy)  # checks the algorithm settings before Ray starts
     init_ray(cfg)
-    driver = Driver(cfg, out, policy)
     try:
         driver.build()
         return driver.run(progress=progress)

@@ -100,3 +100,21 @@ def test_presets_lists_sft_toy():
     res = flywheel("presets")
     assert res.returncode == 0, res.stderr
     assert any(line.startswith("sft-toy ") for line in res.stdout.splitlines())
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.path=/no/such/policy"], "model.path: no HF model directory"),
+        (["algorithm.name=sft", "model.path=."], "algorithm.name: 'sft' is not an RL algorithm"),
+        (["rollout.n_samples=1", "model.path=."], "rollout.n_samples: grpo needs at least 2 samples"),
+    ],
+)
+def test_train_bad_input_exits_2_before_starting_anything(overrides, expected, tmp_path):
+    if "model.path=." in overrides:  # a directory that looks like a HF model
+        (tmp_path / "config.json").write_text("{}")
+        overrides = [o if o != "model.path=." else f"model.path={tmp_path}" for o in overrides]
+    proc = flywheel("train", "grpo-toy", "--out", str(tmp_path / "out"), *overrides)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
