@@ -47,17 +47,27 @@ def ray_session():
     ray.shutdown()
 
 
+def save_tiny_llama(path: Path, texts: list[str], vocab_size: int, seed: int, chat_template: str | None = None,
+                    **shape) -> Path:
+    """A randomly initialised toy Llama (``shape``: ToyModelConfig fields) with a BPE
+    tokenizer trained on ``texts``, saved as a HF directory at ``path``."""
+    from services.core.config import ToyModelConfig
+    from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
+
+    tokenizer = train_toy_tokenizer(texts, vocab_size=vocab_size)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    model = build_toy_llama(ToyModelConfig(**shape), tokenizer, seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer toy Llama with the toy tokenizer, as a HF directory."""
     from services.core import toy_world
-    from services.core.config import ToyModelConfig
-    from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 
     rows = toy_world.sft_corpus(["preference", "arithmetic"], 500, seed=0)
-    tokenizer = train_toy_tokenizer([r["prompt"] + r["response"] for r in rows], vocab_size=400)
-    model = build_toy_llama(ToyModelConfig(num_layers=2), tokenizer, seed=0)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    texts = [r["prompt"] + r["response"] for r in rows]
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-model"), texts, vocab_size=400, seed=0, num_layers=2)

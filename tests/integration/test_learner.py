@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from services.core.batch_types import pack_sequences
-from services.core.config import LearnerConfig, Resources, ToyModelConfig
+from services.core.config import LearnerConfig, Resources
 from services.core.errors import UserError
-from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.learner.losses import LossSpec
 from services.learner.policy_learner import PolicyLearner
+from tests.conftest import save_tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 LR = 1e-3
@@ -21,12 +21,8 @@ LR = 1e-3
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     texts = ["list 3 fruits: apple pear fig", "12+7=19", "hello world"] * 30
-    tokenizer = train_toy_tokenizer(texts, vocab_size=320)
-    model = build_toy_llama(ToyModelConfig(num_layers=2, intermediate_size=128), tokenizer, seed=3)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, vocab_size=320, seed=3,
+                           num_layers=2, intermediate_size=128)
 
 
 def hf_model(model_dir):

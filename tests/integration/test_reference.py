@@ -7,22 +7,19 @@ import pytest
 import torch
 
 from services.core.batch_types import pack_sequences, response_values
-from services.core.config import LearnerConfig, ReferenceConfig, Resources, ToyModelConfig
+from services.core.config import LearnerConfig, ReferenceConfig, Resources
 from services.core.errors import UserError
-from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.reference.server import ReferencePool, ReferenceServer
+from tests.conftest import save_tiny_llama
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tokenizer = train_toy_tokenizer(["list 3 fruits: apple pear fig", "12+7=19"] * 30, vocab_size=320)
-    model = build_toy_llama(ToyModelConfig(num_layers=1, intermediate_size=128), tokenizer, seed=4)
-    path = tmp_path_factory.mktemp("tiny-llama-ref")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    texts = ["list 3 fruits: apple pear fig", "12+7=19"] * 30
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-ref"), texts, vocab_size=320, seed=4,
+                           num_layers=1, intermediate_size=128)
 
 
 @pytest.fixture(scope="module")

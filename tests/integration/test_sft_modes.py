@@ -10,9 +10,9 @@ import yaml
 
 from services.core.config import ToyModelConfig
 from services.core.metrics import read_metrics
-from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
+from services.core.tiny_model import build_toy_llama
 from services.learner.sft import IGNORE, encode_example
-from tests.conftest import run_flywheel
+from tests.conftest import run_flywheel, save_tiny_llama
 
 pytestmark = pytest.mark.slow
 TINY = ["data.toy_size=200", "learner.epochs=1", "data.eval_prompts=0", "learner.micro_batch_size=16"]
@@ -64,13 +64,8 @@ def test_zero_stages_train_the_same_weights(zero_runs):
 def chat_model_dir(tmp_path_factory):
     """A tiny HF causal LM directory with a chat template, standing in for any hub model."""
     texts = ["<|user|>what is two plus two<|eos|><|assistant|>four<|eos|>"] * 50 + ["hello world answer"] * 50
-    tokenizer = train_toy_tokenizer(texts, vocab_size=400)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    model = build_toy_llama(ToyModelConfig(num_layers=1, intermediate_size=128), tokenizer, seed=1)
-    path = tmp_path_factory.mktemp("chat-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("chat-model"), texts, vocab_size=400, seed=1,
+                           chat_template=CHAT_TEMPLATE, num_layers=1, intermediate_size=128)
 
 
 def test_chat_template_masks_the_prompt(chat_model_dir):
