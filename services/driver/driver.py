@@ -16,7 +16,7 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 from services.core import toy_world
-from services.core.batch_types import Trajectory, pack_sequences, pad_response_values
+from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
 from services.core.errors import UserError
@@ -103,7 +103,7 @@ class Driver:
         completions = [t.response for t in trajectories]
         columns = {key: [t.columns.get(key) for t in trajectories] for key in trajectories[0].columns}
         pending = self.reward.submit(prompts, completions, columns)
-        tokens = pack_sequences([t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories], self.pad_id)
+        tokens = alg.build_tokens(trajectories, self.pad_id)
         ref_future = self.executor.submit(
             self.reference.logprobs, [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
         )
