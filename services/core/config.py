@@ -76,6 +76,16 @@ class DataConfig(Section):
     max_prompt_tokens: int = Field(64, gt=0)
     max_response_tokens: int = Field(32, gt=0)
     eval_prompts: int = Field(128, ge=0, description="held-out prompts per toy task for evaluation")
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="reward models: share of preference rows held out for evaluation"
+    )
+    toy_pairs: int = Field(2000, ge=1, description="reward models: toy preference pairs to train on")
+    toy_heldout_pairs: int = Field(500, ge=1, description="reward models: toy pairs held out for evaluation")
+    toy_label_beta: float = Field(
+        5.0, gt=0, description="toy labels: P(a preferred to b) = sigmoid(beta * (gold(a) - gold(b)))"
+    )
     shuffle: bool = True
 
 
@@ -105,7 +115,15 @@ class ScorerConfig(Section):
     noise_std: float = Field(0.1, ge=0, description="toy_noisy_gold: std of the Gaussian noise on gold")
     seed: int = Field(0, ge=0, description="toy_noisy_gold: noise seed (same sample, same noise)")
     address: str | None = Field(None, description="remote: host:port of the reward server")
-    timeout_s: float = Field(30.0, gt=0, description="remote: seconds per request")
+    timeout_s: float = Field(30.0, gt=0, description="remote: deadline of one request, seconds")
+    retries: int = Field(4, ge=0, description="remote: extra attempts when the server is UNAVAILABLE")
+    token_env: str | None = Field(
+        None, description="remote: environment variable holding the bearer token (null sends none)"
+    )
+    member: str | None = Field(
+        None, description="remote: which of the server's members to use; null uses its aggregate"
+    )
+    max_message_mb: float = Field(16.0, gt=0, description="remote: largest request or reply, MiB")
 
     @model_validator(mode="after")
     def _required_fields(self) -> "ScorerConfig":
@@ -118,12 +136,38 @@ class ScorerConfig(Section):
         return self
 
 
+class RewardServerConfig(Section):
+    """``flywheel serve-reward``: the gRPC reward server (protos/flywheel/reward/v1)."""
+
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it to the network")
+    port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
+    token_env: str | None = Field(
+        "FLYWHEEL_REWARD_TOKEN",
+        description="environment variable holding the bearer token clients must send; unset or empty: no token",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve on a non-loopback host without a token (refused otherwise)"
+    )
+    max_message_mb: float = Field(16.0, gt=0, description="largest request or reply, MiB")
+    max_workers: int = Field(4, ge=1, description="requests handled at once")
+
+
+class RewardVarianceConfig(Section):
+    """Reward variance under a policy (Razin et al. 2025), measured by ``flywheel eval-rm``."""
+
+    prompts: int = Field(64, ge=1, description="prompts to sample from the policy")
+    samples: int = Field(8, ge=2, description="responses per prompt (n)")
+    threshold: float = Field(0.01, ge=0, description="report the fraction of prompts whose variance is below this")
+
+
 class RewardConfig(Section):
     scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig()], min_length=1)
     aggregate: Literal["mean", "wco", "uwo"] = "mean"
     uwo_lambda: float = Field(1.0, ge=0)
     replicas: int = Field(1, ge=1, description="copies of the whole ensemble; requests go round-robin")
     resources: Resources = Field(default_factory=Resources)
+    server: RewardServerConfig = Field(default_factory=RewardServerConfig)
+    variance: RewardVarianceConfig = Field(default_factory=RewardVarianceConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RewardConfig":
@@ -177,6 +221,14 @@ class AlgorithmConfig(Section):
     total_steps: int = Field(100, ge=1)
 
 
+class EnsembleConfig(Section):
+    """``flywheel train-rm``: K Bradley-Terry members, each on its own bootstrap sample and seed."""
+
+    size: int = Field(3, ge=1, description="members K")
+    bootstrap: bool = Field(True, description="member k trains on a resample (with replacement) of the pairs")
+    aggregate: Literal["mean", "wco", "uwo"] = Field("wco", description="written into the ensemble's config")
+
+
 class ClusterConfig(Section):
     address: str | None = Field(None, description="Ray address; null starts local Ray")
     namespace: str = "flywheel"
@@ -204,6 +256,7 @@ class FlywheelConfig(Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from services.core.errors import UserError
 
@@ -29,21 +29,27 @@ def load_rows(
     keys: list[str],
     split: str = "train",
     key_fields: dict[str, str] | None = None,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (dicts holding at least ``keys``, each a string) from ``source``. Raises UserError.
 
     ``key_fields`` maps a key to the config field that chose it (e.g. ``{"prompt": "data.prompt_key"}``)
-    so that error messages can tell the user what to change.
+    so that error messages can tell the user what to change. ``check(row)`` returns a problem
+    with a row, or None; a problem becomes a UserError naming the file and line (or row).
     """
     key_fields = key_fields or {}
+    check = check or (lambda row: None)
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in FILE_SUFFIXES:
         if not path.is_file():
             raise UserError(f"data.source: file not found: {source}")
-        rows = _load_jsonl(path, keys, key_fields) if suffix == ".jsonl" else _load_parquet(path, keys, key_fields)
+        rows = (
+            _load_jsonl(path, keys, key_fields, check) if suffix == ".jsonl"
+            else _load_parquet(path, keys, key_fields, check)
+        )
     else:
-        rows = _load_datasets(source, keys, split, key_fields)
+        rows = _load_datasets(source, keys, split, key_fields, check)
     if not rows:
         where = f"{source} (split '{split}')" if suffix not in FILE_SUFFIXES else source
         raise UserError(f"data.source: dataset {where} has no rows")
@@ -55,7 +61,7 @@ def _hint(key: str, key_fields: dict[str, str]) -> str:
     return f" (set by {field}; point {field} at the right column)" if field else ""
 
 
-def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str]) -> list[dict[str, Any]]:
+def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str], check) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -78,21 +84,26 @@ def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str]) -> list
                         f"{path}:{lineno}: key '{key}'{_hint(key, key_fields)} must be a string, "
                         f"got {_type_name(row[key])}"
                     )
+            problem = check(row)
+            if problem:
+                raise UserError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     return rows
 
 
-def _load_parquet(path: Path, keys: list[str], key_fields: dict[str, str]) -> list[dict[str, Any]]:
+def _load_parquet(path: Path, keys: list[str], key_fields: dict[str, str], check) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise UserError(f"{path}: could not read parquet file ({exc})") from None
-    return _check_columns(str(path), table.column_names, table.to_pylist(), keys, key_fields)
+    return _check_columns(str(path), table.column_names, table.to_pylist(), keys, key_fields, check)
 
 
-def _load_datasets(source: str, keys: list[str], split: str, key_fields: dict[str, str]) -> list[dict[str, Any]]:
+def _load_datasets(
+    source: str, keys: list[str], split: str, key_fields: dict[str, str], check
+) -> list[dict[str, Any]]:
     import datasets
 
     path = Path(source)
@@ -116,11 +127,11 @@ def _load_datasets(source: str, keys: list[str], split: str, key_fields: dict[st
     if not isinstance(ds, datasets.Dataset):
         raise UserError(f"data.source: '{source}' gave a {type(ds).__name__}, expected a Dataset")
     where = f"{source} (split '{split}')"
-    return _check_columns(where, ds.column_names, ds.to_list(), keys, key_fields)
+    return _check_columns(where, ds.column_names, ds.to_list(), keys, key_fields, check)
 
 
 def _check_columns(
-    where: str, columns: list[str], rows: list[dict[str, Any]], keys: list[str], key_fields: dict[str, str]
+    where: str, columns: list[str], rows: list[dict[str, Any]], keys: list[str], key_fields: dict[str, str], check
 ) -> list[dict[str, Any]]:
     for key in keys:
         if key not in columns:
@@ -135,6 +146,9 @@ def _check_columns(
                     f"{where}: row {index}: column '{key}'{_hint(key, key_fields)} must be a string, "
                     f"got {_type_name(row[key])}"
                 )
+        problem = check(row)
+        if problem:
+            raise UserError(f"{where}: row {index}: {problem}")
     return rows
 
 

@@ -34,11 +34,17 @@ def bootstrap_toy_policy(cfg: FlywheelConfig, out: Path) -> Path:
         print(f"using the SFT policy already in {target / 'model'}")
         return target / "model"
     print(f"model.path is null: bootstrapping the toy policy with `flywheel sft sft-toy` into {target}")
-    command = [sys.executable, "-m", "services.cli", "sft", "sft-toy", "--out", str(target), f"seed={cfg.seed}"]
+    run_stage("sft", "sft-toy", "--out", str(target), f"seed={cfg.seed}")
+    return target / "model"
+
+
+def run_stage(*args: str) -> None:
+    """``flywheel ARGS`` in its own process, so that its DeepSpeed state (and torch.distributed
+    rendezvous variables, which Ray's workers would inherit) stay out of this one."""
+    command = [sys.executable, "-m", "services.cli", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     if subprocess.run(command, env=env).returncode != 0:
-        raise RuntimeError(f"toy SFT bootstrap failed (command: {' '.join(command)})")
-    return target / "model"
+        raise RuntimeError(f"`flywheel {' '.join(args)}` failed")
 
 
 def policy_dir(cfg: FlywheelConfig, out: Path) -> Path:
@@ -48,7 +54,7 @@ def policy_dir(cfg: FlywheelConfig, out: Path) -> Path:
             raise UserError(f"model.path: no HF model directory (config.json) at '{cfg.model.path}'")
         return path
     if cfg.data.source != "toy":
-        raise UserError("model.path: RL needs a policy directory (the output of `flywheel sft`)")
+        raise UserError("model.path: point it at a policy directory (the output of `flywheel sft`)")
     return bootstrap_toy_policy(cfg, out)
 
 

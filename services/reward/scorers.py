@@ -6,7 +6,9 @@ Kinds (``ScorerConfig.kind``):
   ``num_labels=1``) from a local directory, fp32, eval, no grad, batched;
 - ``python``: ``path/to/file.py:fn`` or ``package.module:fn``, called as
   ``fn(prompts, completions, **columns) -> list[float]`` (verifiable rewards);
-- ``remote``: a gRPC reward server; the client arrives with issue #5 (raises UserError now);
+- ``remote``: a gRPC reward server (``flywheel serve-reward``, protos/flywheel/reward/v1) at
+  ``address``: its aggregate, or the member named by ``member``; bearer token from the
+  environment variable ``token_env`` (see :mod:`services.reward.grpc_client`);
 - ``toy_gold``: the toy world's hidden gold reward;
 - ``toy_noisy_gold``: gold + N(0, noise_std²) noise fixed per (seed, prompt, completion), a
   stand-in for imperfect learned reward models in an ensemble.
@@ -21,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -177,6 +180,23 @@ def reward_model_text(tokenizer, prompt: str, completion: str) -> str:
     return prompt + completion
 
 
+def encode_reward_inputs(tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int):
+    """Padded tensors (``input_ids``, ``attention_mask``) of the texts a reward model scores,
+    truncated on the left so the last token, where the score is read, survives. Training
+    (``flywheel train-rm``) and scoring both encode through here."""
+    texts = [reward_model_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    special = not getattr(tokenizer, "chat_template", None)  # a template adds its own
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(
+            texts, padding=True, truncation=True, max_length=max_length, add_special_tokens=special,
+            return_tensors="pt",
+        )
+    finally:
+        tokenizer.truncation_side = side
+
+
 class HFScorer(Scorer):
     """``AutoModelForSequenceClassification`` (num_labels=1) from a local directory, fp32 on CPU."""
 
@@ -203,49 +223,67 @@ class HFScorer(Scorer):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # needed to find each row's last token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.tokenizer.truncation_side = "left"  # the score is read at the last token: keep it
         self.model.to("cpu").eval()
 
     def compute(self, prompts, completions, columns):
         import torch
 
-        texts = [reward_model_text(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
-        special = not getattr(self.tokenizer, "chat_template", None)  # a template adds its own
         out: list[float] = []
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(
-                    texts[start : start + self.batch_size], padding=True, truncation=True,
-                    max_length=self.max_length, add_special_tokens=special, return_tensors="pt",
-                )
+            for start in range(0, len(prompts), self.batch_size):
+                end = start + self.batch_size
+                enc = encode_reward_inputs(self.tokenizer, prompts[start:end], completions[start:end], self.max_length)
                 logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
                 out.extend(logits[:, 0].float().tolist())
         return out
 
 
 class RemoteScorer(Scorer):
-    """Client of a remote gRPC reward server (``address`` host:port, ``timeout_s``): issue #5."""
+    """A reward server's aggregate score, or one of its members' (``member``), over gRPC.
+
+    The channel is opened here but nothing is sent until the first ``score``, so building one
+    does not need the server up. The bearer token is read from ``os.environ[token_env]``.
+    """
 
     kind = "remote"
 
-    def __init__(self, name: str, address: str, timeout_s: float, field: str):
+    def __init__(
+        self, name: str, address: str, timeout_s: float, field: str, retries: int = 4, token_env: str | None = None,
+        member: str | None = None, max_message_mb: float = 16.0,
+    ):
+        from services.reward.grpc_client import RewardClient
+
         super().__init__(name)
-        self.address, self.timeout_s = address, timeout_s
-        raise UserError(
-            f"{field}: kind 'remote' (address {address}) is not available yet: the gRPC reward "
-            "client arrives with issue #5; use kind 'hf', 'python', 'toy_gold' or 'toy_noisy_gold'"
+        self.address, self.member, self.field = address, member, field
+        token = None
+        if token_env:
+            token = os.environ.get(token_env)
+            if not token:
+                raise UserError(
+                    f"{field}.token_env: the environment variable {token_env} (bearer token for the reward "
+                    f"server at {address}) is not set or empty"
+                )
+        self.client = RewardClient(
+            address, timeout_s, retries, token=token, max_message_mb=max_message_mb, token_env=token_env
         )
 
-    def compute(self, prompts, completions, columns):  # pragma: no cover - issue #5
-        raise NotImplementedError("remote reward scoring arrives with issue #5")
+    def compute(self, prompts, completions, columns):
+        result = self.client.score(prompts, completions, columns)
+        if self.member is None:
+            return result.scores
+        if self.member not in result.member_names:
+            raise UserError(
+                f"{self.field}.member: the reward server at {self.address} has no member '{self.member}'; "
+                f"its members: {', '.join(result.member_names)}"
+            )
+        return result.member_scores[result.member_names.index(self.member)]
 
 
 def resolve_scorer_config(cfg: ScorerConfig, index: int) -> ScorerConfig:
-    """Check a scorer config cheaply (paths exist, the function imports, remote is refused)
-    and return a copy with absolute paths, ready to ship to an actor in another process."""
+    """Check a scorer config cheaply (paths exist, the function imports; a remote server is
+    not contacted) and return a copy with absolute paths, ready to ship to an actor in
+    another process."""
     field = f"reward.scorers.{index}"
-    if cfg.kind == "remote":
-        RemoteScorer(scorer_name(cfg, index), cfg.address or "", cfg.timeout_s, field)
     if cfg.kind in ("hf", "python") and not cfg.path:
         raise UserError(f"{field}.path: kind '{cfg.kind}' needs a path")
     if cfg.kind == "hf":
@@ -273,11 +311,16 @@ def build_scorer(cfg: ScorerConfig, index: int) -> Scorer:
         return PythonScorer(name, load_python_function(cfg.path, f"{field}.path"))
     if cfg.kind == "hf":
         return HFScorer(name, cfg.path, f"{field}.path", cfg.batch_size, cfg.max_length)
+    if cfg.kind == "remote":
+        return RemoteScorer(
+            name, cfg.address, cfg.timeout_s, field, retries=cfg.retries, token_env=cfg.token_env,
+            member=cfg.member, max_message_mb=cfg.max_message_mb,
+        )
     raise UserError(f"{field}.kind: unknown scorer kind '{cfg.kind}'")  # pragma: no cover
 
 
 __all__ = [
     "Scorer", "ScorerOutputError", "ToyGoldScorer", "ToyNoisyGoldScorer", "PythonScorer", "HFScorer",
     "RemoteScorer", "build_scorer", "resolve_scorer_config", "load_python_function", "validate_scores",
-    "scorer_name", "sample_noise", "reward_model_text",
+    "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs",
 ]

@@ -103,8 +103,6 @@ def test_bad_member_fails_with_its_name(ray_session, tmp_path, fn, pattern):
 def test_bad_path_raises_user_error_before_actors_start(ray_session, tmp_path):
     with pytest.raises(UserError, match=r"reward\.scorers\.1\.path: no python file"):
         RewardService(RewardConfig(scorers=[MEMBERS[0], ScorerConfig(kind="python", path=f"{tmp_path}/no.py:f")]))
-    with pytest.raises(UserError, match="issue #5"):
-        RewardService(RewardConfig(scorers=[ScorerConfig(kind="remote", address="rm.internal:50051")]))
 
 
 def test_metrics_from_every_actor(service):

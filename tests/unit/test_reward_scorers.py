@@ -15,7 +15,8 @@ from services.core.config import RewardConfig, ScorerConfig
 from services.core.errors import UserError
 from services.reward.ensemble import RewardEnsemble
 from services.reward.scorers import (
-    HFScorer, PythonScorer, ScorerOutputError, build_scorer, reward_model_text, validate_scores,
+    HFScorer, PythonScorer, RemoteScorer, ScorerOutputError, build_scorer, resolve_scorer_config, reward_model_text,
+    validate_scores,
 )
 
 PROMPTS = ["list 3 fruits:", "list 2 colors:", "12+7=", "list 4 tools:", "3-1="]
@@ -257,10 +258,25 @@ def test_hf_path_not_a_directory(tmp_path):
         build_scorer(ScorerConfig(kind="hf", path=str(tmp_path / "empty")), 0)
 
 
-def test_remote_kind_raises_user_error():
-    cfg = ScorerConfig(kind="remote", address="localhost:50051", timeout_s=5)
-    with pytest.raises(UserError, match=r"reward\.scorers\.0: kind 'remote' .*gRPC reward client arrives with issue #5"):
-        build_scorer(cfg, 0)
+def test_remote_kind_builds_a_client_without_contacting_the_server(monkeypatch):
+    cfg = ScorerConfig(kind="remote", address="localhost:50051", timeout_s=5, retries=2, name="rm-remote")
+    assert resolve_scorer_config(cfg, 0) == cfg  # nothing to resolve, nothing refused
+    scorer = build_scorer(cfg, 0)  # no server listens there: building must not need one
+    assert isinstance(scorer, RemoteScorer) and scorer.name == "rm-remote" and scorer.member is None
+    client = scorer.client
+    assert (client.address, client.timeout_s, client.retries, client.token) == ("localhost:50051", 5.0, 2, None)
+    assert client.max_message_bytes == 16 * 2**20
+    with_token = cfg.model_copy(update={"token_env": "FLYWHEEL_TEST_RM_TOKEN", "member": "rm-a"})
+    monkeypatch.delenv("FLYWHEEL_TEST_RM_TOKEN", raising=False)
+    with pytest.raises(UserError, match=r"reward\.scorers\.3\.token_env: the environment variable FLYWHEEL_TEST_RM_TOKEN "):
+        build_scorer(with_token, 3)
+    monkeypatch.setenv("FLYWHEEL_TEST_RM_TOKEN", "")
+    with pytest.raises(UserError, match="is not set or empty"):
+        build_scorer(with_token, 3)
+    monkeypatch.setenv("FLYWHEEL_TEST_RM_TOKEN", "s3cret")
+    scorer = build_scorer(with_token, 3)
+    assert scorer.client.token == "s3cret" and scorer.client.token_env == "FLYWHEEL_TEST_RM_TOKEN"
+    assert scorer.member == "rm-a"
 
 
 def test_config_validation():

@@ -1,0 +1,275 @@
+"""Evaluating reward models beyond accuracy (`flywheel eval-rm`, and the end of `train-rm`).
+
+For every member and for the ensemble (aggregated mean, wco and uwo):
+
+- **held-out pairwise accuracy** against the labels, and, for toy pairs that carry the hidden
+  gold reward, against the noiseless gold ordering;
+- **reward variance under a policy** (Razin et al. 2025): per prompt x, the unbiased sample
+  variance over n responses y ~ pi of r(x, y); reported as mean, quantiles, the fraction of
+  prompts below ``reward.variance.threshold``, and the within-prompt share of all reward
+  variance (scale-free: Bradley-Terry rewards have no fixed scale);
+- **disagreement between members**: the share of held-out pairs that the members do not all
+  order the same way, the mean Pearson correlation between members' scores, and the mean
+  std across members of their centred scores.
+
+The statistics are pure functions of lists of floats, unit-tested against hand computations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import fmean
+
+from services.core.config import FlywheelConfig
+
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+EVAL_SAMPLING_SEED = 4242
+
+
+def pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
+    """Share of pairs scored chosen > rejected; an exact tie counts one half."""
+    if not chosen:
+        return float("nan")
+    return fmean(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+
+
+def gold_order_accuracy(
+    chosen: list[float], rejected: list[float], gold_chosen: list[float], gold_rejected: list[float]
+) -> float:
+    """Share of pairs whose scores order the two responses as the gold reward does (the
+    noiseless ordering, whatever the label says); a score tie counts one half."""
+    flipped = [(r, c) if gc < gr else (c, r) for c, r, gc, gr in zip(chosen, rejected, gold_chosen, gold_rejected)]
+    return pairwise_accuracy([a for a, _ in flipped], [b for _, b in flipped])
+
+
+def order_disagreement(member_chosen: list[list[float]], member_rejected: list[list[float]]) -> float:
+    """Share of pairs on which the members do not all prefer the same response."""
+    n = len(member_chosen[0])
+    if n == 0:
+        return float("nan")
+    votes = [{c[i] > r[i] for c, r in zip(member_chosen, member_rejected)} for i in range(n)]
+    return fmean(1.0 if len(v) > 1 else 0.0 for v in votes)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    mx, my = fmean(x), fmean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def mean_pairwise_correlation(member_scores: list[list[float]]) -> float | None:
+    """Mean Pearson correlation over all member pairs; None with a single member."""
+    k = len(member_scores)
+    if k < 2:
+        return None
+    return fmean(pearson(member_scores[i], member_scores[j]) for i in range(k) for j in range(i + 1, k))
+
+
+def centered_member_std(member_scores: list[list[float]]) -> float:
+    """Mean over responses of the (K-1) std across members, each member's scores first
+    shifted to mean 0 (a Bradley-Terry reward's offset is arbitrary)."""
+    k = len(member_scores)
+    if k < 2:
+        return 0.0
+    centred = [[s - fmean(member) for s in member] for member in member_scores]
+    per_response = []
+    for column in zip(*centred):
+        mu = fmean(column)
+        per_response.append(math.sqrt(sum((v - mu) ** 2 for v in column) / (k - 1)))
+    return fmean(per_response)
+
+
+def per_prompt_variance(scores: list[float], n: int) -> list[float]:
+    """Unbiased variance of each consecutive group of n scores (n responses of one prompt)."""
+    if n < 2 or len(scores) % n:
+        raise ValueError(f"{len(scores)} scores do not split into groups of n = {n} >= 2")
+    out = []
+    for start in range(0, len(scores), n):
+        group = scores[start : start + n]
+        mu = fmean(group)
+        out.append(sum((s - mu) ** 2 for s in group) / (n - 1))
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default method)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def variance_summary(scores: list[float], n: int, threshold: float) -> dict[str, float]:
+    """Razin et al.'s reward variance per prompt, summarised; ``scores`` are n per prompt."""
+    variances = per_prompt_variance(scores, n)
+    mu = fmean(scores)
+    total = sum((s - mu) ** 2 for s in scores) / max(len(scores) - 1, 1)
+    return {
+        "mean": fmean(variances),
+        **{f"p{round(q * 100)}": quantile(variances, q) for q in QUANTILES},
+        "fraction_below_threshold": fmean(1.0 if v < threshold else 0.0 for v in variances),
+        "within_prompt_share": fmean(variances) / total if total > 0 else float("nan"),
+    }
+
+
+def policy_samples(policy_dir: str, prompts: list[str], n: int, max_tokens: int, seed: int) -> list[str]:
+    """n responses per prompt (consecutive), sampled at T = 1 with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.learner.toy_eval import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        if getattr(tokenizer, "chat_template", None) else p
+        for p in prompts
+    ]
+    return generate(model, tokenizer, [t for t in texts for _ in range(n)], max_tokens, seed=seed)
+
+
+def _scorer_rows(ensemble_scores, aggregates: dict[str, list[float]]):
+    """(name, scores) for every member, then every aggregate."""
+    return list(zip(ensemble_scores.member_names, ensemble_scores.member_scores)) + [
+        (f"ensemble/{mode}", scores) for mode, scores in aggregates.items()
+    ]
+
+
+def _all_aggregates(ensemble_scores, uwo_lambda: float) -> dict[str, list[float]]:
+    from services.reward.ensemble import aggregate_scores
+
+    return {
+        mode: aggregate_scores(ensemble_scores.member_scores, ensemble_scores.member_names, mode, uwo_lambda).scores
+        for mode in ("mean", "wco", "uwo")
+    }
+
+
+def evaluate_pairs(ensemble, pairs: list[dict], uwo_lambda: float) -> dict:
+    """Accuracy of every member and aggregate on ``pairs``, and member disagreement."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = ensemble.score(prompts, [p["chosen"] for p in pairs])
+    rejected = ensemble.score(prompts, [p["rejected"] for p in pairs])
+    agg_c, agg_r = _all_aggregates(chosen, uwo_lambda), _all_aggregates(rejected, uwo_lambda)
+    has_gold = all(isinstance(p.get("gold_chosen"), (int, float)) and isinstance(p.get("gold_rejected"), (int, float))
+                   for p in pairs)
+    accuracy: dict[str, dict] = {}
+    for (name, c), (_, r) in zip(_scorer_rows(chosen, agg_c), _scorer_rows(rejected, agg_r)):
+        entry = {"label_accuracy": pairwise_accuracy(c, r)}
+        if has_gold:
+            entry["gold_accuracy"] = gold_order_accuracy(
+                c, r, [p["gold_chosen"] for p in pairs], [p["gold_rejected"] for p in pairs]
+            )
+        accuracy[name] = entry
+    both = [mc + mr for mc, mr in zip(chosen.member_scores, rejected.member_scores)]
+    return {
+        "pairs": len(pairs),
+        "accuracy": accuracy,
+        "disagreement": {
+            "order_disagreement": order_disagreement(chosen.member_scores, rejected.member_scores),
+            "mean_pairwise_correlation": mean_pairwise_correlation(both),
+            "centered_member_std": centered_member_std(both),
+        },
+    }
+
+
+def evaluate_variance(ensemble, cfg: FlywheelConfig, prompts: list[str], with_gold: bool) -> dict:
+    """Reward variance of every member and aggregate under the policy at ``model.path``."""
+    from services.core import toy_world
+
+    n = cfg.reward.variance.samples
+    completions = policy_samples(cfg.model.path, prompts, n, cfg.data.max_response_tokens, EVAL_SAMPLING_SEED)
+    repeated = [p for p in prompts for _ in range(n)]
+    scored = ensemble.score(repeated, completions)
+    rows = _scorer_rows(scored, _all_aggregates(scored, cfg.reward.uwo_lambda))
+    if with_gold:
+        rows.append(("gold", toy_world.gold_reward(repeated, completions)))
+    threshold = cfg.reward.variance.threshold
+    return {
+        "policy": cfg.model.path, "prompts": len(prompts), "samples_per_prompt": n, "threshold": threshold,
+        "by_scorer": {name: variance_summary(scores, n, threshold) for name, scores in rows},
+    }
+
+
+def print_report(report: dict, aggregate: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    accuracy, variance = report["pairs"]["accuracy"], report.get("variance", {}).get("by_scorer", {})
+    gold = any("gold_accuracy" in a for a in accuracy.values())
+    table = Table(title=f"reward models on {report['pairs']['pairs']} held-out pairs")
+    columns = ["scorer", "accuracy (labels)"] + (["accuracy (gold order)"] if gold else [])
+    columns += ["reward var mean", "var p10", "var p50", "var p90", "frac var < thr", "within-prompt share"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "scorer" else "right")
+    for name in list(accuracy) + [n for n in variance if n not in accuracy]:
+        acc, var = accuracy.get(name, {}), variance.get(name)
+        label = f"{name} (configured)" if name == f"ensemble/{aggregate}" else name
+        cells = [label, _fmt(acc.get("label_accuracy"))] + ([_fmt(acc.get("gold_accuracy"))] if gold else [])
+        if var:
+            cells += [_fmt(var[k]) for k in ("mean", "p10", "p50", "p90", "fraction_below_threshold", "within_prompt_share")]
+        else:
+            cells += [""] * 6
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    d = report["pairs"]["disagreement"]
+    console.print(
+        f"member disagreement: {_fmt(d['order_disagreement'])} of pairs not ordered alike; mean correlation "
+        f"{_fmt(d['mean_pairwise_correlation'])}; centred member std {_fmt(d['centered_member_std'])}"
+    )
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1 or value == 0 else f"{value:.3f}"
+
+
+def run_evaluation(cfg: FlywheelConfig, pairs: list[dict], out_dir: str | Path) -> dict:
+    """Evaluate ``cfg.reward`` on ``pairs`` (and under the policy ``model.path`` when set);
+    prints the table and writes DIR/eval.json."""
+    from services.reward.ensemble import RewardEnsemble
+
+    ensemble = RewardEnsemble(cfg.reward)
+    report: dict = {"members": ensemble.member_names, "aggregate": cfg.reward.aggregate}
+    report["pairs"] = evaluate_pairs(ensemble, pairs, cfg.reward.uwo_lambda)
+    if cfg.model.path:
+        prompts = list(dict.fromkeys(p["prompt"] for p in pairs))[: cfg.reward.variance.prompts]
+        with_gold = all("gold_chosen" in p for p in pairs)
+        report["variance"] = evaluate_variance(ensemble, cfg, prompts, with_gold)
+    else:
+        report["variance_skipped"] = "model.path is null: no policy to measure reward variance under"
+    print_report(report, cfg.reward.aggregate)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_eval_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
+    """`flywheel eval-rm`: the pairs come from ``data.source`` (all rows), or, on the toy
+    world, are sampled afresh from the policy at ``model.path``."""
+    from services.core.errors import UserError
+    from services.reward.preference_data import HELDOUT_SEED_OFFSET, toy_preference_pairs, user_preference_pairs
+
+    if cfg.data.source == "toy":
+        if not cfg.model.path:
+            raise UserError("model.path: toy pairs are sampled from a policy; point model.path at one")
+        pairs = toy_preference_pairs(cfg.model.path, cfg.data.toy_heldout_pairs, cfg, cfg.seed + HELDOUT_SEED_OFFSET)
+    else:
+        pairs = user_preference_pairs(cfg)
+    return run_evaluation(cfg, pairs, out_dir)
+
+
+__all__ = [
+    "pairwise_accuracy", "gold_order_accuracy", "order_disagreement", "mean_pairwise_correlation",
+    "centered_member_std", "per_prompt_variance", "variance_summary", "quantile", "evaluate_pairs",
+    "evaluate_variance", "run_evaluation", "run_eval_rm",
+]

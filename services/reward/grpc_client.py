@@ -1,0 +1,202 @@
+"""Client of the gRPC reward server (``protos/flywheel/reward/v1``, ``flywheel serve-reward``).
+
+:class:`RewardClient` sends prompt/completion batches and returns every member's scores plus
+the server's aggregate (:class:`RemoteScores`, an :class:`EnsembleScores`). Each attempt has a
+deadline of ``timeout_s``; only UNAVAILABLE (server down or restarting) is retried, at most
+``retries`` more times, with exponential backoff and jitter. Every failure is a
+:class:`RemoteRewardError` that names the address and says what to change.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from services.reward.ensemble import EnsembleScores
+from services.rpc.generated.flywheel.reward.v1 import reward_pb2, reward_pb2_grpc
+from services.rpc.struct_columns import columns_to_structs
+
+MIB = 1 << 20
+SERVER_LIMIT_SETTING = "reward.server.max_message_mb"
+CLIENT_LIMIT_SETTING = "max_message_mb of the remote scorer (reward.scorers.N.max_message_mb)"
+
+
+class RemoteRewardError(RuntimeError):
+    """A call to the reward server failed; ``code`` is the last gRPC status (None if never sent)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RemoteScores(EnsembleScores):
+    """The server's answer: ``scores`` is its aggregate; plus the mode and API version."""
+
+    aggregate_mode: str = ""
+    api_version: str = ""
+
+
+def backoff_delay(retry: int, base_s: float = 0.1, cap_s: float = 2.0, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``retry`` (0-based): ``min(cap, base * 2**retry)``,
+    with "equal jitter" (uniformly in the upper half of that), so clients that failed together
+    do not retry in lockstep."""
+    ceiling = min(cap_s, base_s * 2**retry)
+    return ceiling / 2 + (rng or random).uniform(0.0, ceiling / 2)
+
+
+def format_mib(n_bytes: int) -> str:
+    return f"{n_bytes / MIB:.2f} MiB ({n_bytes} bytes)"
+
+
+class RewardClient:
+    """Blocking client for one reward server at ``address`` (``host:port``).
+
+    ``token``: bearer token sent as ``authorization: Bearer <token>`` (None sends none);
+    ``token_env``: the environment variable it came from, only for error messages.
+    ``last_attempts``: how many attempts the latest call made (1 + retries used).
+    """
+
+    def __init__(
+        self, address: str, timeout_s: float = 30.0, retries: int = 4, token: str | None = None,
+        max_message_mb: float = 16.0, *, token_env: str | None = None, backoff_base_s: float = 0.1,
+        backoff_cap_s: float = 2.0, sleep: Callable[[float], None] = time.sleep,
+    ):
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.address, self.timeout_s, self.retries = address, float(timeout_s), int(retries)
+        self.token, self.token_env = token or None, token_env
+        self.max_message_bytes = int(max_message_mb * MIB)
+        self.backoff_base_s, self.backoff_cap_s, self._sleep = backoff_base_s, backoff_cap_s, sleep
+        self._rng = random.Random()
+        self.last_attempts = 0
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ])
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, Sequence[Any]] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        completion_token_ids: Sequence[Sequence[int]] | None = None, request_id: str | None = None,
+    ) -> RemoteScores:
+        """Score N samples on the server: every member's scores, their std and the aggregate."""
+        request = self.build_request(prompts, completions, columns, prompt_token_ids, completion_token_ids, request_id)
+        size = request.ByteSize()
+        if size > self.max_message_bytes:
+            raise RemoteRewardError(
+                f"reward request to {self.address} is {format_mib(size)} for {len(request.samples)} samples, over "
+                f"the client's limit of {format_mib(self.max_message_bytes)}: raise {CLIENT_LIMIT_SETTING} "
+                f"(and {SERVER_LIMIT_SETTING} on the server) or score smaller batches"
+            )
+        response = self._call("Score", self.stub.Score, request, size)
+        names = [m.name for m in response.members]
+        result = RemoteScores(
+            scores=list(response.aggregate), member_scores=[list(m.scores) for m in response.members],
+            member_std=list(response.member_std), member_names=names,
+            aggregate_mode=response.aggregate_mode, api_version=response.api_version,
+        )
+        n = len(request.samples)
+        if len(result.scores) != n or any(len(m) != n for m in result.member_scores) or len(result.member_std) != n:
+            raise RemoteRewardError(
+                f"reward server at {self.address} answered {len(result.scores)} aggregate scores and member lists "
+                f"of lengths {[len(m) for m in result.member_scores]} for {n} samples"
+            )
+        return result
+
+    def health(self) -> reward_pb2.HealthResponse:
+        """The server's status, member names, aggregate mode and API version."""
+        return self._call("Health", self.stub.Health, reward_pb2.HealthRequest(), 0)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "RewardClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def build_request(
+        prompts: Sequence[str], completions: Sequence[str], columns: Mapping[str, Sequence[Any]] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        completion_token_ids: Sequence[Sequence[int]] | None = None, request_id: str | None = None,
+    ) -> reward_pb2.ScoreRequest:
+        """The ScoreRequest for a batch; ValueError on mismatched lengths or unsendable columns."""
+        n = len(prompts)
+        if len(completions) != n:
+            raise ValueError(f"{n} prompts but {len(completions)} completions")
+        for label, ids in (("prompt_token_ids", prompt_token_ids), ("completion_token_ids", completion_token_ids)):
+            if ids is not None and len(ids) != n:
+                raise ValueError(f"{label} has {len(ids)} rows for {n} samples")
+        metadata = columns_to_structs(columns, n)
+        samples = [
+            reward_pb2.Sample(
+                prompt=prompts[i], completion=completions[i], metadata=metadata[i],
+                prompt_token_ids=list(prompt_token_ids[i]) if prompt_token_ids is not None else [],
+                completion_token_ids=list(completion_token_ids[i]) if completion_token_ids is not None else [],
+            )
+            for i in range(n)
+        ]
+        return reward_pb2.ScoreRequest(samples=samples, request_id=request_id or uuid.uuid4().hex)
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def _call(self, method: str, rpc: Callable, request: Any, request_bytes: int) -> Any:
+        self.last_attempts = 0
+        last: grpc.RpcError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._sleep(backoff_delay(attempt - 1, self.backoff_base_s, self.backoff_cap_s, self._rng))
+            self.last_attempts = attempt + 1
+            try:
+                return rpc(request, timeout=self.timeout_s, metadata=self._metadata())
+            except grpc.RpcError as exc:
+                last = exc
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise self._error(method, exc, request_bytes) from None
+        raise RemoteRewardError(
+            f"reward server at {self.address} is unavailable: {method} failed after {self.last_attempts} attempts "
+            f"({self.retries} retries); last status {last.code().name}: {last.details()}",
+            last.code(),
+        ) from None
+
+    def _error(self, method: str, exc: grpc.RpcError, request_bytes: int) -> RemoteRewardError:
+        code, details = exc.code(), exc.details()
+        where = f"reward server at {self.address}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = (
+                f"{where} did not answer {method} within the deadline of {self.timeout_s:g} s (timeout_s); "
+                "raise timeout_s or score smaller batches"
+            )
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            source = (
+                f"the client reads its token from the environment variable {self.token_env}"
+                if self.token_env else "the client sends no token: set token_env to the variable holding it"
+            )
+            message = f"{where} rejected the bearer token ({details}); {source}"
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            message = (
+                f"{where}: message too large (RESOURCE_EXHAUSTED: {details}); the request is {format_mib(request_bytes)}; "
+                f"the server's limit is {SERVER_LIMIT_SETTING}, the client's is {CLIENT_LIMIT_SETTING} "
+                f"({format_mib(self.max_message_bytes)}): raise them or score smaller batches"
+            )
+        else:
+            message = f"{where}: {method} failed: {code.name}: {details}"
+        return RemoteRewardError(message, code)
+
+
+__all__ = ["RewardClient", "RemoteRewardError", "RemoteScores", "backoff_delay"]

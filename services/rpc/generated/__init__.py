@@ -1,0 +1,1 @@
+"""Generated from protos/ by ``python -m services.rpc.codegen``; do not edit."""
