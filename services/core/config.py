@@ -239,6 +239,10 @@ class MetricsConfig(Section):
     jsonl: bool = True
     prometheus_port: int | None = Field(None, ge=0, le=65535, description="null disables the exporter")
     log_every: int = Field(1, ge=1)
+    dump_rollouts: bool = Field(
+        False, description="append every trained-on trajectory, with its rewards, to OUT/rollouts.pb "
+        "(length-delimited flywheel.trajectory.v1.Trajectory messages)"
+    )
 
 
 class CheckpointConfig(Section):

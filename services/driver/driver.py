@@ -167,6 +167,13 @@ class Driver:
         record["timing/train_s"] = time.perf_counter() - train_started
         record.update(train_metrics)
         record.update(ensemble.summary())
+        if self.cfg.metrics.dump_rollouts:
+            from services.rpc.trajectory_io import write_trajectories
+
+            write_trajectories(
+                self.out / "rollouts.pb", kept, scores,
+                dict(zip(ensemble.member_names, ensemble.member_scores)), step=step,
+            )
         record.update(alg.kl_stats(sampler, ref, tokens, self.cfg.algorithm.kl_estimator))
         record.setdefault("train/kl", record["rollout/kl"])
         record["reward/std"] = pstdev(scores) if len(scores) > 1 else 0.0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from services.core.actor_group import ActorGroup, placed
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
-from services.reward.scorers import Columns, Scorer, build_scorer, resolve_scorer_config, scorer_name
+from services.reward.scorers import Columns, Scorer, build_scorer, resolve_scorer_config, scorer_env, scorer_name
 
 
 @dataclass
@@ -126,11 +126,15 @@ class RewardService(ActorGroup):
         self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
         actor_cls = ray.remote(ScorerActor)
         k = len(resolved)
+        def options(scorer: ScorerConfig, slot: int) -> dict:
+            opts = placed(cfg.resources.ray_options(), placement, slot)
+            env = scorer_env(scorer)  # e.g. a remote scorer's bearer token: actors don't see our env
+            if env:
+                opts["runtime_env"] = {"env_vars": env}
+            return opts
+
         self.replicas = [
-            [
-                actor_cls.options(**placed(cfg.resources.ray_options(), placement, r * k + i)).remote(s, i, r)
-                for i, s in enumerate(resolved)
-            ]
+            [actor_cls.options(**options(s, r * k + i)).remote(s, i, r) for i, s in enumerate(resolved)]
             for r in range(cfg.replicas)
         ]
         self.actors = [actor for replica in self.replicas for actor in replica]

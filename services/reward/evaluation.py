@@ -203,14 +203,14 @@ def print_report(report: dict, aggregate: str) -> None:
 
     accuracy, variance = report["pairs"]["accuracy"], report.get("variance", {}).get("by_scorer", {})
     gold = any("gold_accuracy" in a for a in accuracy.values())
-    table = Table(title=f"reward models on {report['pairs']['pairs']} held-out pairs")
-    columns = ["scorer", "accuracy (labels)"] + (["accuracy (gold order)"] if gold else [])
-    columns += ["reward var mean", "var p10", "var p50", "var p90", "frac var < thr", "within-prompt share"]
+    table = Table(title=f"reward models on {report['pairs']['pairs']} held-out pairs (* the configured aggregate)")
+    columns = ["scorer", "acc"] + (["acc gold"] if gold else [])
+    columns += ["var mean", "var p10", "var p50", "var p90", "var<thr", "within"]
     for column in columns:
         table.add_column(column, justify="left" if column == "scorer" else "right")
     for name in list(accuracy) + [n for n in variance if n not in accuracy]:
         acc, var = accuracy.get(name, {}), variance.get(name)
-        label = f"{name} (configured)" if name == f"ensemble/{aggregate}" else name
+        label = f"{name}*" if name == f"ensemble/{aggregate}" else name
         cells = [label, _fmt(acc.get("label_accuracy"))] + ([_fmt(acc.get("gold_accuracy"))] if gold else [])
         if var:
             cells += [_fmt(var[k]) for k in ("mean", "p10", "p50", "p90", "fraction_below_threshold", "within_prompt_share")]
@@ -219,6 +219,13 @@ def print_report(report: dict, aggregate: str) -> None:
         table.add_row(*cells)
     console = Console()
     console.print(table)
+    console.print(
+        "acc: held-out pairwise accuracy against the labels"
+        + ("; acc gold: against the noiseless gold order" if gold else "")
+        + f". var: per-prompt reward variance under the policy (Razin et al.), its mean and quantiles; "
+        f"var<thr: share of prompts below {report.get('variance', {}).get('threshold', '-')}; "
+        "within: mean per-prompt variance / total variance."
+    )
     d = report["pairs"]["disagreement"]
     console.print(
         f"member disagreement: {_fmt(d['order_disagreement'])} of pairs not ordered alike; mean correlation "
@@ -229,7 +236,7 @@ def print_report(report: dict, aggregate: str) -> None:
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if abs(value) < 1 or value == 0 else f"{value:.3f}"
+    return f"{value:.3f}"
 
 
 def run_evaluation(cfg: FlywheelConfig, pairs: list[dict], out_dir: str | Path) -> dict:

@@ -23,7 +23,10 @@ HELDOUT_SEED_OFFSET = 1_000_003  # held-out toy prompts and labels are drawn apa
 
 def bt_preference_probability(gold_a: float, gold_b: float, beta: float) -> float:
     """P(a preferred to b) under Bradley-Terry with inverse temperature ``beta``."""
-    return 1.0 / (1.0 + math.exp(-beta * (gold_a - gold_b)))
+    z = beta * (gold_a - gold_b)
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    return math.exp(z) / (1.0 + math.exp(z))  # no overflow for very negative z
 
 
 def label_pairs(

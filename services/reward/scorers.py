@@ -296,7 +296,19 @@ def resolve_scorer_config(cfg: ScorerConfig, index: int) -> ScorerConfig:
         where, _, fn_name = cfg.path.rpartition(":")
         if where.endswith(".py") or "/" in where or "\\" in where:
             return cfg.model_copy(update={"path": f"{Path(where).expanduser().resolve()}:{fn_name}"})
+    if cfg.kind == "remote" and cfg.token_env and not os.environ.get(cfg.token_env):
+        raise UserError(
+            f"{field}.token_env: the environment variable {cfg.token_env} (bearer token for the reward "
+            f"server at {cfg.address}) is not set or empty"
+        )
     return cfg
+
+
+def scorer_env(cfg: ScorerConfig) -> dict[str, str]:
+    """Environment variables a scorer's actor needs from this process (a remote scorer's token)."""
+    if cfg.kind == "remote" and cfg.token_env and os.environ.get(cfg.token_env):
+        return {cfg.token_env: os.environ[cfg.token_env]}
+    return {}
 
 
 def build_scorer(cfg: ScorerConfig, index: int) -> Scorer:
@@ -322,5 +334,5 @@ def build_scorer(cfg: ScorerConfig, index: int) -> Scorer:
 __all__ = [
     "Scorer", "ScorerOutputError", "ToyGoldScorer", "ToyNoisyGoldScorer", "PythonScorer", "HFScorer",
     "RemoteScorer", "build_scorer", "resolve_scorer_config", "load_python_function", "validate_scores",
-    "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs",
+    "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs", "scorer_env",
 ]

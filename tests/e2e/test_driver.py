@@ -27,7 +27,7 @@ def train(preset, out, sft_dir, *overrides):
 
 @pytest.mark.parametrize("preset", ["ppo-toy", "grpo-toy", "dpo-toy"])
 def test_each_algorithm_runs_and_logs_finite_metrics(preset, toy_sft_run, ray_session, tmp_path):
-    records = train(preset, tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=3")
+    records = train(preset, tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=3", "metrics.dump_rollouts=true")
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["policy_version"] for r in records] == [1, 2, 3]
@@ -39,6 +39,17 @@ def test_each_algorithm_runs_and_logs_finite_metrics(preset, toy_sft_run, ray_se
     assert (tmp_path / "report" / "gold.png").is_file()
     assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "policy" / "tokenizer.json").is_file()
+    # the rollout dump holds every trained-on trajectory with the rewards the step logged
+    from services.rpc.trajectory_io import read_trajectories
+
+    dumped = list(read_trajectories(tmp_path / "rollouts.pb"))
+    members = {s.name for s in load_config(preset).reward.scorers}
+    for record in records:
+        rows = [d for d in dumped if d.step == record["step"]]
+        assert rows and all(set(d.member_scores) == members for d in rows)
+        assert sum(d.reward for d in rows) / len(rows) == pytest.approx(record["reward/mean"], abs=1e-9)
+        assert all(d.trajectory.response_ids and len(d.trajectory.logprobs) == len(d.trajectory.response_ids)
+                   for d in rows)
 
 
 def test_grpo_raises_gold_reward(toy_sft_run, ray_session, tmp_path):

@@ -230,6 +230,21 @@ def test_ray_reward_service_with_remote_members_matches_in_process(ray_session, 
     assert through_server.scores == pytest.approx(local.scores, abs=1e-6)
 
 
+def test_ray_scorer_actor_gets_the_token_from_the_driver_env(token_server, ray_session, monkeypatch):
+    """Ray actors do not see env vars set after ray.init: RewardService hands the token over."""
+    scorer = ScorerConfig(kind="remote", address=token_server, name="remote-gold", token_env=TOKEN_ENV)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(UserError, match=f"{TOKEN_ENV}.*not set"):
+        RewardService(RewardConfig(scorers=[scorer]))  # refused before any actor starts
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    service = RewardService(RewardConfig(scorers=[scorer]))
+    try:
+        scored = service.score(["12+7=", "12+7="], ["19", "18"], timeout=120)
+    finally:
+        service.shutdown()
+    assert scored.scores == [1.0, 0.0]
+
+
 # --- authentication ----------------------------------------------------------------------------
 
 

@@ -88,3 +88,8 @@ def test_user_pairs_custom_keys(tmp_path):
     )
     row = user_preference_pairs(cfg)[0]
     assert (row["prompt"], row["chosen"], row["rejected"]) == ("a", "b", "c")
+
+
+def test_bt_probability_does_not_overflow_for_large_beta():
+    assert bt_preference_probability(0.0, 1.0, 1e4) == 0.0
+    assert bt_preference_probability(1.0, 0.0, 1e4) == 1.0
