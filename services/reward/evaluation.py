@@ -218,6 +218,8 @@ def print_report(report: dict, aggregate: str) -> None:
             cells += [""] * 6
         table.add_row(*cells)
     console = Console()
+    if not console.is_terminal:  # logs and pipes: don't squeeze the table into 80 columns
+        console = Console(width=120)
     console.print(table)
     console.print(
         "acc: held-out pairwise accuracy against the labels"

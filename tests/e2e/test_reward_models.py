@@ -118,3 +118,22 @@ def test_train_rm_bad_rows_exit_2(rows, expected, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_demo_runs_grpo_against_the_trained_ensemble(toy_sft_run, toy_rm_run, ray_session, tmp_path):
+    """The demo's third stage scores with the members `train-rm` wrote (stages 1 and 2 are
+    reused from the session's runs, as the demo reuses an existing OUT/sft and OUT/rm)."""
+    import shutil
+
+    import yaml
+
+    from services.demo import run_demo
+
+    shutil.copytree(toy_sft_run["out"], tmp_path / "sft")
+    shutil.copytree(toy_rm_run["out"], tmp_path / "rm")  # ensemble.yaml points at the original members
+    result = run_demo(str(tmp_path), steps=30)
+    used = yaml.safe_load((tmp_path / "grpo" / "config.yaml").read_text())["reward"]
+    assert [s["kind"] for s in used["scorers"]] == ["hf"] * 3 and used["aggregate"] == "wco"
+    assert [s["path"] for s in used["scorers"]] == [m["path"] for m in toy_rm_run["summary"]["members"]]
+    assert result["reward_models"]["label_noise_rate"] == toy_rm_run["summary"]["label_noise_rate"]
+    print(f"GRPO against the trained WCO ensemble, gold {result['grpo_gold_first']:.3f} -> {result['grpo_gold_last']:.3f}")
