@@ -109,6 +109,15 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from services.driver.overopt_study import run_overopt_study
+
+    if args.steps < 20:
+        raise UserError(f"--steps: the study needs at least 20 steps to show a trend, got {args.steps}")
+    run_overopt_study(args.out, steps=args.steps, kl_coef=args.kl_coef)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
@@ -155,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port; 0 picks a free one (default: reward.server.port, 50051)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to finish requests in flight on stop (default: 5)")
     p.set_defaults(func=cmd_serve_reward)
+
+    p = sub.add_parser("study", help="research studies on the toy world: `overopt` (gold vs proxy reward against sqrt KL)")
+    p.add_argument("name", choices=["overopt"], help="overopt: single RM vs ensemble mean / WCO / UWO (Gao et al., Coste et al.)")
+    p.add_argument("--out", default="runs/overopt", help="output directory (default: runs/overopt)")
+    p.add_argument("--steps", type=int, default=120, help="GRPO steps per proxy (default: 120)")
+    p.add_argument("--kl-coef", type=float, default=0.01, help="KL coefficient, weak on purpose (default: 0.01)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -26,6 +26,16 @@ def run_flywheel(*args: str, timeout: float = 600, cwd: Path = REPO) -> subproce
     )
 
 
+def sft_policy(out_dir: str | Path, given: str | None = None) -> str:
+    """``given``, or a fresh `flywheel sft sft-toy` policy in ``out_dir`` (for benchmarks)."""
+    if given is not None:
+        return given
+    proc = run_flywheel("sft", "sft-toy", "--out", str(out_dir))
+    if proc.returncode != 0:
+        raise RuntimeError(f"flywheel sft sft-toy failed:\n{proc.stderr[-3000:]}")
+    return str(Path(out_dir) / "model")
+
+
 @pytest.fixture(scope="session")
 def toy_sft_run(tmp_path_factory) -> dict:
     """`flywheel sft sft-toy` exactly as the demo runs it; returns summary.json plus paths."""

@@ -87,6 +87,14 @@ class DataConfig(Section):
         5.0, gt=0, description="toy labels: P(a preferred to b) = sigmoid(beta * (gold(a) - gold(b)))"
     )
     shuffle: bool = True
+    selection: Literal["sequential", "reward_variance"] = Field(
+        "sequential",
+        description="RL prompts: each once per epoch, or drawn by their latest reward variance (Razin et al.)",
+    )
+    ptx_source: str = Field("toy", description="SFT rows for algorithm.ptx_coef: 'toy' or a file / datasets name")
+    selection_floor: float = Field(
+        0.1, ge=0, le=1, description="reward_variance: probability mass spread evenly over all prompts"
+    )
 
 
 class RolloutConfig(Section):
@@ -218,6 +226,23 @@ class AlgorithmConfig(Section):
     dpo_beta: float = Field(0.1, gt=0)
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     max_staleness: int = Field(0, ge=0)
+    ptx_coef: float = Field(
+        0.0, ge=0, description="ppo/grpo: weight of an SFT loss on data.ptx_source rows mixed into each update (PPO-ptx)"
+    )
+    ptx_batch_size: int = Field(16, ge=1, description="SFT rows per update for the ptx term")
+    ches_log: bool = Field(True, description="online_dpo: log CHES scores of the pairs (two extra forward passes)")
+    ches_filter_top: float = Field(
+        0.0, ge=0, lt=1, description="online_dpo: drop this share of pairs with the highest CHES (0 keeps all)"
+    )
+    displacement_patience: int = Field(
+        5, ge=1, description="online_dpo: alarm after this many steps in a row that lower log p(chosen)"
+    )
+
+    @model_validator(mode="after")
+    def _ptx_needs_policy_gradient(self) -> "AlgorithmConfig":
+        if self.ptx_coef and self.name not in ("ppo", "grpo"):
+            raise ValueError(f"ptx_coef mixes an SFT term into ppo/grpo updates; algorithm '{self.name}' has none")
+        return self
     total_steps: int = Field(100, ge=1)
 
 

@@ -1,6 +1,6 @@
 """Pure tensor math for RLHF losses and advantages.
 
-Only ``torch`` and ``typing`` are imported here: no Ray, no models.
+Only ``torch`` and the standard library are imported here: no Ray, no models.
 
 Conventions
 -----------
@@ -13,6 +13,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -385,6 +386,38 @@ def bradley_terry_loss(
     return loss, acc
 
 
+def response_hidden_sum(hidden: Tensor, response_mask: Tensor) -> Tensor:
+    """Sum over response tokens k of h(x, y_<k), hidden [B, T, D] -> [B, D].
+
+    h(x, y_<k) is the hidden state that predicts response token k: the one at the position
+    before the token's own (batch_types alignment), so the sum runs over positions t - 1
+    for every t with ``response_mask[:, t]``.
+    """
+    predicts = torch.zeros(response_mask.shape, dtype=torch.bool, device=hidden.device)
+    predicts[:, :-1] = _bool_mask(response_mask[:, 1:])
+    return torch.where(predicts.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype)).sum(dim=1)
+
+
+def ches_scores(chosen_hidden_sum: Tensor, rejected_hidden_sum: Tensor) -> Tensor:
+    """CHES score per pair (Razin et al. 2024), [B, D] x [B, D] -> [B]:
+    <sum_k h(x, y+_<k), sum_k h(x, y-_<k)> - ||sum_k h(x, y+_<k)||^2. High CHES (the two
+    responses' hidden states alike) predicts that DPO lowers the chosen response's likelihood."""
+    c, r = chosen_hidden_sum.double(), rejected_hidden_sum.double()
+    return (c * r).sum(dim=-1) - (c * c).sum(dim=-1)
+
+
+def ches_keep_mask(scores: Tensor, drop_fraction: float) -> Tensor:
+    """Bool [B]: False on the ceil(drop_fraction * B) pairs with the highest CHES."""
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+    n = scores.numel()
+    n_drop = min(int(math.ceil(drop_fraction * n - 1e-9)), n - 1) if n else 0
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if n_drop > 0:
+        keep[torch.topk(scores, n_drop).indices] = False
+    return keep
+
+
 def aggregate_ensemble(
     member_scores: Tensor, mode: str, uwo_lambda: float = 1.0
 ) -> Tuple[Tensor, Tensor]:
@@ -414,6 +447,7 @@ def aggregate_ensemble(
 
 
 __all__ = [
+    "response_hidden_sum", "ches_scores", "ches_keep_mask",
     "masked_sum", "masked_mean", "masked_var", "masked_whiten", "aggregate_loss",
     "kl_estimate", "gae_advantages", "group_reward_std", "grpo_advantages",
     "rloo_advantages", "ppo_policy_loss", "value_loss", "entropy_from_logits",

@@ -22,6 +22,8 @@ from services.core.config_loading import dump_config
 from services.core.errors import UserError
 from services.core.metrics import MetricsWriter
 from services.driver import algorithms as alg
+from services.driver.diagnostics import LikelihoodDisplacementMonitor
+from services.driver.prompt_selection import VarianceSelectedPrompts, per_prompt_variance
 from services.driver.prompt_source import PromptSource, toy_prompt_source
 
 
@@ -29,11 +31,16 @@ class Driver:
     def __init__(self, cfg: FlywheelConfig, out_dir: str | Path, policy_dir: str | Path):
         self.cfg, self.out, self.policy_dir = cfg, Path(out_dir), str(policy_dir)
         self.algorithm = cfg.algorithm.name
+        self.displacement = LikelihoodDisplacementMonitor(cfg.algorithm.displacement_patience)
         if self.algorithm not in ("ppo", "grpo", "online_dpo"):
             raise UserError(f"algorithm.name: '{self.algorithm}' is not an RL algorithm (ppo, grpo, online_dpo)")
         if self.algorithm in ("grpo", "online_dpo") and cfg.rollout.n_samples < 2:
             raise UserError(f"rollout.n_samples: {self.algorithm} needs at least 2 samples per prompt")
         self.prompts: PromptSource = toy_prompt_source(cfg)
+        if cfg.data.selection == "reward_variance":
+            self.prompts = VarianceSelectedPrompts(
+                self.prompts.items, seed=cfg.seed, shuffle=cfg.data.shuffle, floor=cfg.data.selection_floor
+            )
         self.executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flywheel-driver")
         self.services: list = []
         self.placement_group = None
@@ -69,6 +76,11 @@ class Driver:
         self.rollout = RolloutPool(self.policy_dir, cfg, placement=placement["rollout"])
         self.services.append(self.rollout)
         self.spec = LossSpec.from_config(cfg)
+        self.ptx = None
+        if self.spec.ptx_coef:
+            from services.driver.ptx_data import PtxBatches
+
+            self.ptx = PtxBatches(cfg, tokenizer)
 
     def metrics_texts(self) -> list[str]:
         return [text for service in self.services for text in service.metrics_texts()]
@@ -137,6 +149,8 @@ class Driver:
         chosen, rejected, stats = alg.dpo_pairs(trajectories, scores, n, self.pad_id)
         if not chosen:
             return None, stats
+        if a.ches_log or a.ches_filter_top > 0:
+            chosen, rejected = self._ches(chosen, rejected, stats)
         ref_rows = alg.sequence_sums(ref, tokens)
         index = {id(t): i for i, t in enumerate(trajectories)}
         batch = alg.dpo_batch(
@@ -144,6 +158,49 @@ class Driver:
             ref_rows[[index[id(t)] for t in chosen]], ref_rows[[index[id(t)] for t in rejected]], self.pad_id,
         )
         return batch, stats
+
+    def _reward_variance(self, trajectories: list[Trajectory], scores: list[float]) -> dict:
+        """Per-prompt reward variance over the n samples (Razin et al.); feeds the selector."""
+        from services.reward.evaluation import quantile
+
+        variances = per_prompt_variance([t.prompt_id for t in trajectories], scores)
+        selection = {}
+        if isinstance(self.prompts, VarianceSelectedPrompts):
+            self.prompts.observe(variances)
+            selection = {"data/prompts_seen": float(self.prompts.prompts_drawn)}
+        if not variances:
+            return selection
+        values = list(variances.values())
+        threshold = self.cfg.reward.variance.threshold
+        return {
+            **selection,
+            "reward/var_mean": mean(values), "reward/var_p10": quantile(values, 0.1),
+            "reward/var_p50": quantile(values, 0.5),
+            "reward/var_frac_below": sum(v < threshold for v in values) / len(values),
+        }
+
+    def _ches(self, chosen: list, rejected: list, stats: dict) -> tuple[list, list]:
+        """CHES of each pair under the learner (Razin et al. 2024); drops the top
+        ``algorithm.ches_filter_top`` share when set."""
+        from services.core.rl_math import ches_keep_mask, ches_scores
+
+        ches = ches_scores(
+            self.learner.response_hidden_sums(alg.build_tokens(chosen, self.pad_id)),
+            self.learner.response_hidden_sums(alg.build_tokens(rejected, self.pad_id)),
+        )
+        keep = ches_keep_mask(ches, self.cfg.algorithm.ches_filter_top)
+        stats.update({
+            "dpo/ches_mean": float(ches.mean()), "dpo/ches_max": float(ches.max()),
+            "dpo/ches_kept_mean": float(ches[keep].mean()), "dpo/ches_dropped": float((~keep).sum()),
+        })
+        stats["train/pairs"] = float(keep.sum())
+        kept = keep.tolist()
+        return [c for c, k in zip(chosen, kept) if k], [r for r, k in zip(rejected, kept) if k]
+
+    def _chosen_logps(self, batch: dict):
+        """Summed log p(chosen response) [B] under the learner now."""
+        tokens = batch["chosen"]
+        return (self.learner.logprobs(tokens) * tokens.response_mask).sum(dim=1)
 
     def step(self, step: int, trajectories: list[Trajectory], rollout_s: float) -> dict:
         started = time.perf_counter()
@@ -163,7 +220,14 @@ class Driver:
         staleness = [learner_version - t.policy_version for t in kept]
         assert max(staleness) <= self.cfg.algorithm.max_staleness, staleness  # never train on stale data
         train_started = time.perf_counter()
+        track_displacement = self.algorithm == "online_dpo" and batch is not None
+        before = self._chosen_logps(batch) if track_displacement else None
+        if batch is not None and self.ptx is not None:
+            batch["ptx"] = self.ptx.next_batch()
         train_metrics = self.learner.train_step(batch, self.spec) if batch is not None else {}
+        if track_displacement:
+            delta = float((self._chosen_logps(batch) - before).mean())
+            record.update(self.displacement.update(step, delta))
         record["timing/train_s"] = time.perf_counter() - train_started
         record.update(train_metrics)
         record.update(ensemble.summary())
@@ -177,6 +241,7 @@ class Driver:
         record.update(alg.kl_stats(sampler, ref, tokens, self.cfg.algorithm.kl_estimator))
         record.setdefault("train/kl", record["rollout/kl"])
         record["reward/std"] = pstdev(scores) if len(scores) > 1 else 0.0
+        record.update(self._reward_variance(kept, scores))
         if self.cfg.data.source == "toy":
             record["gold/mean"] = mean(toy_world.gold_reward([t.prompt for t in kept], [t.response for t in kept]))
         record["rollout/response_length_mean"] = mean(len(t.response_ids) for t in kept)

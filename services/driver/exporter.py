@@ -32,6 +32,20 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "gold/mean": ("flywheel_gold_reward_mean", "Mean gold reward of the last step's batch"),
     "train/kl": ("flywheel_kl", "KL to the reference policy at the last step"),
     "rollout/response_length_mean": ("flywheel_response_length_mean", "Mean response length (tokens)"),
+    "dpo/ches_mean": ("flywheel_dpo_ches_mean", "Mean CHES score of the step's DPO pairs (before filtering)"),
+    "dpo/chosen_logp_delta": (
+        "flywheel_dpo_chosen_logp_delta", "Mean change of log p(chosen) across the last DPO update"
+    ),
+    "dpo/displacement_alarm": (
+        "flywheel_dpo_likelihood_displacement_alarm",
+        "1 while log p(chosen) has fallen for algorithm.displacement_patience steps in a row",
+    ),
+    "reward/var_mean": ("flywheel_reward_variance_mean", "Mean per-prompt reward variance over the n samples"),
+    "reward/var_p10": ("flywheel_reward_variance_p10", "10th percentile of the per-prompt reward variance"),
+    "reward/var_p50": ("flywheel_reward_variance_p50", "Median per-prompt reward variance"),
+    "reward/var_frac_below": (
+        "flywheel_reward_variance_low_fraction", "Share of prompts whose reward variance is below reward.variance.threshold"
+    ),
 }
 HISTOGRAMS = {
     "timing/step_s": ("flywheel_step_seconds", "Wall time of one RL step"),

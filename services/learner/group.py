@@ -114,6 +114,20 @@ class LearnerGroup(ActorGroup):
     # ------------------------------------------------------------------ data parallel
 
     def _shards(self, batch: dict) -> list[dict]:
+        ptx = batch.get("ptx")
+        batch = {k: v for k, v in batch.items() if k != "ptx"}
+        shards = self._row_shards(batch)
+        if ptx is not None:  # PPO-ptx rows: their own even split and global token count
+            per = ptx.size // self.world_size
+            if per == 0:
+                raise ValueError(f"{ptx.size} ptx rows cannot be split over learner.num_ranks={self.world_size}")
+            denominator = float(ptx.response_mask[: per * self.world_size].sum())
+            for r, shard in enumerate(shards):
+                shard["ptx"] = slice_tokens(ptx, r * per, (r + 1) * per)
+                shard["ptx_denominator"] = denominator
+        return shards
+
+    def _row_shards(self, batch: dict) -> list[dict]:
         size = batch_size(batch)
         if size % self.world_size:
             raise ValueError(
@@ -159,6 +173,10 @@ class LearnerGroup(ActorGroup):
 
     def values(self, batch: TokenBatch) -> torch.Tensor:
         return self._per_token("values", batch)
+
+    def response_hidden_sums(self, batch: TokenBatch) -> torch.Tensor:
+        """[B, D] (see PolicyLearner.response_hidden_sums); rows split over the ranks."""
+        return self._per_token("response_hidden_sums", batch)
 
     # ------------------------------------------------------------------ collectives
 

@@ -61,8 +61,10 @@ class LossSpec:
                 raise ValueError(f"LossSpec.{name}={getattr(self, name)!r}; allowed: {', '.join(options)}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"LossSpec.dual_clip must be > 1, got {self.dual_clip}")
-        if self.ptx_coef:
-            raise ValueError("LossSpec.ptx_coef: a pretraining-mix loss is not implemented yet; use 0")
+        if self.ptx_coef < 0:
+            raise ValueError(f"LossSpec.ptx_coef must be >= 0, got {self.ptx_coef}")
+        if self.ptx_coef and self.kind != "ppo":
+            raise ValueError("LossSpec.ptx_coef: the pretraining-mix term goes with ppo/grpo updates only")
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
@@ -75,6 +77,7 @@ class LossSpec:
             agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward else alg.kl_coef,
             kl_estimator=alg.kl_estimator, entropy_coef=learner.entropy_coef, value_clip=alg.value_clip,
             vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
+            ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -244,6 +247,12 @@ def dpo_terms(
         "dpo_rejected_reward": st["rejected_rewards"].mean(),
     }
     return loss, stats
+
+
+def ptx_nll_sum(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
+    """Summed negative log-likelihood of the response tokens of SFT rows (PPO-ptx term)."""
+    mask = tokens.response_mask.to(logits.device).bool()
+    return -rl_math.masked_sum(per_token_logprobs(logits, tokens.input_ids.to(logits.device)), mask)
 
 
 def critic_terms(scores: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

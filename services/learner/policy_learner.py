@@ -42,6 +42,7 @@ from services.learner.losses import (
     per_token_logprobs,
     per_token_values,
     policy_terms,
+    ptx_nll_sum,
     slice_rows,
     slice_tokens,
     trim_width,
@@ -159,6 +160,25 @@ class PolicyLearner:
         with self.metrics.track("entropy"):
             return self._per_token(self.engine, batch, lambda logits, mb: per_token_entropy(logits))
 
+    def response_hidden_sums(self, batch: TokenBatch) -> torch.Tensor:
+        """[B, D]: per row, the sum of the last layer's hidden states that predict the response
+        tokens (``rl_math.response_hidden_sum``), for CHES scores."""
+        from services.core.rl_math import response_hidden_sum
+
+        with self.metrics.track("hidden_sums"):
+            parts = []
+            self.engine.eval()
+            with torch.no_grad():
+                for start in range(0, batch.size, self.cfg.micro_batch_size):
+                    micro = trim_width({"tokens": slice_tokens(batch, start, start + self.cfg.micro_batch_size)})["tokens"]
+                    out = self.engine(
+                        input_ids=micro.input_ids.to(self.engine.device),
+                        attention_mask=micro.attention_mask.to(self.engine.device),
+                        output_hidden_states=True, use_cache=False,
+                    )
+                    parts.append(response_hidden_sum(out.hidden_states[-1].float().cpu(), micro.response_mask))
+            return torch.cat(parts) if parts else torch.zeros((0, 0))
+
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """Critic values [B, T]: V(state before token t) at position t."""
         with self.metrics.track("values"):
@@ -205,6 +225,8 @@ class PolicyLearner:
             return metrics
 
     def _step(self, engine, batch: dict, spec: LossSpec, denominator: float, scale: float, critic: bool) -> dict:
+        ptx, ptx_denominator = batch.get("ptx"), batch.get("ptx_denominator")
+        batch = {k: v for k, v in batch.items() if k not in ("ptx", "ptx_denominator")}
         engine.train()
         lr = float(engine.get_lr()[0])
         sums: dict[str, float] = defaultdict(float)
@@ -225,6 +247,15 @@ class PolicyLearner:
             engine.backward(loss * weight, scale_wrt_gas=False)
             for key, value in stats.items():
                 sums[key] += weight * float(value)
+        if ptx is not None and spec.ptx_coef and not critic:
+            # PPO-ptx (Ouyang et al. 2022): + ptx_coef x token-mean NLL of the SFT rows
+            if ptx_denominator is None:  # this rank's batch is the whole batch
+                ptx_denominator = float(ptx.response_mask.sum())
+            for start in range(0, ptx.size, step):
+                micro_ptx = trim_width({"tokens": slice_tokens(ptx, start, start + step)})["tokens"]
+                nll = ptx_nll_sum(self._forward(engine, micro_ptx), micro_ptx) / max(float(ptx_denominator), 1.0)
+                engine.backward(spec.ptx_coef * nll * scale, scale_wrt_gas=False)
+                sums["ptx_nll"] += float(nll) * scale
         engine.step()
         metrics = {f"train/{key}": value for key, value in sums.items()}
         norm = engine.get_global_grad_norm()

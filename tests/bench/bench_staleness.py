@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.conftest import run_flywheel  # noqa: E402
+from tests.conftest import sft_policy  # noqa: E402
 
 WARMUP = 3
 
@@ -33,13 +33,7 @@ def main() -> int:
     from services.driver.train import run_train
 
     with tempfile.TemporaryDirectory() as tmp:
-        policy = args.policy
-        if policy is None:
-            proc = run_flywheel("sft", "sft-toy", "--out", f"{tmp}/sft")
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:])
-                return 1
-            policy = f"{tmp}/sft/model"
+        policy = sft_policy(f"{tmp}/sft", args.policy)
         rows = {}
         for staleness in (0, 1):
             cfg = load_config("grpo-toy", [f"model.path={policy}", f"algorithm.total_steps={args.steps}",

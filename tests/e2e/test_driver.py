@@ -69,3 +69,36 @@ def test_streaming_never_trains_on_trajectories_staler_than_allowed(toy_sft_run,
     assert max(staleness) <= 1
     assert staleness.count(1) >= 4  # the next batch really was sampled while the learner trained
     assert [r["policy_version"] for r in records] == list(range(1, 7))
+
+
+def test_grpo_with_reward_variance_selection_and_ptx(toy_sft_run, ray_session, tmp_path):
+    """8 prompts, 4 per step: steps 1-2 explore every prompt, later steps draw by variance;
+    the PPO-ptx term mixes the toy SFT rows into every update."""
+    records = train(
+        "grpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=5", "data.toy_size=8",
+        "rollout.prompts_per_step=4", "data.selection=reward_variance", "data.selection_floor=0.2",
+        "algorithm.ptx_coef=0.1", "algorithm.ptx_batch_size=8",
+    )
+    assert len(records) == 5
+    for record in records:
+        assert math.isfinite(record["train/ptx_nll"]) and record["train/ptx_nll"] > 0
+        for key in ("reward/var_mean", "reward/var_p10", "reward/var_p50", "reward/var_frac_below"):
+            assert math.isfinite(record[key]), key
+        assert record["reward/var_p10"] <= record["reward/var_p50"]
+        assert 0.0 <= record["reward/var_frac_below"] <= 1.0
+    assert records[-1]["data/prompts_seen"] == 8 and records[0]["data/prompts_seen"] == 4
+
+
+def test_online_dpo_with_ches_filter(toy_sft_run, ray_session, tmp_path):
+    records = train(
+        "dpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=4",
+        "algorithm.ches_filter_top=0.25", "algorithm.displacement_patience=2",
+    )
+    assert len(records) == 4
+    for record in records:
+        pairs, dropped = record["train/pairs"], record["dpo/ches_dropped"]
+        assert dropped == math.ceil(0.25 * (pairs + dropped) - 1e-9) and dropped >= 1
+        assert record["dpo/ches_kept_mean"] <= record["dpo/ches_mean"] + 1e-9  # the highest CHES went
+        assert record["dpo/ches_max"] >= record["dpo/ches_mean"]
+        assert math.isfinite(record["dpo/chosen_logp_delta"])
+        assert record["dpo/displacement_alarm"] == float(record["dpo/displacement_streak"] >= 2)

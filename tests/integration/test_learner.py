@@ -209,3 +209,36 @@ def test_two_ranks_make_the_same_update_as_one(model_dir, ray_session):
     finally:
         two.shutdown()
         one.shutdown()
+
+
+def test_ptx_term_with_zero_advantages_is_an_sft_step(model_dir):
+    """PPO-ptx: with zero advantages and no KL the policy-gradient part has no gradient, so
+    one ppo step with ptx_coef 1 on SFT rows equals one SFT step on those rows."""
+    ptx_rows = make_tokens([3, 2, 4, 3, 5], [3, 4, 2, 2, 3], seed=9)
+    mixed = PolicyLearner(str(model_dir), config())
+    plain = PolicyLearner(str(model_dir), config())
+    tokens = make_tokens([3, 5, 2, 4], [4, 2, 6, 3])
+    batch = {"tokens": tokens, "old_logprobs": mixed.logprobs(tokens), "advantages": torch.zeros(tokens.input_ids.shape),
+             "ptx": ptx_rows}
+    m = mixed.train_step(batch, LossSpec(kind="ppo", ptx_coef=1.0))
+    s = plain.train_step({"tokens": ptx_rows}, LossSpec(kind="sft"))
+    assert m["train/ptx_nll"] == pytest.approx(s["train/nll"], rel=1e-5)
+    assert max_diff(mixed.export_weights(), plain.export_weights()) < 1e-6
+    # and with ptx_coef 0 the rows are ignored
+    again = PolicyLearner(str(model_dir), config())
+    before = again.export_weights()
+    again.train_step({**batch, "old_logprobs": again.logprobs(tokens)}, LossSpec(kind="ppo"))
+    assert max_diff(again.export_weights(), before) < 1e-7
+
+
+def test_response_hidden_sums_match_transformers(model_dir):
+    learner = PolicyLearner(str(model_dir), config(micro_batch_size=2))
+    tokens = make_tokens([3, 5, 2], [4, 1, 3])
+    with torch.no_grad():
+        hidden = hf_model(model_dir)(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                     output_hidden_states=True).hidden_states[-1]
+    expected = torch.stack([
+        sum(hidden[b, t - 1] for t in range(1, tokens.input_ids.shape[1]) if tokens.response_mask[b, t])
+        for b in range(3)
+    ])
+    torch.testing.assert_close(learner.response_hidden_sums(tokens), expected, atol=1e-4, rtol=1e-4)

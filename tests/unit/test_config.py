@@ -245,3 +245,14 @@ def test_range_checks():
     assert "learner.lr: Input should be greater than 0 (got -1)" in load_error("sft-toy", ["learner.lr=-1"])
     assert "rollout.top_p" in load_error("sft-toy", ["rollout.top_p=1.5"])
     assert "seed must be >= 0" in load_error("sft-toy", ["seed=-3"])
+
+
+def test_ptx_coef_only_with_policy_gradient_algorithms():
+    import pytest
+    from pydantic import ValidationError
+
+    from services.core.config import FlywheelConfig
+
+    with pytest.raises(ValidationError, match="ptx_coef"):
+        FlywheelConfig.model_validate({"algorithm": {"name": "online_dpo", "ptx_coef": 0.1}})
+    assert FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "ptx_coef": 0.1}}).algorithm.ptx_coef == 0.1

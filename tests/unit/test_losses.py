@@ -118,7 +118,10 @@ def test_loss_spec_validation_and_config():
     with pytest.raises(ValueError, match="agg_mode"):
         LossSpec(agg_mode="sum")
     with pytest.raises(ValueError, match="ptx_coef"):
-        LossSpec(ptx_coef=0.1)
+        LossSpec(kind="dpo", ptx_coef=0.1)  # the ptx term goes with policy-gradient updates
+    with pytest.raises(ValueError, match="ptx_coef"):
+        LossSpec(ptx_coef=-0.1)
+    assert LossSpec(ptx_coef=0.1).ptx_coef == 0.1
     cfg = FlywheelConfig()
     cfg.algorithm.name = "grpo"
     cfg.algorithm.kl_coef = 0.02

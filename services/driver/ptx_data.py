@@ -1,0 +1,45 @@
+"""SFT rows for the PPO-ptx term (``algorithm.ptx_coef``, Ouyang et al. 2022).
+
+``data.ptx_source``: ``toy`` (the toy world's SFT demonstrations) or a jsonl / parquet /
+``datasets`` source with ``data.prompt_key`` / ``data.response_key`` columns. Each RL step
+takes the next ``algorithm.ptx_batch_size`` rows of a seeded shuffle (reshuffled every pass),
+encoded as in SFT (chat template when the tokenizer has one; loss on response tokens only).
+"""
+
+from __future__ import annotations
+
+import random
+
+from services.core.batch_types import TokenBatch
+from services.core.config import FlywheelConfig
+
+
+class PtxBatches:
+    def __init__(self, cfg: FlywheelConfig, tokenizer):
+        from services.learner.sft import encode_example, sft_rows
+
+        data = cfg.data.model_copy(update={"source": cfg.data.ptx_source})
+        rows = sft_rows(cfg.model_copy(update={"data": data}))
+        self.examples = [
+            encode_example(tokenizer, r["prompt"], r["response"], data.max_prompt_tokens, data.max_response_tokens)
+            for r in rows
+        ]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch_size = cfg.algorithm.ptx_batch_size
+        self._rng = random.Random(f"ptx-{cfg.seed}")
+        self._order: list[int] = []
+
+    def next_batch(self) -> TokenBatch:
+        from services.learner.sft import IGNORE, collate
+
+        picked = []
+        while len(picked) < self.batch_size:
+            if not self._order:
+                self._order = list(range(len(self.examples)))
+                self._rng.shuffle(self._order)
+            picked.append(self.examples[self._order.pop()])
+        input_ids, attention, labels = collate(picked, self.pad_id)
+        return TokenBatch(input_ids, attention, (labels != IGNORE).long())
+
+
+__all__ = ["PtxBatches"]
