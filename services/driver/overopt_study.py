@@ -64,9 +64,12 @@ def plot(runs: dict[str, list[dict]], out_png: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    gold_ax, proxy_ax = fig.subplots(1, 2)
+    from services.driver.report import smoothed
+
+    fig = Figure(figsize=(16, 4.2), layout="constrained")
+    gold_ax, proxy_ax, step_ax = fig.subplots(1, 3)
     for proxy, records in runs.items():
+        step_ax.plot([r["step"] for r in records], smoothed([r["gold/mean"] for r in records], SMOOTH), label=proxy)
         x, gold = _smoothed_curve(records, "gold/mean")
         gold_ax.plot(x, gold, label=proxy)
         x, reward = _smoothed_curve(records, "reward/mean")
@@ -75,7 +78,8 @@ def plot(runs: dict[str, list[dict]], out_png: Path) -> Path:
                 ylabel="gold reward")
     proxy_ax.set(title="proxy reward it optimises (change since the start)", xlabel="sqrt(KL(pi || pi_ref)), nats^0.5",
                  ylabel="proxy reward - its start")
-    for ax in (gold_ax, proxy_ax):
+    step_ax.set(title="gold reward by step (KL need not grow monotonically)", xlabel="step", ylabel="gold reward")
+    for ax in (gold_ax, proxy_ax, step_ax):
         ax.grid(alpha=0.3)
         ax.legend(title="proxy", fontsize="small")
     FigureCanvasAgg(fig)

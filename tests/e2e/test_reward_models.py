@@ -137,3 +137,31 @@ def test_demo_runs_grpo_against_the_trained_ensemble(toy_sft_run, toy_rm_run, ra
     assert [s["path"] for s in used["scorers"]] == [m["path"] for m in toy_rm_run["summary"]["members"]]
     assert result["reward_models"]["label_noise_rate"] == toy_rm_run["summary"]["label_noise_rate"]
     print(f"GRPO against the trained WCO ensemble, gold {result['grpo_gold_first']:.3f} -> {result['grpo_gold_last']:.3f}")
+
+
+def test_overopt_study_writes_plot_and_table(toy_sft_run, toy_rm_run, tmp_path):
+    """`flywheel study overopt` end to end, short: four GRPO runs (single, mean, wco, uwo)
+    against the session's trained ensemble, then the plot, table and JSON."""
+    import shutil
+
+    shutil.copytree(toy_sft_run["out"], tmp_path / "sft")
+    shutil.copytree(toy_rm_run["out"], tmp_path / "rm")
+    proc = run_flywheel("study", "overopt", "--out", str(tmp_path), "--steps", "20", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "overopt.json").read_text())
+    assert list(result["summaries"]) == ["single", "mean", "wco", "uwo"] and result["steps"] == 20
+    for proxy, s in result["summaries"].items():
+        assert s["gold_peak"] >= s["gold_final"] and 1 <= s["gold_peak_step"] <= 20, proxy
+        assert len(json.loads((tmp_path / proxy / "metrics.jsonl").read_text().splitlines()[-1])) > 5
+    used = {p: yaml_reward(tmp_path / p) for p in result["summaries"]}
+    assert used["single"] == (["rm-0"], "mean") and used["wco"] == (["rm-0", "rm-1", "rm-2"], "wco")
+    assert (tmp_path / "overopt.png").stat().st_size > 20_000
+    assert (tmp_path / "overopt.md").read_text().count("\n") == 6
+    assert "gold reward, GRPO against each proxy" in proc.stdout
+
+
+def yaml_reward(run_dir):
+    import yaml
+
+    reward = yaml.safe_load((run_dir / "config.yaml").read_text())["reward"]
+    return [s["name"] for s in reward["scorers"]], reward["aggregate"]
