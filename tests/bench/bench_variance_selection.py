@@ -1,6 +1,7 @@
 """Benchmark: GRPO with and without reward-variance prompt selection (Razin et al. 2025).
 
-    .venv/bin/python tests/bench/bench_variance_selection.py [--steps 60] [--prompts 64] [--policy DIR] [--json PATH]
+    .venv/bin/python tests/bench/bench_variance_selection.py [--steps 60] [--prompts 64] [--policy DIR]
+        [--json PATH] [KEY=VALUE ...]   # e.g. 'reward.scorers=[{kind: toy_gold}]' for a noiseless reward
 
 Runs grpo-toy twice on one local Ray with the same seed and budget: prompts drawn each once
 per epoch (``sequential``) and drawn by their latest reward variance (``reward_variance``).
@@ -28,6 +29,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=64, help="toy prompt pool (small, so prompts recur)")
     parser.add_argument("--policy", help="an SFT policy directory (default: train one with sft-toy)")
     parser.add_argument("--json")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides for both runs")
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,7 +44,7 @@ def main() -> int:
         for selection in ("sequential", "reward_variance"):
             cfg = load_config("grpo-toy", [
                 f"model.path={policy}", f"algorithm.total_steps={args.steps}", f"data.toy_size={args.prompts}",
-                f"data.selection={selection}",
+                f"data.selection={selection}", *args.overrides,
             ])
             records = run_train(cfg, f"{tmp}/{selection}", progress=False)
             final = f"{tmp}/{selection}/policy"
