@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python tests/bench/bench_rollout_throughput.py
 	$(BIN)/python tests/bench/bench_staleness.py
 	$(BIN)/python tests/bench/bench_variance_selection.py
+	$(BIN)/python tests/bench/bench_grpc_overhead.py
 
 # Regenerate services/rpc/generated/ (committed) after editing protos/; the unit tests
 # (python -m services.rpc.codegen --check) fail while it is out of date.
