@@ -31,43 +31,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from services.core.config_loading import load_config
+def run_config_command(args: argparse.Namespace, module: str, function: str) -> int:
+    """Load CONFIG + overrides (config errors before the heavy imports), then call
+    ``module.function(cfg, args.out)``: the shape of sft, train, train-rm and eval-rm."""
+    import importlib
 
-    cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
-    from services.learner.sft import run_sft
-
-    run_sft(cfg, args.out)
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
     from services.core.config_loading import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from services.driver.train import run_train
-
-    run_train(cfg, args.out)
-    return 0
-
-
-def cmd_train_rm(args: argparse.Namespace) -> int:
-    from services.core.config_loading import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    from services.learner.reward_model import run_train_rm
-
-    run_train_rm(cfg, args.out)
-    return 0
-
-
-def cmd_eval_rm(args: argparse.Namespace) -> int:
-    from services.core.config_loading import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    from services.reward.evaluation import run_eval_rm
-
-    run_eval_rm(cfg, args.out)
+    getattr(importlib.import_module(module), function)(cfg, args.out)
     return 0
 
 
@@ -141,22 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning (toy world or any HF causal LM) with DeepSpeed")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (model/, metrics.jsonl, summary.json)")
-    p.set_defaults(func=cmd_sft)
+    p.set_defaults(func=lambda a: run_config_command(a, "services.learner.sft", "run_sft"))
 
     p = sub.add_parser("train-rm", help="train a Bradley-Terry reward-model ensemble (ensemble.size members) with DeepSpeed")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (members/, ensemble.yaml, pairs/, eval.json)")
-    p.set_defaults(func=cmd_train_rm)
+    p.set_defaults(func=lambda a: run_config_command(a, "services.learner.reward_model", "run_train_rm"))
 
     p = sub.add_parser("eval-rm", help="reward-model accuracy, reward variance under a policy, member disagreement")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (eval.json)")
-    p.set_defaults(func=cmd_eval_rm)
+    p.set_defaults(func=lambda a: run_config_command(a, "services.reward.evaluation", "run_eval_rm"))
 
     p = sub.add_parser("train", help="RL training (ppo, grpo, online_dpo) on local Ray or a cluster")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (metrics.jsonl, report/, policy/)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=lambda a: run_config_command(a, "services.driver.train", "run_train"))
 
     p = sub.add_parser("serve-reward", help="serve the reward ensemble (reward.scorers) over gRPC until SIGINT/SIGTERM")
     _add_config_args(p)

@@ -23,7 +23,7 @@ from services.core.errors import UserError
 from services.core.metrics import MetricsWriter
 from services.driver import algorithms as alg
 from services.driver.diagnostics import LikelihoodDisplacementMonitor
-from services.driver.prompt_selection import VarianceSelectedPrompts, per_prompt_variance
+from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
 
 
@@ -161,22 +161,19 @@ class Driver:
 
     def _reward_variance(self, trajectories: list[Trajectory], scores: list[float]) -> dict:
         """Per-prompt reward variance over the n samples (Razin et al.); feeds the selector."""
-        from services.reward.evaluation import quantile
+        from services.reward.evaluation import summarize_variances, variance_by_prompt
 
-        variances = per_prompt_variance([t.prompt_id for t in trajectories], scores)
+        variances = variance_by_prompt([t.prompt_id for t in trajectories], scores)
         selection = {}
         if isinstance(self.prompts, VarianceSelectedPrompts):
             self.prompts.observe(variances)
             selection = {"data/prompts_seen": float(self.prompts.prompts_drawn)}
         if not variances:
             return selection
-        values = list(variances.values())
-        threshold = self.cfg.reward.variance.threshold
+        stats = summarize_variances(list(variances.values()), self.cfg.reward.variance.threshold)
         return {
-            **selection,
-            "reward/var_mean": mean(values), "reward/var_p10": quantile(values, 0.1),
-            "reward/var_p50": quantile(values, 0.5),
-            "reward/var_frac_below": sum(v < threshold for v in values) / len(values),
+            **selection, "reward/var_mean": stats["mean"], "reward/var_p10": stats["p10"],
+            "reward/var_p50": stats["p50"], "reward/var_frac_below": stats["fraction_below_threshold"],
         }
 
     def _ches(self, chosen: list, rejected: list, stats: dict) -> tuple[list, list]:

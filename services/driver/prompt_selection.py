@@ -17,7 +17,7 @@ Within one batch prompts are drawn without replacement.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from services.driver.prompt_source import PromptSource
 
@@ -101,19 +101,6 @@ class VarianceSelectedPrompts(PromptSource):
         self._drawn = set(state.get("drawn", []))
 
 
-def per_prompt_variance(prompt_ids: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
-    """Unbiased variance of the scores of each prompt's samples (prompts with >= 2 samples)."""
-    groups: dict[str, list[float]] = {}
-    for pid, s in zip(prompt_ids, scores):
-        groups.setdefault(pid, []).append(float(s))
-    out = {}
-    for pid, values in groups.items():
-        if len(values) >= 2:
-            mu = sum(values) / len(values)
-            out[pid] = sum((v - mu) ** 2 for v in values) / (len(values) - 1)
-    return out
-
-
 __all__ = [
-    "selection_probabilities", "draw_without_replacement", "VarianceSelectedPrompts", "per_prompt_variance",
+    "selection_probabilities", "draw_without_replacement", "VarianceSelectedPrompts",
 ]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from statistics import fmean
 
@@ -71,47 +73,50 @@ def mean_pairwise_correlation(member_scores: list[list[float]]) -> float | None:
 def centered_member_std(member_scores: list[list[float]]) -> float:
     """Mean over responses of the (K-1) std across members, each member's scores first
     shifted to mean 0 (a Bradley-Terry reward's offset is arbitrary)."""
-    k = len(member_scores)
-    if k < 2:
+    if len(member_scores) < 2:
         return 0.0
     centred = [[s - fmean(member) for s in member] for member in member_scores]
-    per_response = []
-    for column in zip(*centred):
-        mu = fmean(column)
-        per_response.append(math.sqrt(sum((v - mu) ** 2 for v in column) / (k - 1)))
-    return fmean(per_response)
+    return fmean(statistics.stdev(column) for column in zip(*centred))
+
+
+def variance_by_prompt(prompt_ids: Sequence[Hashable], scores: Sequence[float]) -> dict:
+    """Unbiased variance of the scores of each prompt's samples, for prompts with >= 2
+    samples (in the order the prompts first appear)."""
+    groups: dict = {}
+    for pid, score in zip(prompt_ids, scores):
+        groups.setdefault(pid, []).append(float(score))
+    return {pid: statistics.variance(values) for pid, values in groups.items() if len(values) >= 2}
 
 
 def per_prompt_variance(scores: list[float], n: int) -> list[float]:
     """Unbiased variance of each consecutive group of n scores (n responses of one prompt)."""
     if n < 2 or len(scores) % n:
         raise ValueError(f"{len(scores)} scores do not split into groups of n = {n} >= 2")
-    out = []
-    for start in range(0, len(scores), n):
-        group = scores[start : start + n]
-        mu = fmean(group)
-        out.append(sum((s - mu) ** 2 for s in group) / (n - 1))
-    return out
+    return list(variance_by_prompt([i // n for i in range(len(scores))], scores).values())
 
 
 def quantile(values: list[float], q: float) -> float:
     """Linear-interpolation quantile (numpy's default method)."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+    import numpy as np
+
+    return float(np.quantile(values, q))
+
+
+def summarize_variances(variances: list[float], threshold: float) -> dict[str, float]:
+    """Mean, quantiles and the share below ``threshold`` of per-prompt reward variances."""
+    return {
+        "mean": fmean(variances),
+        **{f"p{round(q * 100)}": quantile(variances, q) for q in QUANTILES},
+        "fraction_below_threshold": fmean(1.0 if v < threshold else 0.0 for v in variances),
+    }
 
 
 def variance_summary(scores: list[float], n: int, threshold: float) -> dict[str, float]:
     """Razin et al.'s reward variance per prompt, summarised; ``scores`` are n per prompt."""
     variances = per_prompt_variance(scores, n)
-    mu = fmean(scores)
-    total = sum((s - mu) ** 2 for s in scores) / max(len(scores) - 1, 1)
+    total = statistics.variance(scores)
     return {
-        "mean": fmean(variances),
-        **{f"p{round(q * 100)}": quantile(variances, q) for q in QUANTILES},
-        "fraction_below_threshold": fmean(1.0 if v < threshold else 0.0 for v in variances),
+        **summarize_variances(variances, threshold),
         "within_prompt_share": fmean(variances) / total if total > 0 else float("nan"),
     }
 
@@ -279,6 +284,7 @@ def run_eval_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
 
 __all__ = [
     "pairwise_accuracy", "gold_order_accuracy", "order_disagreement", "mean_pairwise_correlation",
-    "centered_member_std", "per_prompt_variance", "variance_summary", "quantile", "evaluate_pairs",
+    "centered_member_std", "variance_by_prompt", "per_prompt_variance", "summarize_variances", "variance_summary",
+    "quantile", "evaluate_pairs",
     "evaluate_variance", "run_evaluation", "run_eval_rm",
 ]

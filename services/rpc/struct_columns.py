@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 MAX_EXACT_INT = 2**53  # float64 holds every integer up to this exactly
 
@@ -58,18 +58,7 @@ def dict_to_struct(values: Mapping[str, Any], where: str = "columns") -> struct_
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as plain Python (numbers as float, lists as list, dicts as dict; keys sorted)."""
-    return {key: value_to_python(struct.fields[key]) for key in sorted(struct.fields)}
-
-
-def value_to_python(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [value_to_python(v) for v in value.list_value.values]
-    if kind in (None, "null_value"):
-        return None
-    return getattr(value, kind)
+    return dict(sorted(json_format.MessageToDict(struct).items()))
 
 
 def columns_to_structs(columns: Mapping[str, Sequence[Any]] | None, n: int) -> list[struct_pb2.Struct]:
@@ -92,6 +81,6 @@ def structs_to_columns(structs: Sequence[struct_pb2.Struct]) -> dict[str, list[A
 
 
 __all__ = [
-    "check_json_value", "dict_to_struct", "struct_to_dict", "value_to_python", "columns_to_structs",
+    "check_json_value", "dict_to_struct", "struct_to_dict", "columns_to_structs",
     "structs_to_columns",
 ]

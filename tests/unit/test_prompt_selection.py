@@ -8,9 +8,9 @@ import pytest
 from services.driver.prompt_selection import (
     VarianceSelectedPrompts,
     draw_without_replacement,
-    per_prompt_variance,
     selection_probabilities,
 )
+from services.reward.evaluation import variance_by_prompt
 
 
 def test_probabilities_by_hand():
@@ -72,6 +72,6 @@ def test_state_round_trip_draws_the_same():
     assert [p.id for p in a.next_batch(3)] == [p.id for p in b.next_batch(3)]
 
 
-def test_per_prompt_variance_groups_by_id():
-    v = per_prompt_variance(["a", "b", "a", "b", "c"], [1.0, 2.0, 3.0, 2.0, 5.0])
+def test_variance_by_prompt_groups_by_id():
+    v = variance_by_prompt(["a", "b", "a", "b", "c"], [1.0, 2.0, 3.0, 2.0, 5.0])
     assert v == {"a": 2.0, "b": 0.0}  # c has one sample: no estimate
