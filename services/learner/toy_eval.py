@@ -6,12 +6,26 @@ optimises, and greedy decoding of a list policy stops after its single likeliest
 
 from __future__ import annotations
 
+import functools
 from statistics import mean
 
 from services.core import toy_world
 from services.core.config import FlywheelConfig
 
 EVAL_SEED_OFFSET = 777  # eval prompts are drawn apart from the SFT prompts
+
+
+@functools.lru_cache(maxsize=1)
+def load_sampling_policy(policy_dir: str):
+    """(model, tokenizer) of a saved policy for sampling with :func:`generate`, fp32, pad
+    token set; cached, so the callers sampling one policy in turn load it once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), tokenizer
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64) -> list[str]:

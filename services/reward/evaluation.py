@@ -123,15 +123,9 @@ def variance_summary(scores: list[float], n: int, threshold: float) -> dict[str,
 
 def policy_samples(policy_dir: str, prompts: list[str], n: int, max_tokens: int, seed: int) -> list[str]:
     """n responses per prompt (consecutive), sampled at T = 1 with transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from services.learner.toy_eval import generate, load_sampling_policy
 
-    from services.learner.toy_eval import generate
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    model, tokenizer = load_sampling_policy(str(policy_dir))
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         if getattr(tokenizer, "chat_template", None) else p

@@ -54,13 +54,9 @@ def label_pairs(
 def toy_preference_pairs(policy_dir: str, n_pairs: int, cfg: FlywheelConfig, seed: int) -> list[dict[str, Any]]:
     """``n_pairs`` labelled pairs of responses sampled (T = 1) from the SFT policy at
     ``policy_dir`` on the toy world's list prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from services.learner.toy_eval import generate, load_sampling_policy
 
-    from services.learner.toy_eval import generate
-
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    model, tokenizer = load_sampling_policy(str(policy_dir))
     task = toy_world.TASKS["preference"]
     pairs: list[dict[str, Any]] = []
     for attempt in range(8):  # ties and duplicates are dropped; sample more until there are enough
