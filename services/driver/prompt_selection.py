@@ -81,7 +81,9 @@ class VarianceSelectedPrompts(PromptSource):
         chosen = unseen_in_order[: min(n, len(self))]
         # drawn but not scored yet (in flight with max_staleness > 0): the average estimate
         pending = sum(self.variances.values()) / len(self.variances) if self.variances else 1.0
-        seen = {pid: self.variances.get(pid, pending) for pid in self._drawn if pid not in chosen}
+        # in the source's order, not the set's: set order varies with string hashing and with
+        # how the set was built, and the weighted draw must be the same after a resume
+        seen = {pid: self.variances.get(pid, pending) for pid in self._by_id if pid in self._drawn and pid not in chosen}
         chosen += draw_without_replacement(selection_probabilities(seen, self.floor), n - len(chosen), rng)
         while len(chosen) < n:  # a batch larger than the prompt set repeats prompts
             chosen.append(rng.choice(list(self._by_id)))
