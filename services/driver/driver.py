@@ -9,7 +9,11 @@ older than the bound is dropped, never trained on.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +48,9 @@ class Driver:
         self.executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flywheel-driver")
         self.services: list = []
         self.placement_group = None
+        self.draws = 0  # rollout batches drawn so far: with the run seed it fixes the sampling seeds
+        self.start_step = 0  # the step a resumed run continues after
+        self.stop_signal: str | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -100,7 +107,11 @@ class Driver:
 
     def _rollout(self) -> tuple[list[Trajectory], float]:
         started = time.perf_counter()
-        batch = self.prompts.next_batch(self.cfg.rollout.prompts_per_step)
+        self.draws += 1
+        batch = [
+            dataclasses.replace(item, seed=sampling_seed(self.cfg.seed, self.draws, item.id))
+            for item in self.prompts.next_batch(self.cfg.rollout.prompts_per_step)
+        ]
         return self.rollout.generate(batch), time.perf_counter() - started
 
     def _sync(self) -> float:
@@ -250,7 +261,9 @@ class Driver:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, progress: bool = True) -> list[dict]:
+    def run(self, progress: bool = True, resume: Path | None = None, stop_after: int | None = None) -> list[dict]:
+        """Steps ``start_step + 1 .. total_steps``; a checkpoint every ``checkpoint.every_steps``,
+        at the end, on SIGTERM (then ``RunStopped``) and after ``stop_after`` steps of this call."""
         from tqdm import tqdm
 
         from services.driver.exporter import MetricsExporter, RunMetrics
@@ -258,27 +271,33 @@ class Driver:
 
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        pending = self.resume(resume) if resume is not None else None
         run_metrics = RunMetrics()
         exporter = None
         if self.cfg.metrics.prometheus_port is not None:
-            exporter = MetricsExporter(self.cfg.metrics.prometheus_port, self.metrics_texts, registry=run_metrics.registry)
+            m = self.cfg.metrics
+            exporter = MetricsExporter(m.prometheus_port, self.metrics_texts, host=m.prometheus_host,
+                                       registry=run_metrics.registry)
             print(f"Prometheus metrics at {exporter.url}")
         records = []
         stream = self.cfg.algorithm.max_staleness >= 1
-        total = self.cfg.algorithm.total_steps
+        total, every = self.cfg.algorithm.total_steps, self.cfg.checkpoint.every_steps
+        last = total if stop_after is None else min(total, self.start_step + stop_after)
+        restore_signal = self._catch_sigterm()
         try:
-            with MetricsWriter(self.out / "metrics.jsonl") as writer, tqdm(
-                total=total, desc=self.algorithm, unit="step", disable=not progress
+            with MetricsWriter(self.out / "metrics.jsonl", append=resume is not None) as writer, tqdm(
+                total=total, initial=self.start_step, desc=self.algorithm, unit="step", disable=not progress
             ) as bar:
-                in_flight = self.executor.submit(self._rollout) if stream else None
-                for step in range(1, total + 1):
+                in_flight = None
+                if stream:
+                    in_flight = done_future((pending, 0.0)) if pending else self.executor.submit(self._rollout)
+                for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
                     sync_s = 0.0
                     if stream:
                         trajectories, rollout_s = in_flight.result()
                         sync_s = self._sync()  # engines are idle now
-                        if step < total:
-                            in_flight = self.executor.submit(self._rollout)
+                        in_flight = self.executor.submit(self._rollout) if step < total else None
                     else:
                         sync_s = self._sync()
                         trajectories, rollout_s = self._rollout()
@@ -295,13 +314,100 @@ class Driver:
                         refresh=False,
                     )
                     bar.update(1)
-            self.save_policy()
+                    stopping = self.stop_signal is not None or step == last
+                    if stopping or (every and step % every == 0):
+                        next_batch = in_flight.result()[0] if in_flight is not None else None
+                        if next_batch is not None:
+                            in_flight = done_future((next_batch, 0.0))
+                        path = self.save_checkpoint(step, next_batch)
+                        bar.write(f"checkpoint: {path}")
+                    if self.stop_signal is not None:
+                        raise RunStopped(
+                            f"stopped by {self.stop_signal} after step {step}; continue with "
+                            f"`flywheel train ... --out {self.out} --resume`", 128 + signal.SIGTERM,
+                        )
+            if last == total:
+                self.save_policy()
+            else:
+                print(f"stopped after step {last} of {total} (--stop-after); continue with --resume")
         finally:
+            restore_signal()
             if exporter is not None:
                 exporter.close()
         report = write_report(self.out)
         print(f"report: {report}")
         return records
+
+    def _catch_sigterm(self):
+        """SIGTERM (preemption, `ray job stop`) ends the run after the current step, with a
+        checkpoint. Only the main thread can install handlers; elsewhere this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_sigterm(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything of the driver's own that the next step depends on (JSON-able)."""
+        from services.driver.checkpoint import model_fingerprint
+
+        state = {
+            "policy_version": self.learner.policy_version, "draws": self.draws,
+            "prompts": self.prompts.state_dict(), "displacement_streak": self.displacement.streak,
+            "algorithm": self.algorithm, "model_fingerprint": model_fingerprint(self.policy_dir),
+        }
+        if self.ptx is not None:
+            state["ptx"] = self.ptx.state_dict()
+        return state
+
+    def save_checkpoint(self, step: int, pending: list[Trajectory] | None = None) -> Path:
+        from services.driver.checkpoint import CheckpointStore, copy_policy_files
+        from services.rpc.trajectory_io import write_trajectories
+
+        store = CheckpointStore(self.out / "checkpoints", self.cfg.checkpoint.keep_last)
+        tmp = store.begin(step)
+        self.learner.save_checkpoint(str(tmp / "learner"))
+        copy_policy_files(self.policy_dir, tmp / "hf")
+        (tmp / "config.yaml").write_text(dump_config(self.cfg))
+        if pending:
+            write_trajectories(tmp / "pending_rollouts.pb", pending, [None] * len(pending))
+        return store.commit(tmp, step, self.state_dict())
+
+    def resume(self, checkpoint: Path) -> list[Trajectory] | None:
+        """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
+        trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any."""
+        from services.driver.checkpoint import model_fingerprint, read_state
+        from services.rpc.trajectory_io import read_trajectories
+
+        state = read_state(checkpoint)
+        if state["model_fingerprint"] != model_fingerprint(self.policy_dir):
+            raise UserError(
+                f"checkpoint: '{checkpoint}' was saved from a different model than model.path "
+                f"'{self.policy_dir}' (config.json differs); resume with the model it was trained from"
+            )
+        if state["algorithm"] != self.algorithm:
+            raise UserError(f"checkpoint: '{checkpoint}' is a {state['algorithm']} run, the config says {self.algorithm}")
+        try:
+            self.prompts.load_state_dict(state["prompts"])
+        except ValueError as exc:
+            raise UserError(f"checkpoint: {exc}") from None
+        version = self.learner.load_checkpoint(str(Path(checkpoint) / "learner"))
+        self.start_step, self.draws = int(state["step"]), int(state["draws"])
+        self.displacement.streak = int(state["displacement_streak"])
+        if self.ptx is not None and "ptx" in state:
+            self.ptx.load_state_dict(state["ptx"])
+        self.rollout.sync_weights(self.learner.export_weights(), version)
+        trim_metrics(self.out / "metrics.jsonl", self.start_step)
+        print(f"resumed from {checkpoint}: step {self.start_step}, policy version {version}")
+        pending_file = Path(checkpoint) / "pending_rollouts.pb"
+        if pending_file.is_file():
+            return [record.trajectory for record in read_trajectories(pending_file)]
+        return None
 
     def save_policy(self) -> Path:
         """The trained policy as a HF directory (weights from the learner, config/tokenizer copied)."""
@@ -324,3 +430,33 @@ def complete_groups(trajectories: list[Trajectory], group_size: int) -> list[Tra
         by_prompt.setdefault(t.prompt_id + f"@{t.policy_version}", []).append(t)
     return [t for group in by_prompt.values() if len(group) == group_size for t in group]
 
+
+
+class RunStopped(Exception):
+    """The run stopped early on a signal, after saving a checkpoint; ``exit_code`` for the CLI."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def done_future(value) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def sampling_seed(run_seed: int, draw: int, prompt_id: str) -> int:
+    """vLLM seed of one prompt's samples in rollout batch ``draw`` (sample k gets seed + k)."""
+    digest = hashlib.sha256(f"{run_seed}\x00{draw}\x00{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 2  # < 2**30: seed + k stays a valid int32
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics.jsonl records after ``last_step`` (steps a resumed run makes again)."""
+    import json
+
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))

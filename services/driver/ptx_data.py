@@ -29,17 +29,31 @@ class PtxBatches:
         self._rng = random.Random(f"ptx-{cfg.seed}")
         self._order: list[int] = []
 
-    def next_batch(self) -> TokenBatch:
-        from services.learner.sft import IGNORE, collate
-
+    def next_indices(self) -> list[int]:
+        """Indices of the next ``batch_size`` examples (a fresh seeded shuffle each pass)."""
         picked = []
         while len(picked) < self.batch_size:
             if not self._order:
                 self._order = list(range(len(self.examples)))
                 self._rng.shuffle(self._order)
-            picked.append(self.examples[self._order.pop()])
+            picked.append(self._order.pop())
+        return picked
+
+    def next_batch(self) -> TokenBatch:
+        from services.learner.sft import IGNORE, collate
+
+        picked = [self.examples[i] for i in self.next_indices()]
         input_ids, attention, labels = collate(picked, self.pad_id)
         return TokenBatch(input_ids, attention, (labels != IGNORE).long())
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._order = list(state["order"])
 
 
 __all__ = ["PtxBatches"]

@@ -275,7 +275,8 @@ class PolicyLearner:
         """DeepSpeed checkpoint (weights, optimizer, scheduler) of policy and critic, plus
         the policy version. Collective: with several ranks every rank must call it."""
         with self.metrics.track("save_checkpoint"):
-            tag, state = f"version-{self.policy_version}", {"policy_version": self.policy_version}
+            tag = f"version-{self.policy_version}"
+            state = {"policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
             self.engine.save_checkpoint(str(Path(directory) / "policy"), tag=tag, client_state=state)
             if self.critic_engine is not None:
                 self.critic_engine.save_checkpoint(str(Path(directory) / "critic"), tag=tag, client_state=state)
@@ -291,6 +292,8 @@ class PolicyLearner:
                 if critic_path is None:
                     raise UserError(f"checkpoint: learner.critic is on but '{directory}' has no critic checkpoint")
             self.policy_version = int(state["policy_version"])
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"])
             self.metrics.set_policy_version(self.policy_version)
             return self.policy_version
 

@@ -19,11 +19,14 @@ from services.rollout.weight_sync import WeightTransport, make_transport
 
 @dataclass
 class PromptItem:
-    """A prompt to sample from: its id (stable across epochs), text and extra columns."""
+    """A prompt to sample from: its id (stable across epochs), text and extra columns.
+    ``seed`` fixes its samples (vLLM gives sample k the seed ``seed + k``): the driver sets
+    it from (run seed, draw, prompt id), so a resumed run samples what the original would."""
 
     id: str
     prompt: str
     columns: dict[str, Any] | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -61,13 +64,17 @@ class RolloutWorker:
         """``sampling.n`` trajectories per prompt, each tagged with this worker's version."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            logprobs=0,  # the sampled token's log-prob, for importance correction
-        )
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                logprobs=0,  # the sampled token's log-prob, for importance correction
+                seed=p.seed,
+            )
+            for p in prompts
+        ]
         version = self.version
         with self.metrics.track("generate"):
             outputs = self.llm.generate([p.prompt for p in prompts], params, use_tqdm=False)

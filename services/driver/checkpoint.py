@@ -1,0 +1,144 @@
+"""Run checkpoints: ``OUT/checkpoints/step-000042/``, written atomically, the last K kept.
+
+A checkpoint directory holds
+- ``learner/``: the DeepSpeed checkpoint of the policy (and PPO critic): weights,
+  optimizer and scheduler state, written by every learner rank;
+- ``hf/``: the policy's config and tokenizer files (no weights), so that
+  ``flywheel export`` makes a Hugging Face directory from the checkpoint alone;
+- ``config.yaml``: the resolved run config;
+- ``driver_state.json``: step, policy version, prompt cursor and epoch, selection and
+  diagnostics state, RNG states, the model fingerprint;
+- ``pending_rollouts.pb``: (streaming runs) the batch generated for the next step.
+
+Atomicity: everything is written into ``.tmp-step-000042-<pid>/`` next to the final
+directory and renamed into place at the end (a rename within one filesystem is atomic).
+``driver_state.json`` is written last. A directory is a checkpoint only if it is named
+``step-NNNNNN`` and holds ``driver_state.json``, so a half-written one is never resumed.
+With several nodes, ``OUT`` must be on storage that every learner node can write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from services.core.errors import UserError
+
+FORMAT_VERSION = 1
+STATE_FILE = "driver_state.json"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# the policy files a checkpoint copies (no weights): enough to rebuild the HF directory
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_fingerprint(policy_dir: str | Path) -> str:
+    """Hash of the policy's config.json (architecture, sizes, vocab): a checkpoint only
+    resumes into the same model shape."""
+    config = json.loads((Path(policy_dir) / "config.json").read_text())
+    relevant = {k: v for k, v in sorted(config.items()) if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = STEP_DIR.match(path.name)
+    if match is None or not (path / STATE_FILE).is_file():
+        return None
+    return int(match.group(1))
+
+
+class CheckpointStore:
+    """The checkpoints under ``root`` (``OUT/checkpoints``)."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root, self.keep_last = Path(root), keep_last
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(checkpoint_step(p), p) for p in self.root.iterdir() if p.is_dir()]
+        return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the checkpoint of ``step``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step-*"):  # left by a process that died mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp-step-{step:06d}-{os.getpid()}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, tmp: Path, step: int, state: dict) -> Path:
+        """Write the driver state last, rename ``tmp`` into place, drop all but the last K."""
+        state = {"format_version": FORMAT_VERSION, **state, "step": step}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        final = self.root / f"step-{step:06d}"
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def copy_policy_files(policy_dir: str | Path, target: Path) -> None:
+    """The policy directory's config and tokenizer files, without its weights."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in Path(policy_dir).iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json"):
+            shutil.copy2(path, target / path.name)
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    """``driver_state.json`` of a checkpoint directory, with a clear error for anything else."""
+    path = Path(checkpoint)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise UserError(
+            f"checkpoint: '{checkpoint}' is not a complete Flywheel checkpoint (no {STATE_FILE}); "
+            "pass a directory like OUT/checkpoints/step-000010"
+        )
+    state = json.loads(state_file.read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint: '{checkpoint}' has format version {state.get('format_version')}, "
+            f"this Flywheel reads version {FORMAT_VERSION}"
+        )
+    return state
+
+
+def resolve_resume(resume_from: str | None, resume_latest: bool, out: Path) -> Path | None:
+    """The checkpoint to resume: ``checkpoint.resume_from`` (a checkpoint directory, or a
+    checkpoints folder whose latest complete one is taken), or with ``--resume`` the latest
+    under OUT/checkpoints. ``--resume`` with none there starts fresh (and says so)."""
+    if resume_from:
+        path = Path(resume_from).expanduser()
+        if (path / STATE_FILE).is_file():
+            read_state(path)
+            return path
+        latest = CheckpointStore(path).latest() if path.is_dir() else None
+        if latest is None:
+            raise UserError(f"checkpoint.resume_from: no complete checkpoint at '{resume_from}'")
+        return latest
+    if resume_latest:
+        latest = CheckpointStore(out / "checkpoints").latest()
+        if latest is None:
+            print(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
+        return latest
+    return None
+
+
+__all__ = [
+    "CheckpointStore", "FORMAT_VERSION", "STATE_FILE", "checkpoint_step", "copy_policy_files",
+    "model_fingerprint", "read_state", "resolve_resume",
+]

@@ -1,0 +1,82 @@
+"""``flywheel export CHECKPOINT OUT``: a Hugging Face directory from a training checkpoint.
+
+The weights come from the DeepSpeed checkpoint in ``CHECKPOINT/learner/policy``, offline (no
+process group, no Ray):
+- ZeRO 1/2/3: DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` merges every
+  rank's shard of the fp32 master weights (ZeRO-3 partitions included);
+- ZeRO 0: the full weights are in ``mp_rank_00_model_states.pt``.
+Config and tokenizer come from ``CHECKPOINT/hf``. The weights are loaded into the model class
+the config names (so tied embeddings are handled by transformers) and written with
+``save_pretrained`` as fp32 safetensors, which transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from services.core.errors import UserError
+
+
+def learner_tag_dir(checkpoint: Path) -> tuple[Path, str]:
+    """(``learner/policy``, its latest tag) of a Flywheel checkpoint, with clear errors."""
+    from services.driver.checkpoint import CheckpointStore, read_state
+
+    if not (checkpoint / "driver_state.json").is_file():  # OUT/checkpoints: take the latest
+        latest = CheckpointStore(checkpoint).latest() if checkpoint.is_dir() else None
+        if latest is None:
+            raise UserError(f"export: no complete Flywheel checkpoint at '{checkpoint}'")
+        checkpoint = latest
+    read_state(checkpoint)
+    policy = checkpoint / "learner" / "policy"
+    latest_file = policy / "latest"
+    if not latest_file.is_file():
+        raise UserError(f"export: '{checkpoint}' holds no DeepSpeed policy checkpoint ({latest_file} is missing)")
+    return policy, latest_file.read_text().strip()
+
+
+def checkpoint_state_dict(policy: Path, tag: str) -> dict:
+    """Full fp32 weights of a DeepSpeed checkpoint (names as in the wrapped HF module)."""
+    import torch
+
+    folder = policy / tag
+    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(policy), tag=tag))
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    import torch
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    policy, tag = learner_tag_dir(checkpoint)
+    root = policy.parent.parent
+    hf = root / "hf"
+    trust = bool(yaml.safe_load((root / "config.yaml").read_text())["model"].get("trust_remote_code", False))
+    weights = checkpoint_state_dict(policy, tag)
+    config = AutoConfig.from_pretrained(hf, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
+    if unexpected or set(missing) - tied:
+        raise UserError(
+            f"export: the weights in '{policy / tag}' do not fit the model in '{hf}': "
+            f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    for path in hf.iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+__all__ = ["checkpoint_state_dict", "export_checkpoint", "learner_tag_dir"]

@@ -1,0 +1,84 @@
+"""Checkpoint bookkeeping without Ray or DeepSpeed: resume resolution, the model
+fingerprint, metrics trimming, sampling seeds, the PPO-ptx cursor's state."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from services.core.errors import UserError
+from services.driver.checkpoint import CheckpointStore, model_fingerprint, read_state, resolve_resume
+from services.driver.driver import sampling_seed, trim_metrics
+
+
+def commit(root, step):
+    store = CheckpointStore(root, keep_last=5)
+    return store.commit(store.begin(step), step, {"draws": step})
+
+
+def test_resolve_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert resolve_resume(None, False, out) is None
+    assert resolve_resume(None, True, out) is None and "starting from step 0" in capsys.readouterr().out
+    commit(out / "checkpoints", 2)
+    latest = commit(out / "checkpoints", 4)
+    assert resolve_resume(None, True, out) == latest
+    assert resolve_resume(str(out / "checkpoints" / "step-000002"), False, out).name == "step-000002"
+    assert resolve_resume(str(out / "checkpoints"), False, out) == latest
+    with pytest.raises(UserError, match="no complete checkpoint at"):
+        resolve_resume(str(tmp_path / "nowhere"), False, out)
+
+
+def test_read_state_rejects_other_directories_and_versions(tmp_path):
+    with pytest.raises(UserError, match="not a complete Flywheel checkpoint"):
+        read_state(tmp_path)
+    path = commit(tmp_path, 1)
+    assert read_state(path)["step"] == 1 and read_state(path)["draws"] == 1
+    (path / "driver_state.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(UserError, match="format version 99"):
+        read_state(path)
+
+
+def test_model_fingerprint_ignores_paths_and_dtype_but_not_shapes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512}
+    (a / "config.json").write_text(json.dumps({**config, "_name_or_path": "/x", "dtype": "float32"}))
+    (b / "config.json").write_text(json.dumps({**config, "_name_or_path": "/y", "dtype": "bfloat16"}))
+    assert model_fingerprint(a) == model_fingerprint(b)
+    (b / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "x": s * 2}) + "\n" for s in range(1, 6)))
+    trim_metrics(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    trim_metrics(tmp_path / "missing.jsonl", 3)  # nothing to trim: no error
+
+
+def test_sampling_seed_is_stable_distinct_and_in_range():
+    seeds = {sampling_seed(0, draw, f"p{i}") for draw in range(1, 20) for i in range(50)}
+    assert len(seeds) == 19 * 50
+    assert all(0 <= s < 2**30 for s in seeds)
+    assert sampling_seed(0, 3, "p1") == sampling_seed(0, 3, "p1") != sampling_seed(1, 3, "p1")
+
+
+def test_ptx_cursor_state_round_trips():
+    from services.driver.ptx_data import PtxBatches
+
+    class Fake(PtxBatches):  # the cursor only: no tokenizer or rows
+        def __init__(self):
+            self.examples, self.batch_size = list(range(7)), 3
+            self._rng, self._order = random.Random("ptx-0"), []
+
+    a = Fake()
+    a.next_indices(), a.next_indices()
+    state = json.loads(json.dumps(a.state_dict()))  # JSON-able, as driver_state.json stores it
+    expected = [a.next_indices() for _ in range(4)]
+    b = Fake()
+    b.load_state_dict(state)
+    assert [b.next_indices() for _ in range(4)] == expected
