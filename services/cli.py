@@ -133,6 +133,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return run_submit(
         args.config, args.overrides, address=args.address, follow=args.follow, out=args.out,
         submission_id=args.submission_id, working_dir=args.working_dir, runtime_env_json=args.runtime_env_json,
+        resume=args.resume,
     )
 
 
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="the cluster's Ray dashboard, e.g. http://HEAD:8265 "
                    "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it succeeded")
+    p.add_argument("--resume", action="store_true", help="the job continues from the latest checkpoint under --out")
     p.add_argument("--out", help="output directory on the cluster, absolute or ~/... (default: ~/flywheel-runs/SUBMISSION_ID)")
     p.add_argument("--submission-id", help="job id (default: flywheel-ALGORITHM-YYYYmmdd-HHMMSS-XXXX)")
     p.add_argument("--working-dir", help="directory uploaded with the job; the job runs in a copy of it (default: .)")

@@ -63,6 +63,12 @@ def parse_runtime_env(text: str | None) -> dict:
     return value
 
 
+# `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's default: 3 s;
+# the job supervisor reads it from the job's env_vars). The run needs the rest of its step plus
+# a checkpoint save, so it gets 10 minutes unless the user's env_vars say otherwise.
+STOP_GRACE = {"RAY_JOB_STOP_WAIT_TIME_S": "600"}
+
+
 def build_runtime_env(working_dir: str | None, user: dict) -> tuple[Path, dict]:
     """The job's runtime env: the user's, plus the working dir, default excludes and
     Flywheel's quiet-engine variables (the user's env_vars win). Returns (working dir, env)."""
@@ -76,7 +82,7 @@ def build_runtime_env(working_dir: str | None, user: dict) -> tuple[Path, dict]:
     path = Path(given).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"--working-dir: no such directory: {given}")
-    env_vars = {**QUIET_ENGINES, **(env.get("env_vars") or {})}
+    env_vars = {**QUIET_ENGINES, **STOP_GRACE, **(env.get("env_vars") or {})}
     bad = [k for k, v in env_vars.items() if not isinstance(v, str)]
     if bad:
         raise UserError(f"--runtime-env-json: env_vars values must be strings (quote them): {', '.join(bad)}")
@@ -107,8 +113,9 @@ def shell_path(path: str) -> str:
     return shlex.quote(path)
 
 
-def job_entrypoint(config_name: str, out: str) -> str:
-    return f"python -m services.cli train {shlex.quote(config_name)} --out {shell_path(out)}"
+def job_entrypoint(config_name: str, out: str, resume: bool = False) -> str:
+    command = f"python -m services.cli train {shlex.quote(config_name)} --out {shell_path(out)}"
+    return command + " --resume" if resume else command
 
 
 def dashboard_address(address: str | None, environ=os.environ) -> str:
@@ -194,6 +201,7 @@ def run_submit(
     submission_id: str | None = None,
     working_dir: str | None = None,
     runtime_env_json: str | None = None,
+    resume: bool = False,
 ) -> int:
     cfg = load_config(config, overrides)  # config mistakes fail here, before any network
     working, runtime_env = build_runtime_env(working_dir, parse_runtime_env(runtime_env_json))
@@ -205,7 +213,7 @@ def run_submit(
     client = connect(address)
 
     staged = working / f"flywheel-job-{sid}.yaml"
-    entrypoint = job_entrypoint(staged.name, out)
+    entrypoint = job_entrypoint(staged.name, out, resume)
     command = " ".join(["flywheel train", config, *(overrides or [])])
     if staged.exists():
         raise UserError(f"{staged} exists already: pick another --submission-id")

@@ -70,7 +70,11 @@ def test_runtime_env_merges_user_settings(tmp_path):
         str(tmp_path), {"env_vars": {"VLLM_LOGGING_LEVEL": "INFO", "HF_TOKEN": "t"}, "excludes": ["data/"], "pip": ["x"]}
     )
     assert working == tmp_path.resolve() and env["working_dir"] == str(tmp_path.resolve())
-    assert env["env_vars"] == {**QUIET_ENGINES, "VLLM_LOGGING_LEVEL": "INFO", "HF_TOKEN": "t"}
+    assert env["env_vars"] == {
+        **QUIET_ENGINES, "VLLM_LOGGING_LEVEL": "INFO", "HF_TOKEN": "t", "RAY_JOB_STOP_WAIT_TIME_S": "600",
+    }
+    _, own_grace = submit.build_runtime_env(str(tmp_path), {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    assert own_grace["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"  # the user's grace period wins
     assert env["excludes"][-1] == "data/" and {".venv", ".git", "runs", "*.pt"} <= set(env["excludes"])
     assert env["pip"] == ["x"]
     with pytest.raises(UserError, match="local directory"):
@@ -88,6 +92,8 @@ def test_out_must_be_absolute_and_home_expands_in_the_job_shell():
         submit.resolve_out("runs/x", "sid")
     entry = submit.job_entrypoint("flywheel-job-sid.yaml", "~/runs/my run")
     assert entry.startswith("python -m services.cli train flywheel-job-sid.yaml --out ")
+    assert not entry.endswith("--resume")
+    assert submit.job_entrypoint("c.yaml", "/runs/a", resume=True) == "python -m services.cli train c.yaml --out /runs/a --resume"
     echoed = subprocess.run(["bash", "-c", f"echo {submit.shell_path('~/runs/my run')}"], capture_output=True,
                             text=True, env={"HOME": "/home/ray"}).stdout.strip()
     assert echoed == "/home/ray/runs/my run"
