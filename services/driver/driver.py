@@ -382,7 +382,7 @@ class Driver:
         """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
         trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any."""
         from services.driver.checkpoint import model_fingerprint, read_state
-        from services.rpc.trajectory_io import read_trajectories
+        from services.rpc.trajectory_io import read_trajectories, trim_trajectories
 
         state = read_state(checkpoint)
         if state["model_fingerprint"] != model_fingerprint(self.policy_dir):
@@ -403,6 +403,7 @@ class Driver:
             self.ptx.load_state_dict(state["ptx"])
         self.rollout.sync_weights(self.learner.export_weights(), version)
         trim_metrics(self.out / "metrics.jsonl", self.start_step)
+        trim_trajectories(self.out / "rollouts.pb", self.start_step)
         print(f"resumed from {checkpoint}: step {self.start_step}, policy version {version}")
         pending_file = Path(checkpoint) / "pending_rollouts.pb"
         if pending_file.is_file():

@@ -9,6 +9,7 @@ numbers come back as floats (protobuf Struct holds JSON numbers).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from services.core.batch_types import Trajectory
 from services.rpc.generated.flywheel.trajectory.v1 import trajectory_pb2
 from services.rpc.struct_columns import dict_to_struct, struct_to_dict
 
+log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 1 << 30  # a length prefix above this means a corrupt file, not a record
 
 
@@ -157,7 +159,30 @@ def read_trajectories(path: str | os.PathLike) -> Iterator[TrajectoryRecord]:
             yield from_message(message)
 
 
+def trim_trajectories(path: str | os.PathLike, last_step: int) -> int:
+    """Keep only records with ``step <= last_step`` (a resumed run writes later steps again);
+    a torn record at the end (the process died mid-append) goes too. Returns the records kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept = []
+    try:
+        for record in read_trajectories(path):
+            if record.step is None or record.step <= last_step:
+                kept.append(record)
+    except ValueError as exc:
+        log.warning("%s; keeping the %d records before it", exc, len(kept))
+    chunks = []
+    for r in kept:
+        payload = to_message(r.trajectory, r.reward, r.member_scores, r.step).SerializeToString()
+        chunks.append(encode_varint(len(payload)) + payload)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(chunks))
+    os.replace(tmp, path)
+    return len(kept)
+
+
 __all__ = [
-    "TrajectoryRecord", "write_trajectories", "read_trajectories", "to_message", "from_message",
+    "TrajectoryRecord", "write_trajectories", "read_trajectories", "trim_trajectories", "to_message", "from_message",
     "encode_varint", "read_varint",
 ]

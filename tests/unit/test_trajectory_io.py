@@ -99,3 +99,18 @@ def test_bad_inputs_leave_the_file_untouched(tmp_path):
         write_trajectories(path, make_trajectories(), rewards=[1.0])
     with pytest.raises(ValueError, match="member 'rm' has 3 scores for 2 trajectories"):
         write_trajectories(path, make_trajectories(), member_scores={"rm": [1.0, 2.0, 3.0]})
+
+
+def test_trim_keeps_steps_up_to_the_checkpoint_and_drops_a_torn_tail(tmp_path):
+    from services.rpc.trajectory_io import trim_trajectories
+
+    path = tmp_path / "rollouts.pb"
+    for step in (1, 2, 3, 4):
+        write_trajectories(path, make_trajectories(), rewards=[step, -step], step=step)
+    with open(path, "ab") as f:  # the process died in the middle of an append
+        f.write(encode_varint(500) + b"\x0a\x03abc")
+    assert trim_trajectories(path, 2) == 4
+    records = list(read_trajectories(path))
+    assert [(r.step, r.reward) for r in records] == [(1, 1.0), (1, -1.0), (2, 2.0), (2, -2.0)]
+    assert records[2].trajectory.columns["task"] == "arithmetic"
+    assert trim_trajectories(tmp_path / "missing.pb", 2) == 0
