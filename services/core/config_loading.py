@@ -141,10 +141,42 @@ def _format_errors(
     return "\n".join(lines)
 
 
+def _check_duplicate_keys(node: yaml.Node | None, path: Path, seen_nodes: set[int] | None = None) -> None:
+    """YAML keeps the last of two equal keys in a mapping without a word; here it is an error."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias (even a recursive one) is checked once
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise UserError(
+                        f"{path}:{key.start_mark.line + 1}: invalid YAML: duplicate key '{key.value}' "
+                        f"(first at line {seen[key.value]})"
+                    )
+                seen[key.value] = key.start_mark.line + 1
+            _check_duplicate_keys(value, path, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path, seen_nodes)
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; UserError naming the file and line when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> FlywheelConfig:
     """Read YAML (file or preset name), apply dotted overrides, validate. Raises UserError."""
     path = resolve_config_path(name_or_path)
-    text = path.read_text()
+    text = read_utf8(path)
     source = str(path) if Path(name_or_path).is_file() else f"preset {name_or_path} ({path})"
     try:
         root = yaml.compose(text)
@@ -157,6 +189,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Flywhe
         if context and cmark and mark and cmark.line != mark.line:
             started = f" ({context} at line {cmark.line + 1})"
         raise UserError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}{started}") from None
+    _check_duplicate_keys(root, path)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):

@@ -63,8 +63,13 @@ def _hint(key: str, key_fields: dict[str, str]) -> str:
 
 def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str], check) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:  # decoded per line, so that bad bytes are reported with their line
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = f"byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line"
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 ({bad}); jsonl files must be UTF-8") from None
             if not line.strip():
                 continue
             try:

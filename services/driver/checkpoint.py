@@ -108,10 +108,14 @@ def read_state(checkpoint: str | Path) -> dict:
             f"checkpoint: '{checkpoint}' is not a complete Flywheel checkpoint (no {STATE_FILE}); "
             "pass a directory like OUT/checkpoints/step-000010"
         )
-    state = json.loads(state_file.read_text())
-    if state.get("format_version") != FORMAT_VERSION:
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"checkpoint: {state_file} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
         raise UserError(
-            f"checkpoint: '{checkpoint}' has format version {state.get('format_version')}, "
+            f"checkpoint: '{checkpoint}' has format version {version}, "
             f"this Flywheel reads version {FORMAT_VERSION}"
         )
     return state

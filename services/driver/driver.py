@@ -27,6 +27,7 @@ from services.core.errors import UserError
 from services.core.metrics import MetricsWriter
 from services.driver import algorithms as alg
 from services.driver.diagnostics import LikelihoodDisplacementMonitor
+from services.driver.preflight import check_rl_settings
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
 
@@ -36,10 +37,7 @@ class Driver:
         self.cfg, self.out, self.policy_dir = cfg, Path(out_dir), str(policy_dir)
         self.algorithm = cfg.algorithm.name
         self.displacement = LikelihoodDisplacementMonitor(cfg.algorithm.displacement_patience)
-        if self.algorithm not in ("ppo", "grpo", "online_dpo"):
-            raise UserError(f"algorithm.name: '{self.algorithm}' is not an RL algorithm (ppo, grpo, online_dpo)")
-        if self.algorithm in ("grpo", "online_dpo") and cfg.rollout.n_samples < 2:
-            raise UserError(f"rollout.n_samples: {self.algorithm} needs at least 2 samples per prompt")
+        check_rl_settings(cfg)  # also run by `flywheel train` before the toy policy's SFT
         self.prompts: PromptSource = toy_prompt_source(cfg)
         if cfg.data.selection == "reward_variance":
             self.prompts = VarianceSelectedPrompts(
@@ -270,8 +268,8 @@ class Driver:
         from services.driver.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
+        pending = self.resume(resume) if resume is not None else None  # refuses a mismatched checkpoint first
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
-        pending = self.resume(resume) if resume is not None else None
         run_metrics = RunMetrics()
         exporter = None
         if self.cfg.metrics.prometheus_port is not None:
@@ -284,6 +282,7 @@ class Driver:
         total, every = self.cfg.algorithm.total_steps, self.cfg.checkpoint.every_steps
         last = total if stop_after is None else min(total, self.start_step + stop_after)
         restore_signal = self._catch_sigterm()
+        restarts_logged = 0
         try:
             with MetricsWriter(self.out / "metrics.jsonl", append=resume is not None) as writer, tqdm(
                 total=total, initial=self.start_step, desc=self.algorithm, unit="step", disable=not progress
@@ -305,6 +304,8 @@ class Driver:
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
                     record["timing/step_s"] = time.perf_counter() - step_started
+                    record["workers/restarts"] = self.rollout.restarts - restarts_logged
+                    restarts_logged = self.rollout.restarts
                     writer.write(record)
                     run_metrics.update(record)
                     records.append(record)

@@ -121,7 +121,7 @@ def run_overopt_study(out_dir: str | Path, steps: int = STUDY_STEPS, kl_coef: fl
             f"model.path={policy}", f"algorithm.total_steps={steps}", f"algorithm.kl_coef={kl_coef}",
             *proxy_overrides(proxy, reward["scorers"]),
         ])
-        runs[proxy] = run_train(cfg, out / proxy)
+        runs[proxy] = run_train(cfg, out / proxy, overwrite=True)  # a re-run of the study redoes its GRPO runs
     summaries = {proxy: summarize(records) for proxy, records in runs.items()}
     png = plot(runs, out / "overopt.png")
     write_table(summaries, out / "overopt.md")

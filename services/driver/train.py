@@ -85,21 +85,43 @@ def policy_dir(cfg: FlywheelConfig, out: Path) -> Path:
 
 
 def run_train(
-    cfg: FlywheelConfig, out_dir: str | Path, progress: bool = True, resume: bool = False, stop_after: int | None = None
+    cfg: FlywheelConfig, out_dir: str | Path, progress: bool = True, resume: bool = False, stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """``resume``: continue from the latest checkpoint under OUT/checkpoints (or from
-    ``checkpoint.resume_from``); ``stop_after``: stop, with a checkpoint, after that many steps."""
+    ``checkpoint.resume_from``); ``stop_after``: stop, with a checkpoint, after that many steps.
+    ``overwrite``: a fresh run may replace a run that has checkpoints in OUT (the demo and the
+    study re-run their own stages); `flywheel train` refuses that. Every check of
+    :mod:`services.driver.preflight` runs before Ray starts and before OUT is written."""
+    from services.driver import preflight
     from services.driver.checkpoint import resolve_resume
     from services.driver.driver import Driver
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = resolve_resume(cfg.checkpoint.resume_from, resume, out)
+    preflight.check_rl_settings(cfg)
+    preflight.check_ports(cfg)
+    preflight.check_ptx_data(cfg)
+    if cfg.model.path is None:
+        preflight.check_toy_context_length(cfg)  # before the toy policy's SFT
+    if not overwrite:
+        preflight.check_fresh_out(out, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
     policy = policy_dir(cfg, out)
-    driver = Driver(cfg, out, policy)  # checks the algorithm settings before Ray starts
+    preflight.check_context_length(cfg, preflight.read_model_config(policy), str(policy / "config.json"))
+    preflight.check_resume(checkpoint, policy, cfg.algorithm.name)
+    driver = Driver(cfg, out, policy)
+    preflight.check_prompt_lengths(driver.prompts.items, policy, cfg)
     init_ray(cfg)
+    running = False
     try:
         driver.build()
+        running = True
         return driver.run(progress=progress, resume=checkpoint, stop_after=stop_after)
+    except Exception as exc:
+        error = preflight.actor_user_error(exc, out / "metrics.jsonl" if running else None)
+        if error is None:
+            raise
+        raise error from None
     finally:
         driver.shutdown()

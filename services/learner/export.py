@@ -49,12 +49,13 @@ def checkpoint_state_dict(policy: Path, tag: str) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    policy, tag = learner_tag_dir(checkpoint)  # a wrong path fails before the heavy imports
+
     import torch
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
-    policy, tag = learner_tag_dir(checkpoint)
     root = policy.parent.parent
     hf = root / "hf"
     trust = bool(yaml.safe_load((root / "config.yaml").read_text())["model"].get("trust_remote_code", False))

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str]
     return model, tokenizer
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_prompt: int, max_response: int):
-    """Token ids and labels (IGNORE on the prompt) for one prompt/response pair."""
+def encode_example(tokenizer, prompt: str, response: str, max_prompt: int, max_response: int,
+                   truncated: dict[str, int] | None = None):
+    """Token ids and labels (IGNORE on the prompt) for one prompt/response pair. A prompt
+    over ``max_prompt`` tokens keeps its last ones, a response over ``max_response`` its
+    first ones; ``truncated`` (``{"prompt": 0, "response": 0}``) counts them."""
     if getattr(tokenizer, "chat_template", None):
         prompt_text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -66,15 +70,36 @@ def encode_example(tokenizer, prompt: str, response: str, max_prompt: int, max_r
         if full_text.startswith(prompt_text):
             prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
             response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
-            return _truncate(prompt_ids, response_ids, max_prompt, max_response)
+            return _truncate(prompt_ids, response_ids, max_prompt, max_response, truncated)
     prompt_ids = tokenizer(prompt).input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return _truncate(prompt_ids, response_ids, max_prompt, max_response)
+    return _truncate(prompt_ids, response_ids, max_prompt, max_response, truncated)
 
 
-def _truncate(prompt_ids, response_ids, max_prompt, max_response):
+def _truncate(prompt_ids, response_ids, max_prompt, max_response, truncated=None):
+    if truncated is not None:
+        truncated["prompt"] += len(prompt_ids) > max_prompt
+        truncated["response"] += len(response_ids) > max_response
     prompt_ids, response_ids = prompt_ids[-max_prompt:], response_ids[:max_response]
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+
+
+def truncation_warning(truncated: dict[str, int], rows: int, max_prompt: int, max_response: int) -> str | None:
+    """One line saying how many training rows were cut to data.max_prompt_tokens /
+    data.max_response_tokens (None when none were). SFT truncates, as is usual: the prompt
+    keeps its end (next to the response), the response its start (it loses its EOS)."""
+    parts = []
+    if truncated["prompt"]:
+        parts.append(
+            f"{truncated['prompt']} of {rows} prompts are longer than data.max_prompt_tokens={max_prompt} "
+            f"(kept their last {max_prompt} tokens)"
+        )
+    if truncated["response"]:
+        parts.append(
+            f"{truncated['response']} of {rows} responses are longer than data.max_response_tokens={max_response} "
+            f"(kept their first {max_response} tokens, without the end-of-sequence token)"
+        )
+    return f"warning: {'; '.join(parts)}" if parts else None
 
 
 def collate(examples, pad_id: int):
@@ -127,10 +152,16 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     started = time.time()
     rows = sft_rows(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, [r["prompt"] + r["response"] for r in rows])
+    truncated = {"prompt": 0, "response": 0}
     examples = [
-        encode_example(tokenizer, r["prompt"], r["response"], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+        encode_example(
+            tokenizer, r["prompt"], r["response"], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, truncated
+        )
         for r in rows
     ]
+    warning = truncation_warning(truncated, len(rows), cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+    if warning:
+        print(warning, file=sys.stderr)
     toy = cfg.data.source == "toy"
     summary: dict = {"rows": len(rows), "parameters": sum(p.numel() for p in model.parameters())}
     if toy and cfg.data.eval_prompts:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from services.core.actor_group import ActorGroup, placed
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
-from services.reward.scorers import Columns, Scorer, build_scorer, resolve_scorer_config, scorer_env, scorer_name
+from services.core.errors import UserError
+from services.reward.scorers import (
+    Columns, Scorer, ScorerOutputError, build_scorer, resolve_scorer_config, scorer_env, scorer_error, scorer_name,
+)
 
 
 @dataclass
@@ -85,14 +88,22 @@ class ScorerActor:
 
     def __init__(self, cfg: ScorerConfig, index: int, replica: int = 0):
         self.scorer = build_scorer(cfg, index)
+        self.field = f"reward.scorers.{index}"
         self.metrics = ServiceMetrics(service="reward", replica=f"{replica}/{self.scorer.name}")
 
     def ready(self) -> str:
         return self.scorer.name
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
+        """The member's scores; a bad output is a ScorerOutputError, anything the scorer's
+        code raises becomes a ScorerError naming the member (never a silent 0 or None)."""
         with self.metrics.track("score"):
-            return self.scorer.score(prompts, completions, columns)
+            try:
+                return self.scorer.score(prompts, completions, columns)
+            except (ScorerOutputError, UserError):
+                raise
+            except Exception as exc:
+                raise scorer_error(self.scorer, self.field, exc) from exc
 
     def metrics_text(self) -> str:
         return self.metrics.exposition()

@@ -40,6 +40,10 @@ class ScorerOutputError(ValueError):
     """A scorer returned the wrong number of scores or a non-finite one."""
 
 
+class ScorerError(RuntimeError):
+    """A scorer's own code raised while scoring (for a python scorer: the user's function)."""
+
+
 def scorer_name(cfg: ScorerConfig, index: int) -> str:
     return cfg.name or f"{cfg.kind}-{index}"
 
@@ -168,6 +172,21 @@ class PythonScorer(Scorer):
 
     def compute(self, prompts, completions, columns):
         return self.fn(prompts, completions, **columns)
+
+
+def scorer_error(scorer: Scorer, field: str, exc: BaseException) -> ScorerError:
+    """A ScorerError naming the scorer, its config field and, for a python scorer, the line
+    of the user's file where it raised."""
+    import traceback
+
+    source, at = "", ""
+    code = getattr(getattr(scorer, "fn", None), "__code__", None)
+    if code is not None:
+        source = f", python {code.co_filename}:{code.co_name}"
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == code.co_filename]
+        if frames:
+            at = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})"
+    return ScorerError(f"reward scorer '{scorer.name}' ({field}{source}) raised {type(exc).__name__}: {exc}{at}")
 
 
 def reward_model_text(tokenizer, prompt: str, completion: str) -> str:
@@ -332,7 +351,7 @@ def build_scorer(cfg: ScorerConfig, index: int) -> Scorer:
 
 
 __all__ = [
-    "Scorer", "ScorerOutputError", "ToyGoldScorer", "ToyNoisyGoldScorer", "PythonScorer", "HFScorer",
-    "RemoteScorer", "build_scorer", "resolve_scorer_config", "load_python_function", "validate_scores",
-    "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs", "scorer_env",
+    "Scorer", "ScorerOutputError", "ScorerError", "scorer_error", "ToyGoldScorer", "ToyNoisyGoldScorer",
+    "PythonScorer", "HFScorer", "RemoteScorer", "build_scorer", "resolve_scorer_config", "load_python_function",
+    "validate_scores", "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs", "scorer_env",
 ]

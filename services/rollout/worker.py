@@ -165,6 +165,11 @@ class RolloutWorkerActor(RolloutWorker):
     def ready(self) -> str:
         return self.name
 
+    def process_id(self) -> int:
+        import os
+
+        return os.getpid()
+
 
 def chunk_sizes(total: int, workers: int, chunks_per_worker: int = 4) -> int:
     """Prompts per work item: small enough that fast workers take more chunks."""

@@ -134,3 +134,34 @@ def test_stuck_engine_sync_times_out_naming_the_worker(pool, tiny_model_dir):
         for pid in engine_pids:
             os.kill(pid, signal.SIGCONT)
     assert pool.versions()[0] == 7  # the healthy worker applied it
+
+
+def test_a_killed_worker_is_restarted_resynced_and_loses_no_prompt(pool, tiny_model_dir):
+    """SIGKILL worker 0's process while the pool generates: its chunk goes back to the queue,
+    Ray restarts it, the pool loads the current weights and version into it, and every
+    prompt comes back exactly once (n samples each), all from the current version."""
+    import threading
+
+    import ray
+    from safetensors.torch import load_file
+
+    from services.rollout.worker import SamplingSpec
+
+    pool.sync_weights(load_file(str(tiny_model_dir / "model.safetensors")), version=8)
+    restarts = pool.restarts
+    pid = ray.get(pool.actors[0].process_id.remote())
+    prompts, out = _prompts(64), []
+    worker = threading.Thread(target=lambda: out.append(pool.generate(prompts, SamplingSpec(n=2, max_tokens=24))))
+    started = time.monotonic()
+    worker.start()
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    worker.join(timeout=600)
+    assert not worker.is_alive() and out, "generate did not finish after the kill"
+    print(f"generate with a SIGKILLed worker took {time.monotonic() - started:.1f}s")
+    trajectories = out[0]
+    assert [(t.prompt_id, t.sample_index) for t in trajectories] == [(p.id, k) for p in prompts for k in range(2)]
+    assert {t.policy_version for t in trajectories} == {8}
+    assert pool.restarts == restarts + 1
+    assert ray.get(pool.actors[0].process_id.remote()) != pid
+    assert pool.versions() == [8, 8]
