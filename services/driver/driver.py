@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
 import signal
 import threading
 import time
@@ -382,17 +381,10 @@ class Driver:
     def resume(self, checkpoint: Path) -> list[Trajectory] | None:
         """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
         trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any."""
-        from services.driver.checkpoint import model_fingerprint, read_state
+        from services.driver.preflight import check_resume
         from services.rpc.trajectory_io import read_trajectories, trim_trajectories
 
-        state = read_state(checkpoint)
-        if state["model_fingerprint"] != model_fingerprint(self.policy_dir):
-            raise UserError(
-                f"checkpoint: '{checkpoint}' was saved from a different model than model.path "
-                f"'{self.policy_dir}' (config.json differs); resume with the model it was trained from"
-            )
-        if state["algorithm"] != self.algorithm:
-            raise UserError(f"checkpoint: '{checkpoint}' is a {state['algorithm']} run, the config says {self.algorithm}")
+        state = check_resume(checkpoint, Path(self.policy_dir), self.algorithm)  # `flywheel train` ran it already
         try:
             self.prompts.load_state_dict(state["prompts"])
         except ValueError as exc:
@@ -415,11 +407,10 @@ class Driver:
         """The trained policy as a HF directory (weights from the learner, config/tokenizer copied)."""
         from safetensors.torch import save_file
 
+        from services.driver.checkpoint import copy_policy_files
+
         target = self.out / "policy"
-        target.mkdir(parents=True, exist_ok=True)
-        for path in Path(self.policy_dir).iterdir():
-            if path.is_file() and not path.name.endswith(".safetensors") and path.name != "model.safetensors.index.json":
-                shutil.copy2(path, target / path.name)
+        copy_policy_files(self.policy_dir, target)
         weights = self.learner.export_weights()
         save_file({k: v.contiguous() for k, v in weights.items()}, str(target / "model.safetensors"), metadata={"format": "pt"})
         return target

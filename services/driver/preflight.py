@@ -139,9 +139,10 @@ def read_model_config(policy: Path) -> dict:
     return config
 
 
-def check_resume(checkpoint: Path | None, policy: Path, algorithm: str) -> None:
+def check_resume(checkpoint: Path | None, policy: Path, algorithm: str) -> dict | None:
     """The checkpoint must come from this model (its config.json) and this algorithm; checked
-    from files alone, before any actor exists or any learner state is loaded."""
+    from files alone, before any actor exists or any learner state is loaded. Returns the
+    checkpoint's driver state (None without a checkpoint)."""
     from services.driver.checkpoint import model_fingerprint, read_state
 
     if checkpoint is None:
@@ -156,6 +157,7 @@ def check_resume(checkpoint: Path | None, policy: Path, algorithm: str) -> None:
         )
     if state["algorithm"] != algorithm:
         raise UserError(f"checkpoint: '{checkpoint}' is a {state['algorithm']} run, the config says {algorithm}")
+    return state
 
 
 def check_prompt_lengths(prompts: list, policy: Path, cfg: FlywheelConfig) -> None:

@@ -74,27 +74,15 @@ class RolloutPool(ActorGroup):
             oldest = min(sent for _, _, sent in in_flight.values())
             wait_s = max(0.0, oldest + timeout_s - time.monotonic())
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=wait_s)
-            if not done:  # the oldest chunk's worker is stuck: restart it, send the chunk again
+            if done:
+                start, worker, _ = in_flight.pop(done[0])
+                chunk_result = self._chunk_result(done[0], worker)
+            else:  # the oldest chunk's worker is stuck: restart it, send the chunk again
                 ref = min(in_flight, key=lambda r: in_flight[r][2])
                 start, worker, _ = in_flight.pop(ref)
                 log.warning("%s returned nothing within rollout.generate_timeout_s=%.0fs; restarting it",
                             self.names[worker], timeout_s)
                 ray.kill(self.actors[worker], no_restart=False)
-                pending_chunks.insert(0, (start, prompts[start : start + size]))
-                self._recover(worker)
-                idle.append(worker)
-                continue
-            start, worker, _ = in_flight.pop(done[0])
-            try:
-                chunk_result = ray.get(done[0])
-            except _worker_lost_errors() as exc:
-                log.warning("%s died while generating (%s); its %d prompts go back to the queue",
-                            self.names[worker], type(exc).__name__, len(prompts[start : start + size]))
-                chunk_result = None
-            if chunk_result is not None and any(t.policy_version != self.version for t in chunk_result):
-                # Ray restarted it between calls (base weights): discard, re-sync, generate again
-                log.warning("%s answered with a policy version other than %d: it was restarted",
-                            self.names[worker], self.version)
                 chunk_result = None
             if chunk_result is None:
                 pending_chunks.insert(0, (start, prompts[start : start + size]))
@@ -103,6 +91,23 @@ class RolloutPool(ActorGroup):
                 results[start] = chunk_result
             idle.append(worker)
         return [t for start in sorted(results) for t in results[start]]
+
+    def _chunk_result(self, ref, worker: int) -> list[Trajectory] | None:
+        """A finished chunk's trajectories; None when its worker died or was restarted
+        between calls (it answers from the base weights), so the chunk must be generated again."""
+        import ray
+
+        try:
+            trajectories = ray.get(ref)
+        except _worker_lost_errors() as exc:
+            log.warning("%s died while generating (%s); its prompts go back to the queue",
+                        self.names[worker], type(exc).__name__)
+            return None
+        if any(t.policy_version != self.version for t in trajectories):
+            log.warning("%s answered with a policy version other than %d: it was restarted",
+                        self.names[worker], self.version)
+            return None
+        return trajectories
 
     def _wait_restarted(self, worker: int) -> None:
         """Until ``worker`` answers ``ready()``: while Ray restarts it, calls fail at once with
@@ -161,8 +166,8 @@ class RolloutPool(ActorGroup):
                 f"weight sync to policy version {version} did not finish within {timeout_s:.0f}s "
                 f"on rollout worker(s): {late}"
             )
-        self._weights, previous = ref, self.version
-        self.version = version
+        previous = self._weights, self.version
+        self._weights, self.version = ref, version  # what a worker restarted from here on loads
         for r in done:
             try:
                 got = ray.get(r)  # re-raises a worker's own error (it names the actor)
@@ -170,7 +175,7 @@ class RolloutPool(ActorGroup):
                 self._recover(refs[r])
                 continue
             if got != version:
-                self.version = previous
+                self._weights, self.version = previous
                 raise RuntimeError(f"{self.names[refs[r]]} reports policy version {got} after a sync to {version}")
         elapsed = time.perf_counter() - started
         return {"sync/seconds": elapsed, "sync/encode_s": encoded_s, "sync/bytes": len(payload)}
