@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.core.errors import UserError
+from services.core.errors import ServiceFailure, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return UserError.exit_code
+    except ServiceFailure as exc:  # a service that failed for good: the message says how to go on
+        print(f"error: {exc}", file=sys.stderr)
+        return ServiceFailure.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

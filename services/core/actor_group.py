@@ -1,10 +1,25 @@
-"""Plumbing shared by every service that runs as a set of Ray actors."""
+"""Plumbing shared by every service that runs as a set of Ray actors: placement, metrics,
+and supervised calls.
+
+Supervision: every wait on an actor has a timeout from config. A call whose actor died, or
+that returned nothing within its timeout (the actor is then killed), is sent again once Ray
+has restarted the actor (``max_restarts`` of the service) and ``after_restart`` has brought
+it back up to date. With restarts used up (or ``max_restarts: 0``) the call fails with a
+``ServiceTimeout`` or ``ServiceLost`` that names the actor, the call and the setting.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
+from services.core.errors import ServiceLost, ServiceTimeout
 from services.core.service_metrics import merge_expositions
+
+log = logging.getLogger(__name__)
+METRICS_TIMEOUT_S = 30.0  # a scrape must not hang on a busy or dead actor
 
 
 def placed(options: dict, placement: list[dict] | None, index: int) -> dict:
@@ -12,16 +27,28 @@ def placed(options: dict, placement: list[dict] | None, index: int) -> dict:
     return {**options, **(placement[index] if placement else {})}
 
 
+def actor_lost_errors() -> tuple:
+    """What ``ray.get`` raises when the actor behind a call died or is restarting."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorUnavailableError)
+
+
 class ActorGroup:
-    """A set of Ray actors that each expose ``metrics_text()``; ``actors`` lists them all."""
+    """A set of Ray actors that each expose ``metrics_text()``; ``actors`` lists them all,
+    ``names`` names them in errors ("reward-0/rm-1"), ``max_restarts`` is what Ray was told."""
 
     actors: list
+    names: list[str] = []
+    max_restarts: int = 0
+    start_timeout_s: float = 600.0
+    restarts: int = 0  # restarts this group went through (deaths and stuck calls)
 
     def metrics_texts(self) -> list[str]:
         """Each actor's Prometheus text (labels ``service`` / ``replica`` keep them apart)."""
         import ray
 
-        return ray.get([actor.metrics_text.remote() for actor in self.actors])
+        return ray.get([actor.metrics_text.remote() for actor in self.actors], timeout=METRICS_TIMEOUT_S)
 
     def metrics_text(self) -> str:
         return merge_expositions(self.metrics_texts())
@@ -38,3 +65,96 @@ class ActorGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+    # ------------------------------------------------------------------ supervision
+
+    def name(self, index: int) -> str:
+        return self.names[index] if index < len(self.names) else f"actor-{index}"
+
+    def after_restart(self, index: int) -> None:
+        """Bring a restarted actor up to date before it takes work (rollout: the weights)."""
+
+    def wait_restarted(self, index: int) -> None:
+        """Until actor ``index`` answers ``ready()``. While Ray restarts it, calls fail at once
+        with ActorUnavailableError, so ask again, up to ``start_timeout_s``."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                ray.get(self.actors[index].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(1.0)
+            except ray.exceptions.GetTimeoutError:
+                break
+        raise ServiceLost(f"{self.name(index)} did not come back within {self.start_timeout_s:.0f}s after a restart")
+
+    def recover(self, index: int) -> None:
+        """Wait for Ray to restart actor ``index``, then ``after_restart`` it. Raises
+        ``ServiceLost`` when Ray gave up on it (its ``max_restarts`` used up)."""
+        name = self.name(index)
+        self.restarts += 1
+        started = time.perf_counter()
+        try:
+            self.wait_restarted(index)
+            self.after_restart(index)
+        except actor_lost_errors() as exc:
+            raise ServiceLost(
+                f"{name} died and could not be restarted (max_restarts={self.max_restarts}): {type(exc).__name__}"
+            ) from None
+        log.warning("%s restarted and ready again in %.1fs", name, time.perf_counter() - started)
+
+    def restart(self, index: int, problem: Exception, kill: bool) -> None:
+        """``recover`` actor ``index`` after ``problem``, killing it first when it is stuck
+        (``kill``; a dead one Ray restarts by itself). With no restarts allowed, raise ``problem``."""
+        import ray
+
+        if self.max_restarts == 0:
+            raise problem
+        log.warning("%s; restarting %s", problem, self.name(index))
+        if kill:
+            ray.kill(self.actors[index], no_restart=False)
+        self.recover(index)
+
+    def get_supervised(self, index: int, ref, resend: Callable[[], Any], call: str, timeout_s: float,
+                       setting: str) -> Any:
+        """``ray.get(ref)`` for a call on actor ``index``. A dead or stuck actor is restarted and
+        ``resend()`` submits the call again; this repeats until Ray has no restart left
+        (``ServiceLost``). With ``max_restarts: 0`` the first timeout raises ``ServiceTimeout``."""
+        import ray
+
+        while True:
+            try:
+                return ray.get(ref, timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                problem: Exception = ServiceTimeout(self.name(index), call, timeout_s, setting)
+                stuck = True
+            except actor_lost_errors() as exc:
+                problem = ServiceLost(f"{self.name(index)} died during {call} ({type(exc).__name__})")
+                stuck = False
+            self.restart(index, problem, kill=stuck)
+            ref = resend()
+
+
+def gather(refs: list, names: list[str], call: str, timeout_s: float, setting: str) -> list:
+    """Results of one call fanned out to several actors, in order, waiting at most ``timeout_s``
+    for all of them: a ``ServiceTimeout`` names the late actors, a ``ServiceLost`` the first dead
+    one as soon as it is seen (the others may be blocked in a collective with it). For services
+    whose actors are not restarted, such as the learner's ranks."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ServiceTimeout(", ".join(names[refs.index(r)] for r in pending), call, timeout_s, setting)
+        try:
+            ray.get(done[0])
+        except actor_lost_errors() as exc:
+            raise ServiceLost(f"{names[refs.index(done[0])]} died during {call} ({type(exc).__name__})") from None
+    return ray.get(list(refs))

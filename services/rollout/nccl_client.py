@@ -26,7 +26,7 @@ class PoolWeightSyncClient:
         done, late = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
         if late:
             names = ", ".join(self.names[refs.index(r)] for r in late)
-            raise WeightSyncTimeout(f"weight transfer '{what}' did not finish within {self.timeout_s:.0f}s on: {names}")
+            raise WeightSyncTimeout(names, f"weight transfer '{what}'", self.timeout_s)
         return ray.get(refs)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:

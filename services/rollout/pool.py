@@ -2,8 +2,15 @@
 
 Load balancing: prompts are cut into small chunks handed to whichever worker is free, so a
 slow or busy worker takes fewer chunks. Weight sync puts the payload into Ray's object store
-once, applies it on every worker in parallel, and raises ``WeightSyncTimeout`` naming the
-workers that did not finish within ``rollout.sync_timeout_s`` — it never hangs.
+once and applies it on every worker in parallel.
+
+Supervision (see ``ActorGroup``): Ray restarts a dead worker (``rollout.max_restarts``); the
+pool waits for it and loads the current weights and version into it before it takes work
+again. A chunk whose worker died, was restarted (it answers with another version) or was
+silent for ``rollout.generate_timeout_s`` (it is then killed) goes back to the queue, so every
+prompt is generated exactly once. A worker that does not finish a sync within
+``rollout.sync_timeout_s`` is restarted the same way; with ``rollout.max_restarts: 0`` that is
+a ``WeightSyncTimeout`` naming the late workers instead. Nothing waits without a bound.
 """
 
 from __future__ import annotations
@@ -12,23 +19,18 @@ import logging
 import time
 from typing import Any
 
+from services.core.actor_group import ActorGroup, actor_lost_errors, placed
 from services.core.batch_types import Trajectory
-from services.core.actor_group import ActorGroup, placed
 from services.core.config import FlywheelConfig
+from services.core.errors import ServiceLost, ServiceTimeout
 from services.rollout.weight_sync import WeightSyncTimeout, encode_weights
+from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
 log = logging.getLogger(__name__)
 
 
-class RolloutWorkerLost(RuntimeError):
+class RolloutWorkerLost(ServiceLost):
     """A rollout worker died and Ray could not bring it back (restarts used up or start-up failed)."""
-
-
-def _worker_lost_errors() -> tuple:
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    return (RayActorError, ActorUnavailableError)
-from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
 
 class RolloutPool(ActorGroup):
@@ -40,8 +42,9 @@ class RolloutPool(ActorGroup):
         actor_cls = ray.remote(RolloutWorkerActor)
         options = cfg.rollout.resources.ray_options()
         # Ray restarts a dead worker (same bundle, __init__ again: base weights, version 0);
-        # generate() and sync_weights() then push the current weights before it takes work
-        restart = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": 0}
+        # after_restart then pushes the current weights before it takes work
+        self.max_restarts = cfg.rollout.max_restarts
+        restart = {"max_restarts": self.max_restarts, "max_task_retries": 0}
         self.actors = [
             actor_cls.options(max_concurrency=2, **restart, **placed(options, placement, i)).remote(str(model_dir), cfg, i)
             for i in range(cfg.rollout.num_workers)
@@ -50,13 +53,17 @@ class RolloutPool(ActorGroup):
         self.start_timeout_s = start_timeout_s
         ray.get([w.ready.remote() for w in self.actors], timeout=start_timeout_s)
         self.version = 0
-        self.restarts = 0  # worker restarts so far (deaths and stuck workers)
+        self.restarts = 0
         self._weights = None  # object ref of the latest published weights, for restarted workers
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec | None = None) -> list[Trajectory]:
-        """Trajectories for all prompts (``sampling.n`` each), in prompt order. A chunk whose
-        worker dies (or returns nothing within ``rollout.generate_timeout_s``) goes back to the
-        queue; the worker is restarted and re-synced, so every prompt is generated exactly once."""
+        """Trajectories for all prompts (``sampling.n`` each), in prompt order."""
+        return self.generate_with_stats(prompts, sampling)[0]
+
+    def generate_with_stats(self, prompts: list[PromptItem], sampling: SamplingSpec | None = None
+                            ) -> tuple[list[Trajectory], dict[str, float]]:
+        """``generate`` plus ``rollout/requeued_prompts`` (prompts generated again after a worker
+        died or stuck) and the versions every worker holds afterwards."""
         import ray
 
         sampling = sampling or SamplingSpec.from_config(self.cfg)
@@ -66,6 +73,7 @@ class RolloutPool(ActorGroup):
         in_flight: dict[Any, tuple[int, int, float]] = {}  # ref -> (chunk start, worker, sent at)
         idle = list(range(len(self.actors)))
         timeout_s = self.cfg.rollout.generate_timeout_s
+        requeued = 0
         while pending_chunks or in_flight:
             while idle and pending_chunks:
                 worker, (start, chunk) = idle.pop(0), pending_chunks.pop(0)
@@ -77,20 +85,24 @@ class RolloutPool(ActorGroup):
             if done:
                 start, worker, _ = in_flight.pop(done[0])
                 chunk_result = self._chunk_result(done[0], worker)
+                if chunk_result is None:
+                    self.recover(worker)
             else:  # the oldest chunk's worker is stuck: restart it, send the chunk again
                 ref = min(in_flight, key=lambda r: in_flight[r][2])
                 start, worker, _ = in_flight.pop(ref)
-                log.warning("%s returned nothing within rollout.generate_timeout_s=%.0fs; restarting it",
-                            self.names[worker], timeout_s)
-                ray.kill(self.actors[worker], no_restart=False)
+                self.restart(worker, ServiceTimeout(self.names[worker], "generate", timeout_s,
+                                                    "rollout.generate_timeout_s"), kill=True)
                 chunk_result = None
             if chunk_result is None:
                 pending_chunks.insert(0, (start, prompts[start : start + size]))
-                self._recover(worker)
+                requeued += len(pending_chunks[0][1])
             else:
                 results[start] = chunk_result
             idle.append(worker)
-        return [t for start in sorted(results) for t in results[start]]
+        versions = self.versions()
+        stats = {"rollout/requeued_prompts": float(requeued), "rollout/worker_version_min": float(min(versions)),
+                 "rollout/worker_version_max": float(max(versions))}
+        return [t for start in sorted(results) for t in results[start]], stats
 
     def _chunk_result(self, ref, worker: int) -> list[Trajectory] | None:
         """A finished chunk's trajectories; None when its worker died or was restarted
@@ -99,7 +111,7 @@ class RolloutPool(ActorGroup):
 
         try:
             trajectories = ray.get(ref)
-        except _worker_lost_errors() as exc:
+        except actor_lost_errors() as exc:
             log.warning("%s died while generating (%s); its prompts go back to the queue",
                         self.names[worker], type(exc).__name__)
             return None
@@ -109,48 +121,32 @@ class RolloutPool(ActorGroup):
             return None
         return trajectories
 
-    def _wait_restarted(self, worker: int) -> None:
-        """Until ``worker`` answers ``ready()``: while Ray restarts it, calls fail at once with
-        ActorUnavailableError, so ask again (up to the start-up timeout)."""
-        import ray
-        from ray.exceptions import ActorUnavailableError
-
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            try:
-                ray.get(self.actors[worker].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                return
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise ray.exceptions.GetTimeoutError(f"{self.names[worker]} is still restarting") from None
-                time.sleep(1.0)
-
-    def _recover(self, worker: int) -> None:
-        """Wait for Ray to restart ``worker``, then load the current weights and version into it.
-        Raises ``RolloutWorkerLost`` when Ray gives up on it (``rollout.max_restarts`` used up)."""
+    def after_restart(self, worker: int) -> None:
+        """Load the current weights and version into a restarted worker."""
         import ray
 
-        name = self.names[worker]
-        self.restarts += 1
-        started = time.perf_counter()
+        if self._weights is None:
+            return
         try:
-            self._wait_restarted(worker)
-            if self._weights is not None:
-                version = ray.get(self.actors[worker].update_weights.remote(self._weights, self.version),
-                                  timeout=self.cfg.rollout.sync_timeout_s)
-                if version != self.version:
-                    raise RolloutWorkerLost(f"{name} came back with policy version {version}, not {self.version}")
-        except _worker_lost_errors() as exc:
-            raise RolloutWorkerLost(
-                f"{name} died and could not be restarted (rollout.max_restarts={self.cfg.rollout.max_restarts}): {exc}"
-            ) from None
+            version = ray.get(self.actors[worker].update_weights.remote(self._weights, self.version),
+                              timeout=self.cfg.rollout.sync_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise RolloutWorkerLost(f"{name} did not come back within {self.start_timeout_s:.0f}s after a restart") from None
-        log.warning("%s restarted and re-synced to policy version %d in %.1fs", name, self.version,
-                    time.perf_counter() - started)
+            raise WeightSyncTimeout(self.names[worker], f"weight sync to policy version {self.version} after a restart",
+                                    self.cfg.rollout.sync_timeout_s) from None
+        if version != self.version:
+            raise RolloutWorkerLost(f"{self.names[worker]} came back with policy version {version}, not {self.version}")
+
+    def recover(self, worker: int) -> None:
+        try:
+            super().recover(worker)
+        except ServiceLost as exc:
+            if isinstance(exc, RolloutWorkerLost):
+                raise
+            raise RolloutWorkerLost(f"{exc} (rollout.max_restarts={self.max_restarts})") from None
 
     def sync_weights(self, state_dict_or_bytes: dict | bytes, version: int, timeout_s: float | None = None) -> dict:
-        """Publish ``version`` to every worker in parallel; returns timing and size figures."""
+        """Publish ``version`` to every worker in parallel; returns timing and size figures.
+        A worker that died or is late is restarted and loaded with this version (see the module)."""
         import ray
 
         timeout_s = timeout_s or self.cfg.rollout.sync_timeout_s
@@ -159,24 +155,25 @@ class RolloutPool(ActorGroup):
         encoded_s = time.perf_counter() - started
         ref = ray.put(payload)
         refs = {w.update_weights.remote(ref, version): i for i, w in enumerate(self.actors)}
-        done, not_done = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        if not_done:
-            late = ", ".join(self.names[refs[r]] for r in not_done)
-            raise WeightSyncTimeout(
-                f"weight sync to policy version {version} did not finish within {timeout_s:.0f}s "
-                f"on rollout worker(s): {late}"
-            )
-        previous = self._weights, self.version
+        _, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         self._weights, self.version = ref, version  # what a worker restarted from here on loads
-        for r in done:
+        if late:
+            names = ", ".join(self.names[refs[r]] for r in late)
+            problem = WeightSyncTimeout(names, f"weight sync to policy version {version}", timeout_s)
+            if self.max_restarts == 0:
+                raise problem
+            for r in late:
+                self.restart(refs[r], problem, kill=True)
+        for r, worker in refs.items():
+            if r in late:
+                continue
             try:
                 got = ray.get(r)  # re-raises a worker's own error (it names the actor)
-            except _worker_lost_errors():  # died during the sync: restart it and load this version
-                self._recover(refs[r])
+            except actor_lost_errors():  # died during the sync: restart it and load this version
+                self.recover(worker)
                 continue
             if got != version:
-                self._weights, self.version = previous
-                raise RuntimeError(f"{self.names[refs[r]]} reports policy version {got} after a sync to {version}")
+                raise RuntimeError(f"{self.names[worker]} reports policy version {got} after a sync to {version}")
         elapsed = time.perf_counter() - started
         return {"sync/seconds": elapsed, "sync/encode_s": encoded_s, "sync/bytes": len(payload)}
 
@@ -187,16 +184,21 @@ class RolloutPool(ActorGroup):
         return PoolWeightSyncClient(self.actors, self.names, self.cfg.rollout.sync_timeout_s)
 
     def versions(self) -> list[int]:
-        import ray
-
-        return ray.get([w.get_version.remote() for w in self.actors])
+        """The policy version each worker holds (a dead or stuck worker is restarted and re-synced)."""
+        refs = [w.get_version.remote() for w in self.actors]
+        return [
+            self.get_supervised(i, ref, lambda i=i: self.actors[i].get_version.remote(), "get_version",
+                                self.cfg.rollout.sync_timeout_s, "rollout.sync_timeout_s")
+            for i, ref in enumerate(refs)
+        ]
 
     def sequence_logprobs(self, prompt_ids, response_ids, worker: int = 0) -> list[list[float]]:
         import ray
 
-        return ray.get(self.actors[worker].sequence_logprobs.remote(prompt_ids, response_ids))
+        return ray.get(self.actors[worker].sequence_logprobs.remote(prompt_ids, response_ids),
+                       timeout=self.cfg.rollout.generate_timeout_s)
 
     def engine_process_ids(self, worker: int) -> list[int]:
         import ray
 
-        return ray.get(self.actors[worker].engine_process_ids.remote())
+        return ray.get(self.actors[worker].engine_process_ids.remote(), timeout=self.cfg.rollout.sync_timeout_s)

@@ -23,11 +23,16 @@ import tempfile
 from abc import ABC, abstractmethod
 from typing import Any
 
+from services.core.errors import ServiceTimeout
+
 EXTENSION_CLS = "services.rollout.weight_sync.WeightReloadExtension"
 
 
-class WeightSyncTimeout(RuntimeError):
-    """A weight sync that did not finish in time; the message names the worker(s)."""
+class WeightSyncTimeout(ServiceTimeout):
+    """A weight sync that did not finish within ``rollout.sync_timeout_s`` on the named worker(s)."""
+
+    def __init__(self, workers: str, what: str, timeout_s: float):
+        super().__init__(workers, what, timeout_s, "rollout.sync_timeout_s")
 
 
 def encode_weights(state_dict: dict[str, Any]) -> bytes:

@@ -115,25 +115,59 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
 
 
 def test_stuck_engine_sync_times_out_naming_the_worker(pool, tiny_model_dir):
-    """Freeze worker 1's engine process (SIGSTOP): the sync must fail within the timeout."""
+    """A weight sync that never completes (worker 1's engine process frozen by SIGSTOP), under
+    the no-restart policy (``rollout.max_restarts: 0``): a WeightSyncTimeout naming only
+    rollout-1, within the bound."""
     from safetensors.torch import load_file
+
+    from services.rollout.weight_sync import WeightSyncTimeout
 
     weights = load_file(str(tiny_model_dir / "model.safetensors"))
     engine_pids = pool.engine_process_ids(1)
     assert engine_pids
     for pid in engine_pids:
         os.kill(pid, signal.SIGSTOP)
+    pool.max_restarts, policy = 0, pool.max_restarts
     try:
         started = time.monotonic()
-        with pytest.raises(Exception) as err:
+        with pytest.raises(WeightSyncTimeout) as err:
             pool.sync_weights(weights, version=7, timeout_s=8)
-        assert time.monotonic() - started < 60  # bounded; never hangs
-        assert "rollout-1" in str(err.value) and "rollout-0" not in str(err.value)
-        print(f"stuck sync failed after {time.monotonic() - started:.1f}s: {type(err.value).__name__}")
+        elapsed = time.monotonic() - started
     finally:
+        pool.max_restarts = policy
         for pid in engine_pids:
             os.kill(pid, signal.SIGCONT)
+    message = str(err.value)
+    print(f"stuck sync failed after {elapsed:.1f}s: {message}")
+    assert elapsed < 60  # the bound is 8 s; never a hang
+    assert "rollout-1" in message and "rollout-0" not in message and "rollout.sync_timeout_s" in message
     assert pool.versions()[0] == 7  # the healthy worker applied it
+
+
+def test_stuck_engine_sync_restarts_the_late_worker(pool, tiny_model_dir):
+    """The default policy: a worker that does not finish a sync within the timeout is killed,
+    restarted and loaded with the new version; the sync then completes."""
+    import ray
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    engine_pids = pool.engine_process_ids(1)
+    pid, restarts = ray.get(pool.actors[1].process_id.remote()), pool.restarts
+    for engine in engine_pids:
+        os.kill(engine, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        pool.sync_weights(weights, version=9, timeout_s=8)
+        print(f"sync with a frozen worker restarted it and finished in {time.monotonic() - started:.1f}s")
+    finally:
+        for engine in engine_pids:
+            try:
+                os.kill(engine, signal.SIGCONT)
+            except ProcessLookupError:  # went with the killed worker
+                pass
+    assert pool.restarts == restarts + 1
+    assert ray.get(pool.actors[1].process_id.remote()) != pid
+    assert pool.versions() == [9, 9]
 
 
 def test_a_killed_worker_is_restarted_resynced_and_loses_no_prompt(pool, tiny_model_dir):
