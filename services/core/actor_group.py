@@ -43,6 +43,7 @@ class ActorGroup:
     max_restarts: int = 0
     start_timeout_s: float = 600.0
     restarts: int = 0  # restarts this group went through (deaths and stuck calls)
+    _pids: dict[int, int] | None = None  # actor index -> process id last seen
 
     def metrics_texts(self) -> list[str]:
         """Each actor's Prometheus text (labels ``service`` / ``replica`` keep them apart)."""
@@ -70,6 +71,33 @@ class ActorGroup:
 
     def name(self, index: int) -> str:
         return self.names[index] if index < len(self.names) else f"actor-{index}"
+
+    def count_quiet_restarts(self) -> int:
+        """Ask every actor for its process id; one that changed since last time was restarted
+        by Ray without a call of ours noticing (it died while idle). Counts those into
+        ``restarts`` and returns the total. Actors must expose ``process_id()``."""
+        import ray
+
+        refs = [actor.process_id.remote() for actor in self.actors]
+        seen = self._pids if self._pids is not None else {}
+        for index, ref in enumerate(refs):
+            try:
+                pid = ray.get(ref, timeout=METRICS_TIMEOUT_S)
+            except (ray.exceptions.GetTimeoutError, *actor_lost_errors()):
+                continue  # restarting or busy: the next call to it, or the next count, sees it
+            if index in seen and seen[index] != pid:
+                self.restarts += 1
+                log.warning("%s was restarted by Ray while idle (process %d -> %d)", self.name(index), seen[index], pid)
+            seen[index] = pid
+        self._pids = seen
+        return self.restarts
+
+    def _forget_pid(self, index: int) -> None:
+        """After a restart counted by ``recover``: the next count takes the new process as known."""
+        import ray
+
+        if self._pids is not None:
+            self._pids[index] = ray.get(self.actors[index].process_id.remote(), timeout=METRICS_TIMEOUT_S)
 
     def after_restart(self, index: int) -> None:
         """Bring a restarted actor up to date before it takes work (rollout: the weights)."""
@@ -101,6 +129,7 @@ class ActorGroup:
         started = time.perf_counter()
         try:
             self.wait_restarted(index)
+            self._forget_pid(index)
             self.after_restart(index)
         except actor_lost_errors() as exc:
             raise ServiceLost(

@@ -79,6 +79,7 @@ class Driver:
         self.services.append(self.reward)
         self.rollout = RolloutPool(self.policy_dir, cfg, placement=placement["rollout"])
         self.services.append(self.rollout)
+        self.restarts()  # the process ids every later count compares against
         self.spec = LossSpec.from_config(cfg)
         self.ptx = None
         if self.spec.ptx_coef:
@@ -211,8 +212,10 @@ class Driver:
         return (self.learner.logprobs(tokens) * tokens.response_mask).sum(dim=1)
 
     def restarts(self) -> dict[str, int]:
-        """Actor restarts so far, per service (rollout workers, reward members, reference replicas)."""
-        return {"rollout": self.rollout.restarts, "reward": self.reward.restarts, "reference": self.reference.restarts}
+        """Actor restarts so far, per service (rollout workers, reward members, reference
+        replicas), those Ray made while an actor was idle included."""
+        return {"rollout": self.rollout.count_quiet_restarts(), "reward": self.reward.count_quiet_restarts(),
+                "reference": self.reference.count_quiet_restarts()}
 
     def step(self, step: int, trajectories: list[Trajectory], rollout_s: float) -> dict:
         started = time.perf_counter()

@@ -99,6 +99,10 @@ class ScorerActor:
 
         return os.getpid()
 
+    def __repr__(self) -> str:  # Ray's state API and dashboard show it (repr_name)
+        scorer = getattr(self, "scorer", None)
+        return f"ScorerActor({scorer.name if scorer else '?'})"
+
     def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
         """The member's scores; a bad output is a ScorerOutputError, anything the scorer's
         code raises becomes a ScorerError naming the member (never a silent 0 or None)."""

@@ -165,6 +165,9 @@ class RolloutWorkerActor(RolloutWorker):
     def ready(self) -> str:
         return self.name
 
+    def __repr__(self) -> str:  # Ray's state API and dashboard show it (repr_name)
+        return f"RolloutWorkerActor({getattr(self, 'name', '?')})"
+
     def process_id(self) -> int:
         import os
 
