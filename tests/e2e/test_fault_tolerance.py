@@ -125,6 +125,22 @@ def kill_while_running(head, actor: str, task: str, proc: subprocess.Popen, time
     raise AssertionError(f"{actor}.{task} was never seen RUNNING")
 
 
+def grpo_config(path: Path, head, toy_sft_run, prompts: int, steps: int, workers: int, extra: str) -> Path:
+    """A toy GRPO run of exactly one epoch (``prompts`` x ``steps`` toy prompts) on ``head``,
+    dumping every trained-on trajectory (the ledger); ``extra``: more top-level YAML sections."""
+    path.write_text(textwrap.dedent(f"""
+        seed: 0
+        model: {{path: {toy_sft_run['out'] / 'model'}}}
+        data: {{source: toy, toy_tasks: [preference], toy_size: {prompts * steps}}}
+        rollout: {{num_workers: {workers}, n_samples: {SAMPLES}, prompts_per_step: {prompts}, max_tokens: 24}}
+        learner: {{lr: 5.0e-4, warmup_steps: 0, micro_batch_size: 64, epochs: 1}}
+        algorithm: {{name: grpo, kl_coef: 0.01, total_steps: {steps}, max_staleness: 0}}
+        cluster: {{address: "{head.gcs_address}"}}
+        metrics: {{dump_rollouts: true}}
+    """) + textwrap.dedent(extra))
+    return path
+
+
 def step_of(records: list[dict], killed_at: float) -> dict:
     """The record of the step that was running at ``killed_at`` (the first logged after it)."""
     return next(r for r in records if r["time"] > killed_at)
@@ -145,32 +161,23 @@ def faulted_run(head, toy_sft_run, tmp_path_factory):
             time.sleep(1.5)  # long enough to be caught mid-call
             return gold_reward(prompts, completions)
     """))
-    config = tmp / "grpo-fault.yaml"
-    config.write_text(textwrap.dedent(f"""
-        seed: 0
-        model: {{path: {toy_sft_run['out'] / 'model'}}}
-        data: {{source: toy, toy_tasks: [preference], toy_size: {PROMPTS * STEPS}}}
-        rollout: {{num_workers: 2, n_samples: {SAMPLES}, prompts_per_step: {PROMPTS}, max_tokens: 24}}
+    config = grpo_config(tmp / "grpo-fault.yaml", head, toy_sft_run, PROMPTS, STEPS, workers=2, extra=f"""
         reward:
           aggregate: mean
           scorers:
             - {{kind: toy_noisy_gold, noise_std: 0.3, seed: 1, name: rm-1}}
             - {{kind: python, path: "{slow}:slow_gold", name: slow-gold}}
-        learner: {{lr: 5.0e-4, warmup_steps: 0, micro_batch_size: 64, epochs: 1}}
-        algorithm: {{name: grpo, kl_coef: 0.01, total_steps: {STEPS}, max_staleness: 0}}
-        cluster: {{address: "{head.gcs_address}"}}
-        metrics: {{dump_rollouts: true}}
-    """))
+    """)
     out = tmp / "out"
     proc = start_train(head, config, out)
     try:
         wait_for_step(out, 1, proc)
-        rollout_pid, rollout_killed = kill_while_running(head, "RolloutWorkerActor(rollout-1)", "generate", proc)
+        _, rollout_killed = kill_while_running(head, "RolloutWorkerActor(rollout-1)", "generate", proc)
         deadline = time.monotonic() + 900
         while not any(r["time"] > rollout_killed for r in steps_logged(out)):
             assert proc.poll() is None and time.monotonic() < deadline, "no step finished after the rollout kill"
             time.sleep(0.2)
-        reward_pid, reward_killed = kill_while_running(head, "ScorerActor(slow-gold)", "score", proc)
+        _, reward_killed = kill_while_running(head, "ScorerActor(slow-gold)", "score", proc)
     finally:
         log = finish(proc)
     print(log[-3000:])
@@ -226,19 +233,10 @@ def test_ledger_every_prompt_of_the_epoch_trained_on_exactly_once(faulted_run):
 
 def test_dead_learner_rank_stops_the_run_and_resume_finishes_it(head, toy_sft_run, tmp_path):
     prompts, steps = 8, 5
-    config = tmp_path / "grpo-learner-fault.yaml"
-    config.write_text(textwrap.dedent(f"""
-        seed: 0
-        model: {{path: {toy_sft_run['out'] / 'model'}}}
-        data: {{source: toy, toy_tasks: [preference], toy_size: {prompts * steps}}}
-        rollout: {{num_workers: 1, n_samples: {SAMPLES}, prompts_per_step: {prompts}, max_tokens: 16}}
-        reward: {{scorers: [{{kind: toy_gold}}]}}
-        learner: {{lr: 5.0e-4, warmup_steps: 0, micro_batch_size: 32, epochs: 1}}
-        algorithm: {{name: grpo, kl_coef: 0.01, total_steps: {steps}}}
-        cluster: {{address: "{head.gcs_address}"}}
-        checkpoint: {{every_steps: 2}}
-        metrics: {{dump_rollouts: true}}
-    """))
+    config = grpo_config(tmp_path / "grpo-learner-fault.yaml", head, toy_sft_run, prompts, steps, workers=1, extra="""
+        reward: {scorers: [{kind: toy_gold}]}
+        checkpoint: {every_steps: 2}
+    """)
     out = tmp_path / "out"
     proc = start_train(head, config, out)
     try:
