@@ -299,7 +299,7 @@ class Driver:
             ) as bar:
                 in_flight = None
                 if stream:
-                    in_flight = done_future((pending, 0.0, {})) if pending else self.executor.submit(self._rollout)
+                    in_flight = done_future(pending) if pending else self.executor.submit(self._rollout)
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
                     sync_s = 0.0
@@ -332,10 +332,8 @@ class Driver:
                     bar.update(1)
                     stopping = self.stop_signal is not None or step == last
                     if stopping or (every and step % every == 0):
-                        next_batch = in_flight.result()[0] if in_flight is not None else None
-                        if next_batch is not None:
-                            in_flight = done_future((next_batch, 0.0, {}))
-                        path = self.save_checkpoint(step, next_batch)
+                        next_batch, _, next_stats = in_flight.result() if in_flight is not None else (None, 0.0, {})
+                        path = self.save_checkpoint(step, next_batch, next_stats)
                         bar.write(f"checkpoint: {path}")
                     if self.stop_signal is not None:
                         raise RunStopped(
@@ -392,7 +390,10 @@ class Driver:
             state["ptx"] = self.ptx.state_dict()
         return state
 
-    def save_checkpoint(self, step: int, pending: list[Trajectory] | None = None) -> Path:
+    def save_checkpoint(self, step: int, pending: list[Trajectory] | None = None,
+                        pending_stats: dict | None = None) -> Path:
+        """``pending``: the streaming batch already sampled for the next step, with its rollout
+        figures (``_rollout``'s stats), so a resumed run trains on and logs exactly that."""
         from services.driver.checkpoint import CheckpointStore, copy_policy_files
         from services.rpc.trajectory_io import write_trajectories
 
@@ -401,13 +402,16 @@ class Driver:
         self.learner.save_checkpoint(str(tmp / "learner"))
         copy_policy_files(self.policy_dir, tmp / "hf")
         (tmp / "config.yaml").write_text(dump_config(self.cfg))
+        state = self.state_dict()
         if pending:
             write_trajectories(tmp / "pending_rollouts.pb", pending, [None] * len(pending))
-        return store.commit(tmp, step, self.state_dict())
+            state["pending_rollout_stats"] = dict(pending_stats or {})
+        return store.commit(tmp, step, state)
 
-    def resume(self, checkpoint: Path) -> list[Trajectory] | None:
+    def resume(self, checkpoint: Path) -> tuple[list[Trajectory], float, dict] | None:
         """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
-        trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any."""
+        trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any, as
+        ``_rollout`` returns a batch (trajectories, rollout time 0, its rollout figures)."""
         from services.driver.preflight import check_resume
         from services.rpc.trajectory_io import read_trajectories, trim_trajectories
 
@@ -427,7 +431,8 @@ class Driver:
         print(f"resumed from {checkpoint}: step {self.start_step}, policy version {version}")
         pending_file = Path(checkpoint) / "pending_rollouts.pb"
         if pending_file.is_file():
-            return [record.trajectory for record in read_trajectories(pending_file)]
+            batch = [record.trajectory for record in read_trajectories(pending_file)]
+            return batch, 0.0, dict(state.get("pending_rollout_stats", {}))
         return None
 
     def save_policy(self) -> Path:

@@ -256,3 +256,16 @@ def test_ptx_coef_only_with_policy_gradient_algorithms():
     with pytest.raises(ValidationError, match="ptx_coef"):
         FlywheelConfig.model_validate({"algorithm": {"name": "online_dpo", "ptx_coef": 0.1}})
     assert FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "ptx_coef": 0.1}}).algorithm.ptx_coef == 0.1
+
+
+@pytest.mark.parametrize("field", [
+    "rollout.generate_timeout_s", "rollout.sync_timeout_s", "reward.timeout_s", "reference.timeout_s",
+    "learner.step_timeout_s",
+])
+def test_every_service_call_bound_must_be_positive(field):
+    assert f"{field}: Input should be greater than 0 (got 0)" in load_error("grpo-toy", [f"{field}=0"])
+
+
+@pytest.mark.parametrize("field", ["rollout.max_restarts", "reward.max_restarts", "reference.max_restarts"])
+def test_restart_budgets_are_not_negative(field):
+    assert f"{field}: Input should be greater than or equal to 0 (got -1)" in load_error("grpo-toy", [f"{field}=-1"])
