@@ -44,6 +44,7 @@ class ActorGroup:
     start_timeout_s: float = 600.0
     restarts: int = 0  # restarts this group went through (deaths and stuck calls)
     _pids: dict[int, int] | None = None  # actor index -> process id last seen
+    _recovering: frozenset[int] = frozenset()  # being recovered (streaming: from another thread)
 
     def metrics_texts(self) -> list[str]:
         """Each actor's Prometheus text (labels ``service`` / ``replica`` keep them apart)."""
@@ -81,6 +82,8 @@ class ActorGroup:
         refs = [actor.process_id.remote() for actor in self.actors]
         seen = self._pids if self._pids is not None else {}
         for index, ref in enumerate(refs):
+            if index in self._recovering:  # recover() counts it and records its new process
+                continue
             try:
                 pid = ray.get(ref, timeout=METRICS_TIMEOUT_S)
             except (ray.exceptions.GetTimeoutError, *actor_lost_errors()):
@@ -126,6 +129,7 @@ class ActorGroup:
         ``ServiceLost`` when Ray gave up on it (its ``max_restarts`` used up)."""
         name = self.name(index)
         self.restarts += 1
+        self._recovering = self._recovering | {index}
         started = time.perf_counter()
         try:
             self.wait_restarted(index)
@@ -135,6 +139,8 @@ class ActorGroup:
             raise ServiceLost(
                 f"{name} died and could not be restarted (max_restarts={self.max_restarts}): {type(exc).__name__}"
             ) from None
+        finally:
+            self._recovering = self._recovering - {index}
         log.warning("%s restarted and ready again in %.1fs", name, time.perf_counter() - started)
 
     def restart(self, index: int, problem: Exception, kill: bool) -> None:
