@@ -41,6 +41,7 @@ class ActorGroup:
     actors: list
     names: list[str] = []
     max_restarts: int = 0
+    restarts_setting: str = "max_restarts"  # the config field behind max_restarts, for messages
     start_timeout_s: float = 600.0
     restarts: int = 0  # restarts this group went through (deaths and stuck calls)
     _pids: dict[int, int] | None = None  # actor index -> process id last seen
@@ -95,7 +96,7 @@ class ActorGroup:
         self._pids = seen
         return self.restarts
 
-    def _forget_pid(self, index: int) -> None:
+    def _remember_pid(self, index: int) -> None:
         """After a restart counted by ``recover``: the next count takes the new process as known."""
         import ray
 
@@ -122,7 +123,8 @@ class ActorGroup:
                 time.sleep(1.0)
             except ray.exceptions.GetTimeoutError:
                 break
-        raise ServiceLost(f"{self.name(index)} did not come back within {self.start_timeout_s:.0f}s after a restart")
+        raise ServiceLost(f"{self.name(index)} did not come back within {self.start_timeout_s:.0f}s after a restart "
+                          f"({self.restarts_setting}={self.max_restarts})")
 
     def recover(self, index: int) -> None:
         """Wait for Ray to restart actor ``index``, then ``after_restart`` it. Raises
@@ -133,11 +135,12 @@ class ActorGroup:
         started = time.perf_counter()
         try:
             self.wait_restarted(index)
-            self._forget_pid(index)
+            self._remember_pid(index)
             self.after_restart(index)
         except actor_lost_errors() as exc:
             raise ServiceLost(
-                f"{name} died and could not be restarted (max_restarts={self.max_restarts}): {type(exc).__name__}"
+                f"{name} died and could not be restarted ({self.restarts_setting}={self.max_restarts}): "
+                f"{type(exc).__name__}"
             ) from None
         finally:
             self._recovering = self._recovering - {index}

@@ -104,7 +104,7 @@ class ReferencePool(ActorGroup):
         import ray
 
         self.cfg = reference
-        self.max_restarts = reference.max_restarts
+        self.max_restarts, self.restarts_setting = reference.max_restarts, "reference.max_restarts"
         actor_cls = ray.remote(ReferenceServer)
         self.actors = [
             actor_cls.options(

@@ -157,7 +157,7 @@ class RewardService(ActorGroup):
         self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
         actor_cls = ray.remote(ScorerActor)
         k = len(resolved)
-        self.max_restarts = cfg.max_restarts
+        self.max_restarts, self.restarts_setting = cfg.max_restarts, "reward.max_restarts"
 
         def options(scorer: ScorerConfig, slot: int) -> dict:
             opts = placed(cfg.resources.ray_options(), placement, slot)

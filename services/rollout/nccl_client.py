@@ -4,13 +4,16 @@ weight-transfer API, never run on a GPU.**
 
 The learner's rank 0 holds this client inside vLLM's ``NCCLTrainerWeightTransferEngine``
 (see ``services.learner.nccl_publisher``). Each call fans out to every worker and waits at
-most ``timeout_s``; a late worker raises ``WeightSyncTimeout`` naming it.
+most ``timeout_s``; a late worker raises ``WeightSyncTimeout`` naming it, a dead one
+``ServiceLost`` as soon as it is seen.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from services.core.actor_group import gather
+from services.core.errors import ServiceTimeout
 from services.rollout.weight_sync import WeightSyncTimeout
 
 
@@ -21,13 +24,10 @@ class PoolWeightSyncClient:
         self.next_version: int | None = None
 
     def _fan_out(self, what: str, refs: list) -> list:
-        import ray
-
-        done, late = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if late:
-            names = ", ".join(self.names[refs.index(r)] for r in late)
-            raise WeightSyncTimeout(names, f"weight transfer '{what}'", self.timeout_s)
-        return ray.get(refs)
+        try:
+            return gather(refs, self.names, f"weight transfer '{what}'", self.timeout_s, "rollout.sync_timeout_s")
+        except ServiceTimeout as late:
+            raise WeightSyncTimeout(late.actor, late.call, late.timeout_s) from None
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         # vLLM hands every engine the same rank offset; each engine needs its own ranks.

@@ -29,10 +29,6 @@ from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec
 log = logging.getLogger(__name__)
 
 
-class RolloutWorkerLost(ServiceLost):
-    """A rollout worker died and Ray could not bring it back (restarts used up or start-up failed)."""
-
-
 class RolloutPool(ActorGroup):
     def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = 600.0,
                  placement: list[dict] | None = None):
@@ -43,7 +39,7 @@ class RolloutPool(ActorGroup):
         options = cfg.rollout.resources.ray_options()
         # Ray restarts a dead worker (same bundle, __init__ again: base weights, version 0);
         # after_restart then pushes the current weights before it takes work
-        self.max_restarts = cfg.rollout.max_restarts
+        self.max_restarts, self.restarts_setting = cfg.rollout.max_restarts, "rollout.max_restarts"
         restart = {"max_restarts": self.max_restarts, "max_task_retries": 0}
         self.actors = [
             actor_cls.options(max_concurrency=2, **restart, **placed(options, placement, i)).remote(str(model_dir), cfg, i)
@@ -134,15 +130,7 @@ class RolloutPool(ActorGroup):
             raise WeightSyncTimeout(self.names[worker], f"weight sync to policy version {self.version} after a restart",
                                     self.cfg.rollout.sync_timeout_s) from None
         if version != self.version:
-            raise RolloutWorkerLost(f"{self.names[worker]} came back with policy version {version}, not {self.version}")
-
-    def recover(self, worker: int) -> None:
-        try:
-            super().recover(worker)
-        except ServiceLost as exc:
-            if isinstance(exc, RolloutWorkerLost):
-                raise
-            raise RolloutWorkerLost(f"{exc} (rollout.max_restarts={self.max_restarts})") from None
+            raise ServiceLost(f"{self.names[worker]} came back with policy version {version}, not {self.version}")
 
     def sync_weights(self, state_dict_or_bytes: dict | bytes, version: int, timeout_s: float | None = None) -> dict:
         """Publish ``version`` to every worker in parallel; returns timing and size figures.

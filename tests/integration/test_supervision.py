@@ -222,3 +222,36 @@ def test_stuck_learner_rank_is_a_named_timeout(two_ranks):
     assert "learner rank 1" in message and "train_step" in message and "learner.step_timeout_s" in message
     assert "learner rank 0" in message  # blocked in the collective with rank 1: late as well
     assert elapsed < 120, elapsed  # the bound is 20 s; never a hang
+
+
+def test_gpu_weight_transfer_control_plane_names_the_late_worker(ray_session):
+    import ray
+
+    from services.rollout.nccl_client import PoolWeightSyncClient
+    from services.rollout.weight_sync import WeightSyncTimeout
+
+    class Engine:  # defined here so Ray ships it by value (workers cannot import tests/)
+        """A rollout worker's side of the GPU handshake: only the control plane (fan-out,
+        bound, naming) is exercised here; NCCL itself needs a GPU."""
+
+        def __init__(self, delay_s: float):
+            self.delay_s = delay_s
+
+        def nccl_step(self, step, info=None, version=None):
+            time.sleep(self.delay_s)
+            return 0
+
+    engine = ray.remote(num_cpus=0)(Engine)
+    workers = [engine.remote(0.0), engine.remote(60.0)]
+    try:
+        client = PoolWeightSyncClient(workers, ["rollout-0", "rollout-1"], timeout_s=3)
+        started = time.monotonic()
+        with pytest.raises(WeightSyncTimeout) as err:
+            client.start_weight_update()
+        elapsed = time.monotonic() - started
+        message = str(err.value)
+        assert message.startswith("rollout-1: weight transfer 'start'") and "rollout.sync_timeout_s" in message, message
+        assert elapsed < 30, elapsed  # the bound is 3 s
+    finally:
+        for w in workers:
+            ray.kill(w)
