@@ -115,6 +115,22 @@ class RolloutConfig(Section):
     generate_timeout_s: float = Field(
         600.0, gt=0, description="a worker that returns no chunk for this long is killed and restarted"
     )
+    logprob_gap_alarm: float | None = Field(
+        None, gt=0, description="warn (once per streak of steps) when rollout/logprob_gap_max, the largest gap "
+        "between the engine's and the learner's log-prob of a sampled token under the same weights, exceeds this; "
+        "null: 1e-3 for model.dtype fp32, 1.0 for bf16/fp16"
+    )
+    logprob_gap_every: int = Field(
+        10, ge=0, description="streaming runs (algorithm.max_staleness >= 1): measure the log-prob gap on the first "
+        "step and every N steps after it (that step waits for the next batch and runs one extra learner forward); "
+        "0: never. On-policy runs measure it on every step at no extra cost"
+    )
+
+    def gap_alarm(self, dtype: str) -> float:
+        """``logprob_gap_alarm``, or its default for ``model.dtype``."""
+        if self.logprob_gap_alarm is not None:
+            return self.logprob_gap_alarm
+        return 1e-3 if dtype == "fp32" else 1.0
 
 
 class ScorerConfig(Section):
@@ -263,11 +279,23 @@ class AlgorithmConfig(Section):
     displacement_patience: int = Field(
         5, ge=1, description="online_dpo: alarm after this many steps in a row that lower log p(chosen)"
     )
+    tis_cap: float | None = Field(
+        None, gt=0, description="ppo/grpo with max_staleness 0: multiply each token's policy loss by "
+        "min(pi_learner_old / pi_sampler, tis_cap), the truncated importance weight that corrects for the rollout "
+        "engine computing log-probs differently from the learner (bf16 on GPUs; Yao et al. 2025). null: off"
+    )
 
     @model_validator(mode="after")
     def _ptx_needs_policy_gradient(self) -> "AlgorithmConfig":
         if self.ptx_coef and self.name not in ("ppo", "grpo"):
             raise ValueError(f"ptx_coef mixes an SFT term into ppo/grpo updates; algorithm '{self.name}' has none")
+        if self.tis_cap is not None and self.name not in ("ppo", "grpo"):
+            raise ValueError(f"tis_cap weights ppo/grpo policy-gradient tokens; algorithm '{self.name}' has none")
+        if self.tis_cap is not None and self.max_staleness:
+            raise ValueError(
+                "tis_cap corrects the learner's old log-probs for the sampler's; with max_staleness >= 1 the PPO "
+                "ratio already uses the sampler's log-probs (set max_staleness: 0, or drop tis_cap)"
+            )
         return self
     total_steps: int = Field(100, ge=1)
 

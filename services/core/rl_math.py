@@ -219,13 +219,16 @@ def ppo_policy_loss(
     clip_high: Optional[float] = None,
     dual_clip: Optional[float] = None,
     agg_mode: str = "token-mean",
+    is_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped PPO surrogate.  logprobs/old_logprobs/mask [B, T], advantages [B, T] or [B].
 
     ratio = exp(logprobs - old); pg1 = -A*ratio;
     pg2 = -A*clamp(ratio, 1-clip_low, 1+clip_high)  (clip_high defaults to clip_low);
     loss_tok = max(pg1, pg2); with dual clip (c > 1) and A < 0:
-    loss_tok = min(loss_tok, -A*c).  Aggregated with ``aggregate_loss``.
+    loss_tok = min(loss_tok, -A*c).  With ``is_weights`` [B, T] (for example
+    ``truncated_is_weights``) each token's loss is multiplied by its (constant) weight.
+    Aggregated with ``aggregate_loss``.
 
     Stats (detached float scalars, masked means):
       clip_frac  fraction of tokens with pg2 > pg1 (clipped branch selected);
@@ -252,6 +255,8 @@ def ppo_policy_loss(
         pg3 = -advantages * dual_clip
         dual = (advantages < 0) & (pg3 < loss_tok)
         loss_tok = torch.where(dual, pg3, loss_tok)
+    if is_weights is not None:
+        loss_tok = loss_tok * _zero_masked(is_weights.detach(), m)
     loss = aggregate_loss(loss_tok, m, agg_mode)
     with torch.no_grad():
         stats = {
@@ -261,6 +266,36 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio.float(), m),
         }
     return loss, stats
+
+
+def truncated_is_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights min(pi_old / pi_sampler, cap), per token [B, T].
+
+    ``old_logprobs``: the learner's log-probs of the sampled tokens under the weights that
+    sampled them; ``sampler_logprobs``: the rollout engine's. They differ where the engine
+    computes differently (bf16 kernels on GPUs), which makes "on-policy" data slightly
+    off-policy (Yao et al. 2025); the weight corrects for it, the cap bounds its variance.
+    """
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap)
+
+
+def logprob_gap_stats(
+    learner_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, low: float = 0.5, high: float = 2.0
+) -> Dict[str, float]:
+    """How far the rollout engine's log-probs of the sampled tokens are from the learner's
+    under the same weights ([B, T] each; only masked tokens count).
+
+    max / mean: of |learner - sampler|; ratio_outside: share of tokens whose importance
+    ratio exp(learner - sampler) lies outside [low, high]. With no token all are 0.
+    """
+    m = _bool_mask(mask)
+    if not bool(m.any()):
+        return {"max": 0.0, "mean": 0.0, "ratio_outside": 0.0}
+    gap = (learner_logprobs.double() - sampler_logprobs.double())[m]
+    outside = (gap < math.log(low)) | (gap > math.log(high))
+    return {"max": float(gap.abs().max()), "mean": float(gap.abs().mean()), "ratio_outside": float(outside.double().mean())}
 
 
 def value_loss(

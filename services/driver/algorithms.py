@@ -136,14 +136,16 @@ def grpo_batch(
     drop_zero_variance: bool = False,
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    sampler: torch.Tensor | None = None,
 ) -> tuple[dict | None, dict[str, float]]:
     """Group-normalised advantages (``rl_math.grpo_advantages``) on every response token.
 
-    ``old_logprobs`` / ``ref_logprobs`` are [B, T] over ``build_tokens(trajectories)``;
-    old defaults to the sampler's log-probs. With ``drop_zero_variance`` groups whose rewards
-    all tie are left out (their advantages are 0 anyway). Returns (batch with ``tokens``,
-    ``old_logprobs``, ``advantages`` and ``ref_logprobs`` if given; or None when every group
-    was dropped, stats).
+    ``old_logprobs`` / ``ref_logprobs`` / ``sampler`` (the sampler's log-probs, for the
+    truncated-IS weights) are [B, T] over ``build_tokens(trajectories)``; old defaults to the
+    sampler's log-probs. With ``drop_zero_variance`` groups whose rewards all tie are left out
+    (their advantages are 0 anyway). Returns (batch with ``tokens``, ``old_logprobs``,
+    ``advantages`` and ``ref_logprobs`` / ``sampler_logprobs`` if given; or None when every
+    group was dropped, stats).
     """
     _check_nonempty(trajectories)
     r = _scores("rewards", rewards, len(trajectories))
@@ -153,8 +155,10 @@ def grpo_batch(
     if old_logprobs is None:
         old_logprobs = sampler_logprobs(trajectories, tokens)
     _check_shape("old_logprobs", old_logprobs, shape)
-    if ref_logprobs is not None:
-        _check_shape("ref_logprobs", ref_logprobs, shape)
+    optional = {"ref_logprobs": ref_logprobs, "sampler_logprobs": sampler}
+    optional = {name: t for name, t in optional.items() if t is not None}
+    for name, t in optional.items():
+        _check_shape(name, t, shape)
 
     std = rl_math.group_reward_std(r, group_size)
     adv = rl_math.grpo_advantages(r, group_size, scale_by_std=scale_by_std)
@@ -171,9 +175,8 @@ def grpo_batch(
     per_token = {
         "advantages": torch.where(mask, adv[:, None], torch.zeros(())),
         "old_logprobs": old_logprobs.float(),
+        **{name: t.float() for name, t in optional.items()},
     }
-    if ref_logprobs is not None:
-        per_token["ref_logprobs"] = ref_logprobs.float()
     rows = keep_group.repeat_interleave(group_size).nonzero().flatten()
     sub, per_token = _take_rows(tokens, rows, per_token)
     return {"tokens": sub, **per_token}, stats
@@ -196,6 +199,7 @@ def ppo_batch(
     kl_in_reward: bool,
     pad_id: int,
     whiten_advantages: bool = True,
+    sampler: torch.Tensor | None = None,
 ) -> tuple[dict, dict[str, float]]:
     """GAE advantages from a terminal score (plus a per-token KL penalty if ``kl_in_reward``).
 
@@ -203,7 +207,8 @@ def ppo_batch(
     ``kl_coef * kl_estimate(old, ref)`` on every response token when ``kl_in_reward``.
     ``values``, ``ref_logprobs``, ``old_logprobs`` are [B, T] over ``build_tokens``. Returns
     (batch: tokens, old_logprobs, advantages (whitened if asked), returns, old_values,
-    and ref_logprobs when the KL is a loss term; stats).
+    ref_logprobs when the KL is a loss term, and ``sampler`` (the sampler's log-probs [B, T],
+    for the truncated-IS weights) as sampler_logprobs when given; stats).
     """
     _check_nonempty(trajectories)
     s = _scores("scores", scores, len(trajectories))
@@ -235,6 +240,9 @@ def ppo_batch(
     }
     if not kl_in_reward:
         batch["ref_logprobs"] = ref_logprobs
+    if sampler is not None:
+        _check_shape("sampler_logprobs", sampler, shape)
+        batch["sampler_logprobs"] = sampler.float()
     seq_penalty = penalty.sum(dim=-1)
     stats = {
         "reward/score_mean": float(s.mean()),

@@ -6,6 +6,13 @@ the driver measures the mean change of the chosen responses' summed log-likeliho
 the learner across the update; when that change stays negative for ``patience`` steps in a
 row the monitor logs a warning and raises its alarm (``dpo/displacement_alarm`` in
 metrics.jsonl, ``flywheel_dpo_likelihood_displacement_alarm`` in Prometheus).
+
+:class:`LogprobGapMonitor` (every RL algorithm): the rollout engine's log-prob of each
+sampled token against the learner's under the same weights. They should agree to float
+noise in fp32 (bf16 kernels on GPUs differ more); a gap is a train-inference mismatch, such
+as an engine that did not receive every weight in a sync. The monitor reports
+``rollout/logprob_gap_max`` / ``_mean`` / ``_ratio_outside`` and warns once per streak of
+steps whose largest gap exceeds the alarm threshold (``rollout.logprob_gap_alarm``).
 """
 
 from __future__ import annotations
@@ -40,4 +47,30 @@ class LikelihoodDisplacementMonitor:
         }
 
 
-__all__ = ["LikelihoodDisplacementMonitor"]
+class LogprobGapMonitor:
+    def __init__(self, alarm: float):
+        if not alarm > 0:
+            raise ValueError(f"alarm must be > 0, got {alarm}")
+        self.alarm = alarm
+        self.alarming = False
+
+    def update(self, step: int, version: int, gap: dict[str, float]) -> dict[str, float]:
+        """Record one measurement (``rl_math.logprob_gap_stats`` of trajectories sampled by
+        policy ``version``); returns its metrics."""
+        over = gap["max"] > self.alarm
+        if over and not self.alarming:
+            log.warning(
+                "train-inference mismatch: in step %d the rollout engine's log-probs of tokens sampled by policy "
+                "version %d differ from the learner's by up to %.3g (mean %.3g; %.1f%% of tokens with an importance "
+                "ratio outside [0.5, 2]); above rollout.logprob_gap_alarm = %.3g. The engine does not hold the "
+                "learner's weights, or computes differently (dtype, kernels); see algorithm.tis_cap.",
+                step, version, gap["max"], gap["mean"], 100 * gap["ratio_outside"], self.alarm,
+            )
+        self.alarming = over
+        return {
+            "rollout/logprob_gap_max": gap["max"], "rollout/logprob_gap_mean": gap["mean"],
+            "rollout/logprob_gap_ratio_outside": gap["ratio_outside"], "rollout/logprob_gap_alarm": float(over),
+        }
+
+
+__all__ = ["LikelihoodDisplacementMonitor", "LogprobGapMonitor"]

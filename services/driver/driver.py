@@ -18,14 +18,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
 
-from services.core import toy_world
+from services.core import rl_math, toy_world
 from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
 from services.core.errors import ServiceFailure, UserError
 from services.core.metrics import MetricsWriter
 from services.driver import algorithms as alg
-from services.driver.diagnostics import LikelihoodDisplacementMonitor
+from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
 from services.driver.preflight import check_rl_settings
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
@@ -36,6 +36,7 @@ class Driver:
         self.cfg, self.out, self.policy_dir = cfg, Path(out_dir), str(policy_dir)
         self.algorithm = cfg.algorithm.name
         self.displacement = LikelihoodDisplacementMonitor(cfg.algorithm.displacement_patience)
+        self.logprob_gap = LogprobGapMonitor(cfg.rollout.gap_alarm(cfg.model.dtype))
         check_rl_settings(cfg)  # also run by `flywheel train` before the toy policy's SFT
         self.prompts: PromptSource = toy_prompt_source(cfg)
         if cfg.data.selection == "reward_variance":
@@ -146,17 +147,33 @@ class Driver:
         old = old_future.result() if old_future else sampler
         return scores, tokens, ref, values, sampler, old
 
-    def _train_batch(self, trajectories, scores, tokens, ref, values, old) -> tuple[dict | None, dict]:
+    def _gap(self, step: int, trajectories: list[Trajectory], tokens, sampler, learner) -> dict:
+        """Train-inference mismatch: ``learner`` and ``sampler`` are [B, T] log-probs of the
+        trajectories' tokens under the version that sampled them (all one version)."""
+        gap = rl_math.logprob_gap_stats(learner, sampler, tokens.response_mask)
+        return self.logprob_gap.update(step, trajectories[0].policy_version, gap)
+
+    def _probe_gap(self, step: int, trajectories: list[Trajectory]) -> dict:
+        """Streaming runs: the gap on a batch sampled by the learner's current version (before
+        the learner moves on), with one extra learner forward."""
+        same = [t for t in trajectories if t.policy_version == self.learner.policy_version]
+        if not same:
+            return {}
+        tokens = alg.build_tokens(same, self.pad_id)
+        return self._gap(step, same, tokens, alg.sampler_logprobs(same, tokens), self.learner.logprobs(tokens))
+
+    def _train_batch(self, trajectories, scores, tokens, ref, values, old, sampler) -> tuple[dict | None, dict]:
         a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
+        tis = sampler if a.tis_cap is not None else None  # the truncated-IS weights need them
         if self.algorithm == "grpo":
             return alg.grpo_batch(
                 trajectories, scores, n, self.pad_id, a.scale_rewards_by_std, a.drop_zero_variance_groups,
-                old_logprobs=old, ref_logprobs=ref,
+                old_logprobs=old, ref_logprobs=ref, sampler=tis,
             )
         if self.algorithm == "ppo":
             return alg.ppo_batch(
                 trajectories, scores, values, ref, old, a.gamma, a.lam, a.kl_coef, a.kl_estimator,
-                a.kl_in_reward, self.pad_id,
+                a.kl_in_reward, self.pad_id, sampler=tis,
             )
         chosen, rejected, stats = alg.dpo_pairs(trajectories, scores, n, self.pad_id)
         if not chosen:
@@ -230,7 +247,9 @@ class Driver:
         ensemble, tokens, ref, values, sampler, old = self._score(kept)
         scores = ensemble.scores
         record["timing/score_s"] = time.perf_counter() - score_started
-        batch, stats = self._train_batch(kept, scores, tokens, ref, values, old)
+        if self.cfg.algorithm.max_staleness == 0:  # old: the learner's, under the version that sampled
+            record.update(self._gap(step, kept, tokens, sampler, old))
+        batch, stats = self._train_batch(kept, scores, tokens, ref, values, old, sampler)
         record.update(stats)
         staleness = [learner_version - t.policy_version for t in kept]
         assert max(staleness) <= self.cfg.algorithm.max_staleness, staleness  # never train on stale data
@@ -303,14 +322,18 @@ class Driver:
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
                     sync_s = 0.0
+                    gap: dict = {}
                     if stream:
                         trajectories, rollout_s, rollout_stats = in_flight.result()
                         sync_s = self._sync()  # engines are idle now
                         in_flight = self.executor.submit(self._rollout) if step < total else None
+                        if in_flight is not None and self._probe_due(step):
+                            gap = self._probe_gap(step, in_flight.result()[0])
                     else:
                         sync_s = self._sync()
                         trajectories, rollout_s, rollout_stats = self._rollout()
                     record = self.step(step, trajectories, rollout_s)
+                    record.update(gap)
                     record.update(rollout_stats)
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
@@ -353,6 +376,12 @@ class Driver:
         report = write_report(self.out)
         print(f"report: {report}")
         return records
+
+    def _probe_due(self, step: int) -> bool:
+        """Streaming: measure the log-prob gap on step 1 and every ``rollout.logprob_gap_every``
+        steps after it (the same steps in a resumed run)."""
+        every = self.cfg.rollout.logprob_gap_every
+        return every > 0 and (step - 1) % every == 0
 
     def _stopped_hint(self, step: int) -> str:
         """What a run that failed after step ``step`` tells its user: where to continue from."""

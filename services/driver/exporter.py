@@ -52,6 +52,20 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "rollout/staleness_max": (
         "flywheel_trajectory_staleness_max", "Largest policy-version lag of a trajectory trained on at the last step"
     ),
+    "rollout/logprob_gap_max": (
+        "flywheel_logprob_gap_max",
+        "Largest |engine - learner| log-prob of a sampled token under the same weights, last measurement",
+    ),
+    "rollout/logprob_gap_mean": (
+        "flywheel_logprob_gap_mean", "Mean |engine - learner| log-prob of the sampled tokens, last measurement"
+    ),
+    "rollout/logprob_gap_ratio_outside": (
+        "flywheel_logprob_ratio_outside_fraction",
+        "Share of sampled tokens whose learner/engine probability ratio is outside [0.5, 2], last measurement",
+    ),
+    "rollout/logprob_gap_alarm": (
+        "flywheel_logprob_gap_alarm", "1 while the log-prob gap is above rollout.logprob_gap_alarm"
+    ),
 }
 HISTOGRAMS = {
     "timing/step_s": ("flywheel_step_seconds", "Wall time of one RL step"),

@@ -35,6 +35,8 @@ class LossSpec:
     (negative log-likelihood of the response tokens). kl_coef > 0 adds
     ``kl_coef * KL(pi || ref)`` as a loss term (needs ``ref_logprobs``); entropy_coef > 0
     subtracts ``entropy_coef * entropy``; value_clip / vf_coef configure the critic.
+    tis_cap (ppo only) multiplies each token's policy loss by the truncated importance weight
+    min(exp(old_logprobs - sampler_logprobs), tis_cap) (needs ``sampler_logprobs``).
     """
 
     kind: str = "ppo"
@@ -50,6 +52,7 @@ class LossSpec:
     dpo_beta: float = 0.1
     dpo_loss_type: str = "sigmoid"
     ptx_coef: float = 0.0
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         allowed = {
@@ -65,6 +68,8 @@ class LossSpec:
             raise ValueError(f"LossSpec.ptx_coef must be >= 0, got {self.ptx_coef}")
         if self.ptx_coef and self.kind != "ppo":
             raise ValueError("LossSpec.ptx_coef: the pretraining-mix term goes with ppo/grpo updates only")
+        if self.tis_cap is not None and (self.kind != "ppo" or not self.tis_cap > 0):
+            raise ValueError(f"LossSpec.tis_cap must be > 0 and goes with ppo/grpo updates only, got {self.tis_cap}")
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
@@ -77,7 +82,7 @@ class LossSpec:
             agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward else alg.kl_coef,
             kl_estimator=alg.kl_estimator, entropy_coef=learner.entropy_coef, value_clip=alg.value_clip,
             vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
-            ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0,
+            ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0, tis_cap=alg.tis_cap if kind == "ppo" else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -196,9 +201,17 @@ def policy_terms(logits: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[tor
         loss = rl_math.aggregate_loss(-logprobs, mask, mode)
         stats["nll"] = loss.detach()
     elif spec.kind == "ppo":
+        old = _device(micro["old_logprobs"], logits)
+        weights = None
+        if spec.tis_cap is not None:
+            if "sampler_logprobs" not in micro:
+                raise ValueError("LossSpec.tis_cap needs the batch's sampler_logprobs")
+            weights = rl_math.truncated_is_weights(old, _device(micro["sampler_logprobs"], logits), spec.tis_cap)
+            stats["tis_weight_mean"] = rl_math.masked_mean(weights, mask)
         loss, ppo_stats = rl_math.ppo_policy_loss(
-            logprobs, _device(micro["old_logprobs"], logits), _device(micro["advantages"], logits), mask,
+            logprobs, old, _device(micro["advantages"], logits), mask,
             clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip, agg_mode=mode,
+            is_weights=weights,
         )
         stats["pg_loss"] = loss.detach()
         stats.update(ppo_stats)

@@ -269,3 +269,20 @@ def test_every_service_call_bound_must_be_positive(field):
 @pytest.mark.parametrize("field", ["rollout.max_restarts", "reward.max_restarts", "reference.max_restarts"])
 def test_restart_budgets_are_not_negative(field):
     assert f"{field}: Input should be greater than or equal to 0 (got -1)" in load_error("grpo-toy", [f"{field}=-1"])
+
+
+def test_tis_cap_only_on_policy_with_policy_gradient_algorithms():
+    assert "tis_cap weights ppo/grpo" in load_error("grpo-toy", ["algorithm.name=online_dpo", "algorithm.tis_cap=2"])
+    assert "max_staleness: 0" in load_error("grpo-toy", ["algorithm.max_staleness=1", "algorithm.tis_cap=2"])
+    assert "algorithm.tis_cap: Input should be greater than 0" in load_error("grpo-toy", ["algorithm.tis_cap=0"])
+    cfg = FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "tis_cap": 2.0}})
+    assert cfg.algorithm.tis_cap == 2.0
+
+
+def test_logprob_gap_alarm_defaults_by_dtype():
+    cfg = FlywheelConfig()
+    assert cfg.rollout.gap_alarm("fp32") == 1e-3 and cfg.rollout.gap_alarm("bf16") == 1.0
+    cfg.rollout.logprob_gap_alarm = 0.25
+    assert cfg.rollout.gap_alarm("fp32") == cfg.rollout.gap_alarm("bf16") == 0.25
+    assert "rollout.logprob_gap_every: Input should be greater than or equal to 0" in load_error(
+        "grpo-toy", ["rollout.logprob_gap_every=-1"])

@@ -1,10 +1,11 @@
-"""The likelihood-displacement alarm: raised after `patience` negative steps in a row."""
+"""The likelihood-displacement alarm (raised after `patience` negative steps in a row) and the
+train-inference log-prob gap alarm (warns once per streak above its threshold)."""
 
 import logging
 
 import pytest
 
-from services.driver.diagnostics import LikelihoodDisplacementMonitor
+from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
 
 
 def test_alarm_after_patience_negative_steps(caplog):
@@ -22,3 +23,19 @@ def test_alarm_after_patience_negative_steps(caplog):
 def test_patience_must_be_positive():
     with pytest.raises(ValueError):
         LikelihoodDisplacementMonitor(0)
+
+
+def test_logprob_gap_alarm_warns_once_per_streak(caplog):
+    monitor = LogprobGapMonitor(alarm=1e-3)
+    maxima = [2e-6, 0.13, 0.2, 5e-7, 0.05, 1e-6]
+    with caplog.at_level(logging.WARNING, logger="flywheel.diagnostics"):
+        records = [monitor.update(step, step - 1, {"max": m, "mean": m / 3, "ratio_outside": 0.0})
+                   for step, m in enumerate(maxima, start=1)]
+    assert [r["rollout/logprob_gap_alarm"] for r in records] == [0, 1, 1, 0, 1, 0]
+    assert [r["rollout/logprob_gap_max"] for r in records] == maxima
+    assert records[1]["rollout/logprob_gap_mean"] == pytest.approx(0.13 / 3)
+    warnings = [r.getMessage() for r in caplog.records if "train-inference mismatch" in r.getMessage()]
+    assert len(warnings) == 2  # steps 2 and 5 start a streak
+    assert "step 2" in warnings[0] and "policy version 1" in warnings[0] and "0.13" in warnings[0]
+    with pytest.raises(ValueError):
+        LogprobGapMonitor(0.0)

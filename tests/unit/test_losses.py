@@ -132,3 +132,47 @@ def test_loss_spec_validation_and_config():
     cfg.algorithm.name = "online_dpo"
     spec = LossSpec.from_config(cfg)
     assert (spec.kind, spec.kl_coef) == ("dpo", 0.0)
+
+
+def test_tis_cap_weights_each_tokens_policy_loss():
+    """policy_terms with tis_cap: the clipped surrogate of every token times
+    min(exp(old - sampler), cap), computed here token by token."""
+    batch = ppo_batch(seed=3)
+    g = torch.Generator().manual_seed(7)
+    batch["sampler_logprobs"] = batch["old_logprobs"] + 0.6 * torch.randn(batch["old_logprobs"].shape, generator=g)
+    tb = batch["tokens"]
+    logits = logits_for(tb, seed=4)
+    spec = LossSpec(kind="ppo", tis_cap=1.5)
+    loss, stats = policy_terms(logits, batch, spec)
+    lp = per_token_logprobs(logits, tb.input_ids)
+    total, count, weights = 0.0, 0, []
+    for b in range(tb.size):
+        for pos in range(tb.input_ids.shape[1]):
+            if tb.response_mask[b, pos] == 0:
+                continue
+            ratio = torch.exp(lp[b, pos] - batch["old_logprobs"][b, pos]).item()
+            a = batch["advantages"][b, pos].item()
+            surrogate = max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
+            w = min(torch.exp(batch["old_logprobs"][b, pos] - batch["sampler_logprobs"][b, pos]).item(), 1.5)
+            total, count = total + w * surrogate, count + 1
+            weights.append(w)
+    assert stats["pg_loss"].item() == pytest.approx(total / count, rel=1e-5)
+    assert stats["tis_weight_mean"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-5)
+    assert min(weights) < 1 and max(weights) == 1.5  # the cap acted and some weights are below 1
+    unweighted, _ = policy_terms(logits, batch, LossSpec(kind="ppo"))
+    assert abs(unweighted.item() - loss.item()) > 1e-3
+    del batch["sampler_logprobs"]
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        policy_terms(logits, batch, spec)
+
+
+def test_tis_cap_config():
+    with pytest.raises(ValueError, match="tis_cap"):
+        LossSpec(kind="dpo", tis_cap=2.0)
+    with pytest.raises(ValueError, match="tis_cap"):
+        LossSpec(tis_cap=0.0)
+    cfg = FlywheelConfig()
+    cfg.algorithm.name = "grpo"
+    cfg.algorithm.tis_cap = 2.0
+    assert LossSpec.from_config(cfg).tis_cap == 2.0
+    assert LossSpec.from_config(FlywheelConfig()).tis_cap is None

@@ -396,6 +396,44 @@ def test_ppo_asymmetric_and_dual_clip_hand():
     assert_close(st["dual_clip_frac"], torch.tensor(0.25))
 
 
+def test_truncated_is_weights_hand():
+    old = t([[math.log(0.5), math.log(0.2), math.log(0.9)]])
+    sampler = t([[math.log(0.25), math.log(0.4), math.log(0.1)]])
+    # ratios pi_old / pi_sampler = 2, 0.5, 9 -> capped at 3: 2, 0.5, 3
+    assert_close(rm.truncated_is_weights(old, sampler, cap=3.0), t([[2.0, 0.5, 3.0]]))
+    with pytest.raises(ValueError, match="cap"):
+        rm.truncated_is_weights(old, sampler, cap=0.0)
+
+
+def test_ppo_policy_loss_with_is_weights_hand():
+    # the tokens of test_ppo_policy_loss_hand, losses -1.2, -0.5, 1.1, 0.8, weighted 2, 0.5, 1, 3
+    ratios = [1.5, 0.5, 1.1, 0.7]
+    lp = t([[math.log(x) for x in ratios] + [NAN]]).requires_grad_(True)
+    old = torch.zeros(1, 5)
+    adv = t([[1.0, 1.0, -1.0, -1.0, NAN]])
+    m = t([[1, 1, 1, 1, 0]])
+    weights = t([[2.0, 0.5, 1.0, 3.0, NAN]])
+    loss, stats = rm.ppo_policy_loss(lp, old, adv, m, clip_low=0.2, is_weights=weights)
+    assert_close(loss, t((-1.2 * 2 - 0.5 * 0.5 + 1.1 + 0.8 * 3) / 4))  # 0.2125
+    loss.backward()
+    # the weights scale the gradient and carry none themselves
+    assert_close(lp.grad, t([[0.0, -0.5 * 0.5 / 4, 1.1 / 4, 0.0, 0.0]]))
+    assert_close(stats["clip_frac"], torch.tensor(0.5))
+
+
+def test_logprob_gap_stats_hand():
+    learner = t([[0.0, -1.0, -2.0, -0.5], [-1.0, -3.0, 0.0, 0.0]])
+    sampler = t([[0.0, -1.5, -0.5, -0.5], [-0.2, -3.0, NAN, 9.0]])
+    m = t([[0, 1, 1, 1], [1, 1, 0, 0]])
+    # masked gaps: 0.5, -1.5, 0.0, -0.8, 0.0; |gap| max 1.5, mean 2.8 / 5;
+    # ratio exp(gap) outside [0.5, 2] when gap < -0.693 or > 0.693: -1.5 and -0.8 -> 2 of 5
+    stats = rm.logprob_gap_stats(learner, sampler, m)
+    assert stats["max"] == pytest.approx(1.5)
+    assert stats["mean"] == pytest.approx(2.8 / 5)
+    assert stats["ratio_outside"] == pytest.approx(0.4)
+    assert rm.logprob_gap_stats(learner, sampler, torch.zeros(2, 4)) == {"max": 0.0, "mean": 0.0, "ratio_outside": 0.0}
+
+
 def test_ppo_sequence_level_advantages_broadcast():
     lp = t([[0.1, -0.3], [0.2, 0.0]])
     old = t([[0.0, 0.0], [0.1, 0.1]])

