@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 REQUIRED = [
     "step", "policy_version", "reward/mean", "reward/std", "gold/mean", "train/kl", "train/loss",
     "rollout/response_length_mean", "timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
+    "rollout/logprob_gap_max", "rollout/logprob_gap_mean", "rollout/logprob_gap_ratio_outside",
 ]
 
 
@@ -35,6 +36,7 @@ def test_each_algorithm_runs_and_logs_finite_metrics(preset, toy_sft_run, ray_se
         for key in REQUIRED:
             assert key in record, (preset, key)
             assert math.isfinite(record[key]), (preset, key, record[key])
+        assert record["rollout/logprob_gap_max"] < 1e-4, (preset, record)  # engines hold the learner's weights
     assert (tmp_path / "report" / "index.html").is_file()
     assert (tmp_path / "report" / "gold.png").is_file()
     assert (tmp_path / "policy" / "model.safetensors").is_file()

@@ -27,6 +27,7 @@ import pytest
 from services.core.metrics import read_metrics
 from tests.conftest import DIST_ENV, REPO
 from tests.ray_head import ray_head as start_ray_head
+from tests.sync_check import TOLERANCE, sampler_gap_by_version
 
 pytestmark = pytest.mark.slow
 
@@ -167,6 +168,7 @@ def faulted_run(head, toy_sft_run, tmp_path_factory):
           scorers:
             - {{kind: toy_noisy_gold, noise_std: 0.3, seed: 1, name: rm-1}}
             - {{kind: python, path: "{slow}:slow_gold", name: slow-gold}}
+        checkpoint: {{every_steps: 1, keep_last: {STEPS}}}
     """)
     out = tmp / "out"
     proc = start_train(head, config, out)
@@ -229,6 +231,22 @@ def test_ledger_every_prompt_of_the_epoch_trained_on_exactly_once(faulted_run):
         gold = gold_reward([t.prompt], [t.response])[0]
         assert math.isclose(record.member_scores["slow-gold"], gold, rel_tol=1e-6, abs_tol=1e-9)
         assert math.isfinite(record.member_scores["rm-1"])
+
+
+def test_engines_sample_from_the_learners_weights_right_after_a_worker_restart(faulted_run, toy_sft_run):
+    """The sync invariant (tests/sync_check.py) on the step whose rollout worker was killed and
+    restarted (it reloads the current weights before generating its prompts again) and on the
+    step after it: sampler log-probs against transformers forwards of those versions' checkpoints."""
+    records = {r["step"]: r for r in faulted_run["records"]}
+    hit = step_of(faulted_run["records"], faulted_run["rollout_killed"])["step"]
+    steps = {hit, hit + 1} & set(records)
+    gaps = sampler_gap_by_version(faulted_run["out"], toy_sft_run["out"] / "model", steps=steps)
+    print(f"steps {sorted(steps)} (restart in step {hit}): sampler vs transformers per version: {gaps}")
+    assert sorted(gaps) == [step - 1 for step in sorted(steps)]
+    for version, gap in gaps.items():
+        assert gap["max"] <= TOLERANCE, (version, gap)
+    for step in steps:  # the run's own monitor saw the same
+        assert records[step]["rollout/logprob_gap_max"] < TOLERANCE, records[step]
 
 
 def test_dead_learner_rank_stops_the_run_and_resume_finishes_it(head, toy_sft_run, tmp_path):

@@ -70,6 +70,10 @@ def test_stopped_and_resumed_run_repeats_steps_4_to_6(staleness, toy_sft_run, ra
         for key in set(a) - set(EXACT_KEYS):
             if not key.startswith("timing/"):  # wall-clock times are the only metrics allowed to differ
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    # the engines of the resumed run were re-synced to the checkpoint's weights: the learner and
+    # the sampler agree on every token (on-policy: measured on every step)
+    for record in second if staleness == 0 else []:
+        assert record["rollout/logprob_gap_max"] < 1e-4, record
     assert (tmp_path / "split" / "policy" / "model.safetensors").is_file()
 
 

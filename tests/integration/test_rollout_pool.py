@@ -199,3 +199,18 @@ def test_a_killed_worker_is_restarted_resynced_and_loses_no_prompt(pool, tiny_mo
     assert pool.restarts == restarts + 1
     assert ray.get(pool.actors[0].process_id.remote()) != pid
     assert pool.versions() == [8, 8]
+
+
+def test_a_sync_that_leaves_a_parameter_out_fails_naming_it(pool, tiny_model_dir):
+    """The engine checks each update against every parameter its model holds (vLLM's own
+    reload only logs a warning): a payload without one layer's weights is an error naming
+    that parameter, not an engine that silently keeps it. A complete sync then recovers."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    partial = {k: v for k, v in weights.items() if not k.startswith("model.layers.1.mlp.down_proj")}
+    assert len(partial) == len(weights) - 1
+    with pytest.raises(Exception, match=r"engine parameter\(s\) at their old values: model\.layers\.1\.mlp\.down_proj\.weight"):
+        pool.sync_weights(partial, version=11)
+    pool.sync_weights(weights, version=12)
+    assert pool.versions() == [12, 12]
