@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 
+from services.core.rl_math import logprob_gap_stats
+
 log = logging.getLogger("flywheel.diagnostics")
 
 
@@ -54,9 +56,11 @@ class LogprobGapMonitor:
         self.alarm = alarm
         self.alarming = False
 
-    def update(self, step: int, version: int, gap: dict[str, float]) -> dict[str, float]:
-        """Record one measurement (``rl_math.logprob_gap_stats`` of trajectories sampled by
-        policy ``version``); returns its metrics."""
+    def update(self, step: int, version: int, learner_logprobs, sampler_logprobs, mask) -> dict[str, float]:
+        """One measurement on trajectories sampled by policy ``version``: the learner's and the
+        sampler's log-probs [B, T] of their tokens under that version, ``mask`` [B, T] their
+        response tokens (``rl_math.logprob_gap_stats``); returns its metrics."""
+        gap = logprob_gap_stats(learner_logprobs, sampler_logprobs, mask)
         over = gap["max"] > self.alarm
         if over and not self.alarming:
             log.warning(

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
 
-from services.core import rl_math, toy_world
+from services.core import toy_world
 from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
@@ -147,12 +147,6 @@ class Driver:
         old = old_future.result() if old_future else sampler
         return scores, tokens, ref, values, sampler, old
 
-    def _gap(self, step: int, trajectories: list[Trajectory], tokens, sampler, learner) -> dict:
-        """Train-inference mismatch: ``learner`` and ``sampler`` are [B, T] log-probs of the
-        trajectories' tokens under the version that sampled them (all one version)."""
-        gap = rl_math.logprob_gap_stats(learner, sampler, tokens.response_mask)
-        return self.logprob_gap.update(step, trajectories[0].policy_version, gap)
-
     def _probe_gap(self, step: int, trajectories: list[Trajectory]) -> dict:
         """Streaming runs: the gap on a batch sampled by the learner's current version (before
         the learner moves on), with one extra learner forward."""
@@ -160,7 +154,8 @@ class Driver:
         if not same:
             return {}
         tokens = alg.build_tokens(same, self.pad_id)
-        return self._gap(step, same, tokens, alg.sampler_logprobs(same, tokens), self.learner.logprobs(tokens))
+        return self.logprob_gap.update(step, same[0].policy_version, self.learner.logprobs(tokens),
+                                       alg.sampler_logprobs(same, tokens), tokens.response_mask)
 
     def _train_batch(self, trajectories, scores, tokens, ref, values, old, sampler) -> tuple[dict | None, dict]:
         a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
@@ -248,7 +243,7 @@ class Driver:
         scores = ensemble.scores
         record["timing/score_s"] = time.perf_counter() - score_started
         if self.cfg.algorithm.max_staleness == 0:  # old: the learner's, under the version that sampled
-            record.update(self._gap(step, kept, tokens, sampler, old))
+            record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
         batch, stats = self._train_batch(kept, scores, tokens, ref, values, old, sampler)
         record.update(stats)
         staleness = [learner_version - t.policy_version for t in kept]

@@ -26,14 +26,19 @@ def test_patience_must_be_positive():
 
 
 def test_logprob_gap_alarm_warns_once_per_streak(caplog):
+    import torch
+
     monitor = LogprobGapMonitor(alarm=1e-3)
     maxima = [2e-6, 0.13, 0.2, 5e-7, 0.05, 1e-6]
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
     with caplog.at_level(logging.WARNING, logger="flywheel.diagnostics"):
-        records = [monitor.update(step, step - 1, {"max": m, "mean": m / 3, "ratio_outside": 0.0})
+        # per step the three response tokens differ by 0, -m, +m/2: max m, mean m/2
+        records = [monitor.update(step, step - 1, torch.tensor([[9.0, -1.0, -1.0 - m, -1.0 + m / 2]], dtype=torch.float64),
+                                  torch.full((1, 4), -1.0, dtype=torch.float64), mask)
                    for step, m in enumerate(maxima, start=1)]
     assert [r["rollout/logprob_gap_alarm"] for r in records] == [0, 1, 1, 0, 1, 0]
-    assert [r["rollout/logprob_gap_max"] for r in records] == maxima
-    assert records[1]["rollout/logprob_gap_mean"] == pytest.approx(0.13 / 3)
+    assert [r["rollout/logprob_gap_max"] for r in records] == pytest.approx(maxima, rel=1e-5)
+    assert records[1]["rollout/logprob_gap_mean"] == pytest.approx(0.13 / 2, rel=1e-5)
     warnings = [r.getMessage() for r in caplog.records if "train-inference mismatch" in r.getMessage()]
     assert len(warnings) == 2  # steps 2 and 5 start a streak
     assert "step 2" in warnings[0] and "policy version 1" in warnings[0] and "0.13" in warnings[0]
