@@ -96,46 +96,57 @@ class ActorGroup:
         self._pids = seen
         return self.restarts
 
-    def _remember_pid(self, index: int) -> None:
-        """After a restart counted by ``recover``: the next count takes the new process as known."""
+    def _known_pid(self, index: int) -> int | None:
+        """The process id of actor ``index`` as last seen, or asked now (None if it does not answer)."""
         import ray
 
-        if self._pids is not None:
-            self._pids[index] = ray.get(self.actors[index].process_id.remote(), timeout=METRICS_TIMEOUT_S)
+        if self._pids is not None and index in self._pids:
+            return self._pids[index]
+        try:
+            return ray.get(self.actors[index].process_id.remote(), timeout=5.0)
+        except (ray.exceptions.GetTimeoutError, *actor_lost_errors()):
+            return None
 
     def after_restart(self, index: int) -> None:
         """Bring a restarted actor up to date before it takes work (rollout: the weights)."""
 
-    def wait_restarted(self, index: int) -> None:
-        """Until actor ``index`` answers ``ready()``. While Ray restarts it, calls fail at once
-        with ActorUnavailableError, so ask again, up to ``start_timeout_s``."""
+    def wait_restarted(self, index: int, old_pid: int | None = None) -> int:
+        """Until actor ``index`` answers ``ready()`` from a process other than ``old_pid`` (a
+        killed actor with a free concurrency slot can still answer from its old process for a
+        moment); returns the new process id. While Ray restarts it, calls fail at once with
+        ActorUnavailableError, so ask again, up to ``start_timeout_s``."""
         import ray
         from ray.exceptions import ActorUnavailableError
 
         deadline = time.monotonic() + self.start_timeout_s
+        actor = self.actors[index]
         while True:
             try:
-                ray.get(self.actors[index].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                return
+                ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                pid = ray.get(actor.process_id.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                if pid != old_pid:
+                    return pid
             except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(1.0)
+                pass
             except ray.exceptions.GetTimeoutError:
                 break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         raise ServiceLost(f"{self.name(index)} did not come back within {self.start_timeout_s:.0f}s after a restart "
                           f"({self.restarts_setting}={self.max_restarts})")
 
-    def recover(self, index: int) -> None:
-        """Wait for Ray to restart actor ``index``, then ``after_restart`` it. Raises
-        ``ServiceLost`` when Ray gave up on it (its ``max_restarts`` used up)."""
+    def recover(self, index: int, old_pid: int | None = None) -> None:
+        """Wait for Ray to restart actor ``index`` (away from process ``old_pid`` when given), then
+        ``after_restart`` it. Raises ``ServiceLost`` when Ray gave up on it (``max_restarts`` used up)."""
         name = self.name(index)
         self.restarts += 1
         self._recovering = self._recovering | {index}
         started = time.perf_counter()
         try:
-            self.wait_restarted(index)
-            self._remember_pid(index)
+            pid = self.wait_restarted(index, old_pid)
+            if self._pids is not None:  # the next count takes the new process as known
+                self._pids[index] = pid
             self.after_restart(index)
         except actor_lost_errors() as exc:
             raise ServiceLost(
@@ -154,9 +165,11 @@ class ActorGroup:
         if self.max_restarts == 0:
             raise problem
         log.warning("%s; restarting %s", problem, self.name(index))
+        old_pid = None
         if kill:
+            old_pid = self._known_pid(index)
             ray.kill(self.actors[index], no_restart=False)
-        self.recover(index)
+        self.recover(index, old_pid)
 
     def get_supervised(self, index: int, ref, resend: Callable[[], Any], call: str, timeout_s: float,
                        setting: str) -> Any:

@@ -73,16 +73,18 @@ def test_streaming_never_trains_on_trajectories_staler_than_allowed(toy_sft_run,
     assert [r["policy_version"] for r in records] == list(range(1, 7))
 
 
-def test_grpo_with_reward_variance_selection_and_ptx(toy_sft_run, ray_session, tmp_path):
+def test_grpo_with_reward_variance_selection_ptx_and_tis(toy_sft_run, ray_session, tmp_path):
     """8 prompts, 4 per step: steps 1-2 explore every prompt, later steps draw by variance;
-    the PPO-ptx term mixes the toy SFT rows into every update."""
+    the PPO-ptx term mixes the toy SFT rows into every update; the truncated-IS weights
+    (algorithm.tis_cap) are 1 up to float noise, since engine and learner agree in fp32."""
     records = train(
         "grpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=5", "data.toy_size=8",
         "rollout.prompts_per_step=4", "data.selection=reward_variance", "data.selection_floor=0.2",
-        "algorithm.ptx_coef=0.1", "algorithm.ptx_batch_size=8",
+        "algorithm.ptx_coef=0.1", "algorithm.ptx_batch_size=8", "algorithm.tis_cap=2.0",
     )
     assert len(records) == 5
     for record in records:
+        assert record["train/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4), record
         assert math.isfinite(record["train/ptx_nll"]) and record["train/ptx_nll"] > 0
         for key in ("reward/var_mean", "reward/var_p10", "reward/var_p50", "reward/var_frac_below"):
             assert math.isfinite(record[key]), key

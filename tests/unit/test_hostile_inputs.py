@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import subprocess
 from pathlib import Path
 
@@ -386,7 +387,8 @@ def test_metrics_port_in_use_fails_before_anything_starts(good_run):
                 expected=["metrics.prometheus_port and metrics.ray_metrics_port are both 9100"])
 
 
-def test_metrics_host_and_ray_metrics_port_problems():
+def test_metrics_host_and_ray_metrics_port_problems(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as in a fresh CLI process (no Ray running yet)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
