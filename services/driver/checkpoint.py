@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 from services.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE_FILE = "driver_state.json"
@@ -146,3 +149,26 @@ __all__ = [
     "CheckpointStore", "FORMAT_VERSION", "STATE_FILE", "checkpoint_step", "copy_policy_files",
     "model_fingerprint", "read_state", "resolve_resume",
 ]
+
+
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Drop metrics.jsonl records after ``last_step`` (steps a resumed run makes again) and a
+    line that is not JSON (a crash cut the last one short). Written atomically; returns the
+    records kept."""
+    if not path.is_file():
+        return 0
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not a whole JSON record (a crash cut it short?); dropping it", path, number)
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)

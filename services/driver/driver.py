@@ -436,6 +436,7 @@ class Driver:
         """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
         trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any, as
         ``_rollout`` returns a batch (trajectories, rollout time 0, its rollout figures)."""
+        from services.driver.checkpoint import trim_metrics
         from services.driver.preflight import check_resume
         from services.rpc.trajectory_io import read_trajectories, trim_trajectories
 
@@ -499,13 +500,3 @@ def sampling_seed(run_seed: int, draw: int, prompt_id: str) -> int:
     """vLLM seed of one prompt's samples in rollout batch ``draw`` (sample k gets seed + k)."""
     digest = hashlib.sha256(f"{run_seed}\x00{draw}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") >> 2  # < 2**30: seed + k stays a valid int32
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics.jsonl records after ``last_step`` (steps a resumed run makes again)."""
-    import json
-
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))

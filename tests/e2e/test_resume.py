@@ -56,6 +56,8 @@ def test_stopped_and_resumed_run_repeats_steps_4_to_6(staleness, toy_sft_run, ra
     assert [r["step"] for r in first] == [1, 2, 3]
     assert [p.name for p in CheckpointStore(tmp_path / "split" / "checkpoints").complete()] == ["step-000003"]
     assert not (tmp_path / "split" / "policy").exists()  # the run is not finished yet
+    with (tmp_path / "split" / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 4, "reward/me')  # as if a crash had cut the next record short
     second = train(tmp_path / "split", sft, *overrides, resume=True)
     assert [r["step"] for r in second] == [4, 5, 6]
     assert [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -9,8 +9,8 @@ import random
 import pytest
 
 from services.core.errors import UserError
-from services.driver.checkpoint import CheckpointStore, model_fingerprint, read_state, resolve_resume
-from services.driver.driver import sampling_seed, trim_metrics
+from services.driver.checkpoint import CheckpointStore, model_fingerprint, read_state, resolve_resume, trim_metrics
+from services.driver.driver import sampling_seed
 
 
 def commit(root, step):
@@ -58,6 +58,15 @@ def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     trim_metrics(path, 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     trim_metrics(tmp_path / "missing.jsonl", 3)  # nothing to trim: no error
+
+
+def test_trim_metrics_drops_a_last_line_cut_short_by_a_crash(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "x": s * 2}) + "\n" for s in range(1, 5))
+    path.write_text(whole + json.dumps({"step": 5, "x": 10})[:9])  # died mid-write of step 5
+    assert trim_metrics(path, 5) == 4
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert path.read_text().endswith("\n") and not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
 def test_sampling_seed_is_stable_distinct_and_in_range():
