@@ -279,6 +279,14 @@ class AlgorithmConfig(Section):
     displacement_patience: int = Field(
         5, ge=1, description="online_dpo: alarm after this many steps in a row that lower log p(chosen)"
     )
+    ppo_epochs: int = Field(
+        1, ge=1, description="ppo/grpo: passes over each step's batch, one optimizer step per minibatch each"
+    )
+    ppo_minibatch_size: int | None = Field(
+        None, ge=1, description="ppo/grpo: sequences per optimizer step (the batch is cut in batch order into "
+        "near-equal minibatches); null: the whole batch in one step. Several steps per batch are what make "
+        "clip_range, dual_clip and value_clip act"
+    )
     tis_cap: float | None = Field(
         None, gt=0, description="ppo/grpo with max_staleness 0: multiply each token's policy loss by "
         "min(pi_learner_old / pi_sampler, tis_cap), the truncated importance weight that corrects for the rollout "
@@ -289,6 +297,10 @@ class AlgorithmConfig(Section):
     def _ptx_needs_policy_gradient(self) -> "AlgorithmConfig":
         if self.ptx_coef and self.name not in ("ppo", "grpo"):
             raise ValueError(f"ptx_coef mixes an SFT term into ppo/grpo updates; algorithm '{self.name}' has none")
+        if (self.ppo_epochs > 1 or self.ppo_minibatch_size is not None) and self.name not in ("ppo", "grpo"):
+            raise ValueError(
+                f"ppo_epochs / ppo_minibatch_size cut ppo/grpo updates into minibatches; algorithm '{self.name}' has none"
+            )
         if self.tis_cap is not None and self.name not in ("ppo", "grpo"):
             raise ValueError(f"tis_cap weights ppo/grpo policy-gradient tokens; algorithm '{self.name}' has none")
         if self.tis_cap is not None and self.max_staleness:

@@ -26,7 +26,7 @@ from services.core.errors import ServiceFailure, UserError
 from services.core.metrics import MetricsWriter
 from services.driver import algorithms as alg
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
-from services.driver.preflight import check_rl_settings
+from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
 
@@ -70,7 +70,8 @@ class Driver:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         learner_cfg = cfg.learner.model_copy(update={"critic": self.algorithm == "ppo"})
         self.learner = LearnerGroup(
-            self.policy_dir, learner_cfg, dtype=cfg.model.dtype, total_steps=cfg.algorithm.total_steps,
+            self.policy_dir, learner_cfg, dtype=cfg.model.dtype,
+            total_steps=cfg.algorithm.total_steps * optimizer_steps_per_step(cfg),
             seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, placement=placement["learner"],
         )
         self.services.append(self.learner)

@@ -60,6 +60,24 @@ def check_rl_settings(cfg: FlywheelConfig) -> None:
             f"rollout.n_samples: {name} needs at least 2 samples per prompt, got {cfg.rollout.n_samples} "
             f"({'advantages are relative to the group' if name == 'grpo' else 'a pair needs two responses'})"
         )
+    minibatch = cfg.algorithm.ppo_minibatch_size
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
+    if minibatch is not None and -(-rows // minibatch) > rows // cfg.learner.num_ranks:
+        raise UserError(
+            f"algorithm.ppo_minibatch_size: {minibatch} sequences cut a step's {rows} (rollout.prompts_per_step x "
+            f"rollout.n_samples) into more minibatches than each of the {cfg.learner.num_ranks} learner ranks has "
+            "rows; raise it"
+        )
+
+
+def optimizer_steps_per_step(cfg: FlywheelConfig) -> int:
+    """Optimizer steps one RL step makes (what sizes the learning-rate schedule): ppo_epochs x
+    minibatches of a full batch (a step that drops rows makes fewer)."""
+    alg = cfg.algorithm
+    if alg.name not in ("ppo", "grpo") or alg.ppo_minibatch_size is None:
+        return alg.ppo_epochs
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
+    return alg.ppo_epochs * max(1, -(-rows // alg.ppo_minibatch_size))
 
 
 def _check_port(host: str, port: int | None, setting: str, host_setting: str | None = None) -> None:

@@ -8,9 +8,10 @@ node; for GPU actors it is 0, because Ray gives each actor its own CUDA_VISIBLE_
 
 Data parallel: a batch of B sequences (pairs for DPO) is cut into M contiguous shards of
 B / M rows (B must be divisible by M), every rank trains on its shard in parallel and
-DeepSpeed averages the gradients. The group passes the global loss denominator with each
-shard (see ``PolicyLearner.train_step``), so M ranks x B/M sequences make the same update
-as one rank x B sequences for every ``agg_mode``, even with unequal lengths. Metrics are the
+DeepSpeed averages the gradients. The group passes the ``UpdatePlan`` of the global batch
+with each shard (minibatch bounds and global loss denominators, see
+``PolicyLearner.train_step``), so M ranks x B/M sequences make the same update as one rank x
+B sequences for every ``agg_mode``, even with unequal lengths. Metrics are the
 mean over ranks; for the loss terms that is exactly the global batch's value.
 Every call waits at most ``learner.step_timeout_s``. Ranks are not restarted (their
 DeepSpeed state cannot be rebuilt mid-run): a dead or late rank is a ``LearnerFailed`` naming
@@ -31,7 +32,7 @@ from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.actor_group import ActorGroup, gather, placed
 from services.core.errors import ServiceFailure
-from services.learner.losses import LossSpec, batch_size, loss_denominator, slice_rows, slice_tokens
+from services.learner.losses import LossSpec, UpdatePlan, batch_size, plan_update, slice_rows, slice_tokens
 
 
 class LearnerFailed(ServiceFailure):
@@ -60,8 +61,8 @@ class LearnerRank:
         self.learner = PolicyLearner(model_dir, learner, **kwargs)
         return self.rank
 
-    def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
-        return self.learner.train_step(batch, spec)
+    def train_step(self, batch: dict, spec: LossSpec, plan: UpdatePlan) -> dict[str, float]:
+        return self.learner.train_step(batch, spec, plan)
 
     def per_token(self, method: str, batch: TokenBatch) -> torch.Tensor:
         return getattr(self.learner, method)(batch)
@@ -141,14 +142,12 @@ class LearnerGroup(ActorGroup):
         ptx = batch.get("ptx")
         batch = {k: v for k, v in batch.items() if k != "ptx"}
         shards = self._row_shards(batch)
-        if ptx is not None:  # PPO-ptx rows: their own even split and global token count
+        if ptx is not None:  # PPO-ptx rows: their own even split (the plan counts their tokens globally)
             per = ptx.size // self.world_size
             if per == 0:
                 raise ValueError(f"{ptx.size} ptx rows cannot be split over learner.num_ranks={self.world_size}")
-            denominator = float(ptx.response_mask[: per * self.world_size].sum())
             for r, shard in enumerate(shards):
                 shard["ptx"] = slice_tokens(ptx, r * per, (r + 1) * per)
-                shard["ptx_denominator"] = denominator
         return shards
 
     def _row_shards(self, batch: dict) -> list[dict]:
@@ -162,10 +161,11 @@ class LearnerGroup(ActorGroup):
         return [slice_rows(batch, r * per, (r + 1) * per) for r in range(self.world_size)]
 
     def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
-        """One optimizer step on every rank over its shard; metrics averaged over ranks."""
-        denominator = loss_denominator(batch, spec)
-        shards = [{**shard, "loss_denominator": denominator} for shard in self._shards(batch)]
-        results = self._all("train_step", [a.train_step.remote(s, spec) for a, s in zip(self.actors, shards)])
+        """One train step on every rank over its shard, under the plan of the global batch
+        (same minibatches and global denominators on every rank); metrics averaged over ranks."""
+        shards = self._shards(batch)
+        plan = plan_update(shards, spec)
+        results = self._all("train_step", [a.train_step.remote(s, spec, plan) for a, s in zip(self.actors, shards)])
         metrics = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
         self.policy_version = int(results[0]["policy_version"])
         metrics["policy_version"] = self.policy_version

@@ -37,6 +37,9 @@ class LossSpec:
     subtracts ``entropy_coef * entropy``; value_clip / vf_coef configure the critic.
     tis_cap (ppo only) multiplies each token's policy loss by the truncated importance weight
     min(exp(old_logprobs - sampler_logprobs), tis_cap) (needs ``sampler_logprobs``).
+    epochs / minibatch_size (ppo only): one train step makes ``epochs`` passes over the batch
+    cut into minibatches of about ``minibatch_size`` rows, one optimizer step each (null: one
+    minibatch, the whole batch); see ``plan_update``.
     """
 
     kind: str = "ppo"
@@ -53,6 +56,8 @@ class LossSpec:
     dpo_loss_type: str = "sigmoid"
     ptx_coef: float = 0.0
     tis_cap: float | None = None
+    epochs: int = 1
+    minibatch_size: int | None = None
 
     def __post_init__(self) -> None:
         allowed = {
@@ -70,6 +75,10 @@ class LossSpec:
             raise ValueError("LossSpec.ptx_coef: the pretraining-mix term goes with ppo/grpo updates only")
         if self.tis_cap is not None and (self.kind != "ppo" or not self.tis_cap > 0):
             raise ValueError(f"LossSpec.tis_cap must be > 0 and goes with ppo/grpo updates only, got {self.tis_cap}")
+        if self.epochs < 1 or (self.minibatch_size is not None and self.minibatch_size < 1):
+            raise ValueError(f"LossSpec.epochs and minibatch_size must be >= 1, got {self.epochs}, {self.minibatch_size}")
+        if (self.epochs > 1 or self.minibatch_size is not None) and self.kind != "ppo":
+            raise ValueError("LossSpec.epochs / minibatch_size: PPO minibatches go with ppo/grpo updates only")
 
     @classmethod
     def from_config(cls, cfg) -> "LossSpec":
@@ -83,6 +92,8 @@ class LossSpec:
             kl_estimator=alg.kl_estimator, entropy_coef=learner.entropy_coef, value_clip=alg.value_clip,
             vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
             ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0, tis_cap=alg.tis_cap if kind == "ppo" else None,
+            epochs=alg.ppo_epochs if kind == "ppo" else 1,
+            minibatch_size=alg.ppo_minibatch_size if kind == "ppo" else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -170,6 +181,65 @@ def loss_denominator(batch: dict, spec: LossSpec) -> float:
     if spec.kind == "dpo":
         return float(batch["chosen"].size)
     return agg_count(batch["tokens"].response_mask, spec.agg_mode)
+
+
+def minibatch_bounds(rows: int, count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous row ranges [start, stop) covering ``rows``, sizes differing by at
+    most one (the first ``rows % count`` one larger, as ``torch.tensor_split``)."""
+    bounds, start = [], 0
+    for k in range(count):
+        stop = start + rows // count + (1 if k < rows % count else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How one train step cuts each rank's batch into optimizer steps: ``epochs`` passes over
+    the minibatches ``bounds`` (row ranges of the rank's batch, the same on every rank, in
+    batch order: no shuffling, verl's default). ``denominators[k]`` is minibatch k's
+    ``agg_count`` over all ranks and ``scale`` the number of ranks, so M ranks make the update
+    of one rank holding the whole batch. The PPO-ptx rows are cut into as many parts
+    (``ptx_bounds``, ``ptx_denominators``: response tokens of part k over all ranks)."""
+
+    epochs: int
+    bounds: tuple[tuple[int, int], ...]
+    denominators: tuple[float, ...]
+    scale: float = 1.0
+    ptx_bounds: tuple[tuple[int, int], ...] = ()
+    ptx_denominators: tuple[float, ...] = ()
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.epochs * len(self.bounds)
+
+
+def minibatch_count(rows: int, minibatch_size: int | None) -> int:
+    """Minibatches of a batch of ``rows`` rows (sequences; pairs for DPO)."""
+    return 1 if minibatch_size is None else max(1, -(-rows // minibatch_size))
+
+
+def plan_update(shards: list[dict], spec: LossSpec) -> UpdatePlan:
+    """The ``UpdatePlan`` for the rank batches ``shards`` (equal row counts; one shard: a
+    learner that holds the whole batch). A ``ptx`` TokenBatch in a shard is cut likewise."""
+    rows = batch_size(shards[0])
+    count = minibatch_count(rows * len(shards), spec.minibatch_size)
+    if count > rows:
+        raise ValueError(
+            f"minibatches of {spec.minibatch_size} rows make {count} minibatches, but each of the {len(shards)} "
+            f"learner rank(s) holds only {rows} rows: raise algorithm.ppo_minibatch_size"
+        )
+    bounds = minibatch_bounds(rows, count)
+    denominators = tuple(sum(loss_denominator(slice_rows(s, *b), spec) for s in shards) for b in bounds)
+    ptx_bounds: tuple = ()
+    ptx_denominators: tuple = ()
+    if shards[0].get("ptx") is not None:
+        ptx_bounds = tuple(minibatch_bounds(shards[0]["ptx"].size, count))
+        ptx_denominators = tuple(
+            float(sum(s["ptx"].response_mask[start:stop].sum() for s in shards)) for start, stop in ptx_bounds
+        )
+    return UpdatePlan(spec.epochs, tuple(bounds), denominators, float(len(shards)), ptx_bounds, ptx_denominators)
 
 
 def micro_weight(micro: dict, spec: LossSpec, denominator: float) -> float:

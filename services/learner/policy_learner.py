@@ -7,10 +7,12 @@ actors with the torch.distributed environment set for each.
 - CPU: DeepSpeed's CPU accelerator, gloo, fp32 (or bf16); fp16 is a UserError.
 - GPU: NCCL and bf16 by default (written to DeepSpeed's documented API, not yet run on a GPU).
 
-One ``train_step`` is one optimizer step over the whole given batch: micro-batches of
-``learner.micro_batch_size`` are accumulated with DeepSpeed's unmanaged gradient
-accumulation (``managed_gradient_accumulation: false``: any number of ``backward`` calls,
-then one ``step``), each micro-batch's loss weighted as in ``services.learner.losses``.
+One ``train_step`` is one optimizer step over the whole given batch, or, with PPO
+minibatches (``algorithm.ppo_epochs`` / ``ppo_minibatch_size``), one per minibatch and
+epoch. Within an optimizer step, micro-batches of ``learner.micro_batch_size`` are
+accumulated with DeepSpeed's unmanaged gradient accumulation
+(``managed_gradient_accumulation: false``: any number of ``backward`` calls, then one
+``step``), each micro-batch's loss weighted as in ``services.learner.losses``.
 
 The critic (``learner.critic: true``) is the policy's backbone loaded as
 ``AutoModelForTokenClassification`` with one label (a zero-initialised linear value head on
@@ -33,14 +35,15 @@ from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
 from services.learner.losses import (
     LossSpec,
+    UpdatePlan,
     batch_size,
     critic_terms,
     dpo_terms,
-    loss_denominator,
     micro_weight,
     per_token_entropy,
     per_token_logprobs,
     per_token_values,
+    plan_update,
     policy_terms,
     ptx_nll_sum,
     slice_rows,
@@ -190,43 +193,60 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
-        """One optimizer step of the policy (and of the critic when the batch has
-        ``returns``) over the whole batch; returns ``train/*`` metrics and ``policy_version``.
+    def train_step(self, batch: dict, spec: LossSpec, plan: UpdatePlan | None = None) -> dict[str, float]:
+        """One train step of the policy (and of the critic when the batch has ``returns``):
+        ``plan.optimizer_steps`` optimizer steps, ``spec.epochs`` passes over the batch's
+        minibatches (one step over the whole batch by default). Returns ``train/*`` metrics,
+        each the mean over the optimizer steps, and ``policy_version`` (+1 per train step).
 
         Batch fields, ppo: ``tokens`` (TokenBatch), ``old_logprobs`` and ``advantages``
         [B, T], optional ``ref_logprobs`` [B, T] (KL term and metric), optional ``returns``
-        and ``old_values`` [B, T] (critic). sft: ``tokens``. dpo: ``chosen`` and ``rejected``
-        (TokenBatch), ``ref_chosen_logps`` and ``ref_rejected_logps`` [B] (response sums).
+        and ``old_values`` [B, T] (critic), optional ``ptx`` (TokenBatch of SFT rows). sft:
+        ``tokens``. dpo: ``chosen`` and ``rejected`` (TokenBatch), ``ref_chosen_logps`` and
+        ``ref_rejected_logps`` [B] (response sums).
 
-        Normalisation: without ``loss_denominator`` the loss is aggregated over this rank's
-        batch (with M ranks DeepSpeed then averages the M per-rank losses). The group passes
-        ``loss_denominator`` = the global batch's ``agg_count``; each micro-batch is then
-        weighted by count / denominator x world_size, which makes the averaged gradient
-        exactly that of the global batch, whatever the sequence lengths on each rank.
+        Normalisation: without ``plan`` the loss is aggregated over this rank's batch. The
+        group passes the plan of the global batch (``plan_update`` of all shards): each
+        micro-batch is then weighted by count / global minibatch count x world size, which
+        makes DeepSpeed's averaged gradient exactly that of the global minibatch, whatever
+        the sequence lengths on each rank.
         """
         with self.metrics.track("train_step"):
-            size = batch_size(batch)
-            if size == 0:
+            if batch_size(batch) == 0:
                 raise ValueError("train_step got an empty batch")
-            denominator = batch.get("loss_denominator")
-            scale = float(self.world_size) if denominator is not None else 1.0
-            if denominator is None:
-                denominator = loss_denominator(batch, spec)
-            metrics = self._step(self.engine, batch, spec, denominator, scale, critic=False)
-            if self.critic_engine is not None and spec.kind == "ppo" and batch.get("returns") is not None:
-                critic_metrics = self._step(self.critic_engine, batch, spec, denominator, scale, critic=True)
-                metrics["train/critic_grad_norm"] = critic_metrics.pop("train/grad_norm")
-                critic_metrics.pop("train/lr")
-                metrics.update(critic_metrics)
+            plan = plan or plan_update([batch], spec)
+            ptx = batch.get("ptx")
+            rows = {k: v for k, v in batch.items() if k != "ptx"}
+            with_critic = self.critic_engine is not None and spec.kind == "ppo" and batch.get("returns") is not None
+            steps: list[dict] = []
+            for _ in range(plan.epochs):
+                for k, (start, stop) in enumerate(plan.bounds):
+                    minibatch = slice_rows(rows, start, stop)
+                    ptx_part = None
+                    if ptx is not None and spec.ptx_coef:
+                        ptx_part = (slice_tokens(ptx, *plan.ptx_bounds[k]), plan.ptx_denominators[k])
+                    metrics = self._step(self.engine, minibatch, spec, plan.denominators[k], plan.scale,
+                                         critic=False, ptx=ptx_part)
+                    if with_critic:
+                        critic_metrics = self._step(self.critic_engine, minibatch, spec, plan.denominators[k],
+                                                    plan.scale, critic=True)
+                        metrics["train/critic_grad_norm"] = critic_metrics.pop("train/grad_norm")
+                        critic_metrics.pop("train/lr")
+                        metrics.update(critic_metrics)
+                    steps.append(metrics)
+            metrics = {key: sum(m[key] for m in steps) / len(steps) for key in steps[0]}
+            metrics["train/lr"] = steps[0]["train/lr"]
+            if plan.optimizer_steps > 1:
+                metrics["train/optimizer_steps"] = float(plan.optimizer_steps)
             self.policy_version += 1
             self.metrics.set_policy_version(self.policy_version)
             metrics["policy_version"] = self.policy_version
             return metrics
 
-    def _step(self, engine, batch: dict, spec: LossSpec, denominator: float, scale: float, critic: bool) -> dict:
-        ptx, ptx_denominator = batch.get("ptx"), batch.get("ptx_denominator")
-        batch = {k: v for k, v in batch.items() if k not in ("ptx", "ptx_denominator")}
+    def _step(self, engine, batch: dict, spec: LossSpec, denominator: float, scale: float, critic: bool,
+              ptx: tuple[TokenBatch, float] | None = None) -> dict:
+        """One optimizer step of ``engine`` over ``batch`` (micro-batched); ``ptx``: SFT rows and
+        their response-token count over all ranks (PPO-ptx)."""
         engine.train()
         lr = float(engine.get_lr()[0])
         sums: dict[str, float] = defaultdict(float)
@@ -247,15 +267,14 @@ class PolicyLearner:
             engine.backward(loss * weight, scale_wrt_gas=False)
             for key, value in stats.items():
                 sums[key] += weight * float(value)
-        if ptx is not None and spec.ptx_coef and not critic:
+        if ptx is not None:
             # PPO-ptx (Ouyang et al. 2022): + ptx_coef x token-mean NLL of the SFT rows
-            if ptx_denominator is None:  # this rank's batch is the whole batch
-                ptx_denominator = float(ptx.response_mask.sum())
-            for start in range(0, ptx.size, step):
-                micro_ptx = trim_width({"tokens": slice_tokens(ptx, start, start + step)})["tokens"]
+            rows, ptx_denominator = ptx
+            for start in range(0, rows.size, step):
+                micro_ptx = trim_width({"tokens": slice_tokens(rows, start, start + step)})["tokens"]
                 nll = ptx_nll_sum(self._forward(engine, micro_ptx), micro_ptx) / max(float(ptx_denominator), 1.0)
                 engine.backward(spec.ptx_coef * nll * scale, scale_wrt_gas=False)
-                sums["ptx_nll"] += float(nll) * scale
+                sums["ptx_nll"] += float(nll.detach()) * scale
         engine.step()
         metrics = {f"train/{key}": value for key, value in sums.items()}
         norm = engine.get_global_grad_norm()

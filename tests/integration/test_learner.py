@@ -10,7 +10,7 @@ import torch
 from services.core.batch_types import pack_sequences
 from services.core.config import LearnerConfig, Resources
 from services.core.errors import UserError
-from services.learner.losses import LossSpec
+from services.learner.losses import LossSpec, slice_rows
 from services.learner.policy_learner import PolicyLearner
 from tests.conftest import save_tiny_llama
 
@@ -209,13 +209,51 @@ def test_two_ranks_make_the_same_update_as_one(model_dir, ray_session):
         m2, m1 = two.train_step(batch, ptx_spec), one.train_step(batch, ptx_spec)
         assert max_diff(two.export_weights(), one.export_weights()) < 1e-5
         assert m2["train/ptx_nll"] == pytest.approx(m1["train/ptx_nll"], rel=1e-4)
-        assert m2["policy_version"] == two.policy_version == 3
+        # PPO minibatches and epochs: the ranks cut their shards alike and normalise by the
+        # global minibatch's token count, so 2 ranks still make the 1-rank update
+        mini_spec = LossSpec(kind="ppo", kl_coef=0.1, epochs=2, minibatch_size=4)
+        batch = ppo_batch(one, unequal)
+        m2, m1 = two.train_step(batch, mini_spec), one.train_step(batch, mini_spec)
+        assert m2["train/optimizer_steps"] == m1["train/optimizer_steps"] == 4
+        assert max_diff(two.export_weights(), one.export_weights()) < 1e-5
+        assert m2["train/pg_loss"] == pytest.approx(m1["train/pg_loss"], rel=1e-4, abs=1e-6)
+        assert m2["policy_version"] == two.policy_version == 4
         text = two.metrics_text()
         for rank in (0, 1):
-            assert f'flywheel_policy_version{{replica="{rank}",service="learner"}} 3.0' in text
+            assert f'flywheel_policy_version{{replica="{rank}",service="learner"}} 4.0' in text
     finally:
         two.shutdown()
         one.shutdown()
+
+
+def test_ppo_minibatches_and_epochs(model_dir):
+    """One minibatch of the whole batch is exactly the default update; two minibatches are
+    exactly two optimizer steps on the halves (old log-probs and advantages fixed) and the
+    second one clips; a second epoch over one minibatch clips too."""
+    tokens = make_tokens([3, 5, 2, 4, 3, 6], [4, 2, 6, 3, 5, 2], seed=4)
+    spec = LossSpec(kind="ppo", clip_low=0.05, kl_coef=0.1)
+    fast = config(lr=2e-2, critic=True)
+    default, whole = PolicyLearner(str(model_dir), fast), PolicyLearner(str(model_dir), fast)
+    batch = ppo_batch(default, tokens, ref_shift=-0.1)
+    m_default = default.train_step(batch, spec)
+    m_whole = whole.train_step(batch, LossSpec(**{**spec.as_dict(), "minibatch_size": 6}))
+    assert m_whole == m_default and m_default["train/clip_frac"] == 0.0  # on-policy: the ratio is 1
+    assert max_diff(whole.export_weights(), default.export_weights()) == 0.0
+
+    halves, stepwise = PolicyLearner(str(model_dir), fast), PolicyLearner(str(model_dir), fast)
+    m_halves = halves.train_step(batch, LossSpec(**{**spec.as_dict(), "minibatch_size": 3}))
+    first = stepwise.train_step(slice_rows(batch, 0, 3), spec)
+    second = stepwise.train_step(slice_rows(batch, 3, 6), spec)
+    assert max_diff(halves.export_weights(), stepwise.export_weights()) < 1e-7
+    assert m_halves["train/optimizer_steps"] == 2 and halves.policy_version == 1
+    assert first["train/clip_frac"] == 0.0 < second["train/clip_frac"]
+    assert m_halves["train/clip_frac"] == pytest.approx((first["train/clip_frac"] + second["train/clip_frac"]) / 2)
+    assert m_halves["train/pg_loss"] == pytest.approx((first["train/pg_loss"] + second["train/pg_loss"]) / 2)
+
+    epochs = PolicyLearner(str(model_dir), fast)
+    m_epochs = epochs.train_step(batch, LossSpec(**{**spec.as_dict(), "epochs": 2}))
+    assert m_epochs["train/optimizer_steps"] == 2 and m_epochs["train/clip_frac"] > 0
+    assert m_epochs["train/value_clip_frac"] > 0  # the critic's second pass clips against old_values
 
 
 def test_ptx_term_with_zero_advantages_is_an_sft_step(model_dir):

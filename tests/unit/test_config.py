@@ -286,3 +286,24 @@ def test_logprob_gap_alarm_defaults_by_dtype():
     assert cfg.rollout.gap_alarm("fp32") == cfg.rollout.gap_alarm("bf16") == 0.25
     assert "rollout.logprob_gap_every: Input should be greater than or equal to 0" in load_error(
         "grpo-toy", ["rollout.logprob_gap_every=-1"])
+
+
+def test_ppo_minibatch_settings():
+    from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
+    from services.learner.losses import LossSpec
+
+    assert "ppo_epochs / ppo_minibatch_size cut ppo/grpo updates" in load_error(
+        "grpo-toy", ["algorithm.name=online_dpo", "algorithm.ppo_epochs=2"])
+    assert "algorithm.ppo_minibatch_size: Input should be greater than or equal to 1" in load_error(
+        "grpo-toy", ["algorithm.ppo_minibatch_size=0"])
+    cfg = load_config("grpo-toy", ["rollout.prompts_per_step=8", "rollout.n_samples=4", "algorithm.ppo_epochs=2",
+                                   "algorithm.ppo_minibatch_size=12", "algorithm.total_steps=10"])
+    assert optimizer_steps_per_step(cfg) == 2 * 3  # 32 rows in minibatches of 12: 3 per epoch
+    spec = LossSpec.from_config(cfg)
+    assert (spec.epochs, spec.minibatch_size) == (2, 12)
+    check_rl_settings(cfg)
+    assert optimizer_steps_per_step(load_config("grpo-toy", [])) == 1
+    too_small = load_config("grpo-toy", ["rollout.prompts_per_step=2", "rollout.n_samples=2",
+                                         "algorithm.ppo_minibatch_size=1", "learner.num_ranks=2"])
+    with pytest.raises(UserError, match=r"algorithm\.ppo_minibatch_size: 1 sequences cut a step's 4"):
+        check_rl_settings(too_small)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.core import rl_math
-from services.core.batch_types import pack_sequences
+from services.core.batch_types import TokenBatch, pack_sequences
 from services.core.config import FlywheelConfig
 from services.learner.losses import (
     LossSpec,
@@ -176,3 +176,29 @@ def test_tis_cap_config():
     cfg.algorithm.tis_cap = 2.0
     assert LossSpec.from_config(cfg).tis_cap == 2.0
     assert LossSpec.from_config(FlywheelConfig()).tis_cap is None
+
+
+def test_minibatch_bounds_and_update_plan():
+    from services.learner.losses import minibatch_bounds, minibatch_count, plan_update
+
+    assert minibatch_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]  # torch.tensor_split's sizes
+    assert minibatch_bounds(6, 1) == [(0, 6)]
+    assert [minibatch_count(12, m) for m in (None, 12, 5, 4, 1)] == [1, 1, 3, 3, 12]
+    # two ranks of 4 rows, minibatches of 4 sequences: 2 per rank, denominators over both ranks
+    masks = [[[0, 1, 1], [0, 1, 0], [0, 1, 1], [0, 0, 1]], [[0, 1, 1], [0, 1, 1], [0, 0, 0], [0, 1, 0]]]
+    shards = []
+    for m in masks:
+        mask = torch.tensor(m)
+        shards.append({"tokens": TokenBatch(torch.ones_like(mask), torch.ones_like(mask), mask),
+                       "ptx": TokenBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
+                                         torch.tensor([[0, 1], [1, 1], [0, 0]]))})
+    plan = plan_update(shards, LossSpec(kind="ppo", epochs=3, minibatch_size=4))
+    assert plan.bounds == ((0, 2), (2, 4)) and plan.scale == 2.0 and plan.optimizer_steps == 6
+    assert plan.denominators == (3 + 4, 3 + 1)  # response tokens of rows 0-1 / 2-3 on both ranks
+    assert plan.ptx_bounds == ((0, 2), (2, 3)) and plan.ptx_denominators == (6.0, 0.0)
+    seq = plan_update(shards, LossSpec(kind="ppo", agg_mode="seq-mean-token-mean", minibatch_size=4))
+    assert seq.denominators == (4, 3)  # sequences with a response token (rank 1's row 2 has none)
+    with pytest.raises(ValueError, match="raise algorithm.ppo_minibatch_size"):
+        plan_update(shards, LossSpec(kind="ppo", minibatch_size=1))  # 8 minibatches, 4 rows per rank
+    with pytest.raises(ValueError, match="ppo/grpo updates only"):
+        LossSpec(kind="dpo", epochs=2)
