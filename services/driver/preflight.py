@@ -60,13 +60,14 @@ def check_rl_settings(cfg: FlywheelConfig) -> None:
             f"rollout.n_samples: {name} needs at least 2 samples per prompt, got {cfg.rollout.n_samples} "
             f"({'advantages are relative to the group' if name == 'grpo' else 'a pair needs two responses'})"
         )
-    minibatch = cfg.algorithm.ppo_minibatch_size
+    minibatch, ranks = cfg.algorithm.ppo_minibatch_size, cfg.learner.num_ranks
     rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
-    if minibatch is not None and -(-rows // minibatch) > rows // cfg.learner.num_ranks:
+    count = -(-rows // minibatch) if minibatch is not None else 1
+    if count > 1 and ranks > 1 and rows % (count * ranks):
         raise UserError(
             f"algorithm.ppo_minibatch_size: {minibatch} sequences cut a step's {rows} (rollout.prompts_per_step x "
-            f"rollout.n_samples) into more minibatches than each of the {cfg.learner.num_ranks} learner ranks has "
-            "rows; raise it"
+            f"rollout.n_samples) into {count} minibatches, which cannot each be split evenly over "
+            f"learner.num_ranks={ranks}; choose a minibatch size that divides {rows} and is a multiple of {ranks}"
         )
 
 

@@ -32,7 +32,16 @@ from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.actor_group import ActorGroup, gather, placed
 from services.core.errors import ServiceFailure
-from services.learner.losses import LossSpec, UpdatePlan, batch_size, plan_update, slice_rows, slice_tokens
+from services.learner.losses import (
+    LossSpec,
+    UpdatePlan,
+    batch_size,
+    minibatch_count,
+    plan_update,
+    slice_rows,
+    slice_tokens,
+    take_rows,
+)
 
 
 class LearnerFailed(ServiceFailure):
@@ -138,11 +147,13 @@ class LearnerGroup(ActorGroup):
 
     # ------------------------------------------------------------------ data parallel
 
-    def _shards(self, batch: dict) -> list[dict]:
+    def _shards(self, batch: dict, minibatches: int = 1) -> list[dict]:
         ptx = batch.get("ptx")
         batch = {k: v for k, v in batch.items() if k != "ptx"}
-        shards = self._row_shards(batch)
-        if ptx is not None:  # PPO-ptx rows: their own even split (the plan counts their tokens globally)
+        shards = self._row_shards(batch, minibatches)
+        # PPO-ptx rows: their own even split; the plan counts each part's tokens over all ranks
+        # (with minibatches, the SFT rows of a part differ from a 1-rank run's; the weighting does not)
+        if ptx is not None:
             per = ptx.size // self.world_size
             if per == 0:
                 raise ValueError(f"{ptx.size} ptx rows cannot be split over learner.num_ranks={self.world_size}")
@@ -150,20 +161,32 @@ class LearnerGroup(ActorGroup):
                 shard["ptx"] = slice_tokens(ptx, r * per, (r + 1) * per)
         return shards
 
-    def _row_shards(self, batch: dict) -> list[dict]:
-        size = batch_size(batch)
-        if size % self.world_size:
+    def _row_shards(self, batch: dict, minibatches: int = 1) -> list[dict]:
+        """Contiguous shards of B / M rows; with n minibatches, rank r's shard is the r-th
+        part of each of the n contiguous global minibatches, in order, so the ranks together
+        train on the minibatches one rank would (B must then be divisible by n x M)."""
+        size, m = batch_size(batch), self.world_size
+        if size % m:
             raise ValueError(
-                f"a batch of {size} rows cannot be split evenly over learner.num_ranks={self.world_size}: "
+                f"a batch of {size} rows cannot be split evenly over learner.num_ranks={m}: "
                 "use a batch size divisible by the number of ranks"
             )
-        per = size // self.world_size
-        return [slice_rows(batch, r * per, (r + 1) * per) for r in range(self.world_size)]
+        if minibatches > 1 and m > 1:
+            if size % (minibatches * m):
+                raise ValueError(
+                    f"a batch of {size} rows cannot be cut into {minibatches} minibatches split evenly over "
+                    f"learner.num_ranks={m}: choose algorithm.ppo_minibatch_size so that it can"
+                )
+            part = size // minibatches // m
+            rows = torch.arange(size).view(minibatches, m, part).transpose(0, 1).reshape(-1)
+            batch = take_rows(batch, rows)
+        per = size // m
+        return [slice_rows(batch, r * per, (r + 1) * per) for r in range(m)]
 
     def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
         """One train step on every rank over its shard, under the plan of the global batch
         (same minibatches and global denominators on every rank); metrics averaged over ranks."""
-        shards = self._shards(batch)
+        shards = self._shards(batch, minibatch_count(batch_size(batch), spec.minibatch_size))
         plan = plan_update(shards, spec)
         results = self._all("train_step", [a.train_step.remote(s, spec, plan) for a, s in zip(self.actors, shards)])
         metrics = {key: sum(r[key] for r in results) / len(results) for key in results[0]}

@@ -151,6 +151,19 @@ def slice_rows(batch: dict, start: int, stop: int) -> dict:
     return out
 
 
+def take_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """Rows ``rows`` (an index tensor) of every TokenBatch and every tensor with a batch dimension."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, TokenBatch):
+            out[key] = TokenBatch(value.input_ids[rows], value.attention_mask[rows], value.response_mask[rows])
+        elif torch.is_tensor(value) and value.dim() >= 1:
+            out[key] = value[rows]
+        else:
+            out[key] = value
+    return out
+
+
 def trim_width(batch: dict) -> dict:
     """Drop padding columns past the longest sequence of each TokenBatch (right padding;
     causal models are unaffected). [B, T] tensors of a ppo/sft batch follow ``tokens``."""

@@ -305,5 +305,5 @@ def test_ppo_minibatch_settings():
     assert optimizer_steps_per_step(load_config("grpo-toy", [])) == 1
     too_small = load_config("grpo-toy", ["rollout.prompts_per_step=2", "rollout.n_samples=2",
                                          "algorithm.ppo_minibatch_size=1", "learner.num_ranks=2"])
-    with pytest.raises(UserError, match=r"algorithm\.ppo_minibatch_size: 1 sequences cut a step's 4"):
+    with pytest.raises(UserError, match=r"algorithm\.ppo_minibatch_size: 1 sequences cut a step's 4 .* into 4 minibatches"):
         check_rl_settings(too_small)
