@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.core.registry import ALGORITHMS
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -252,7 +254,8 @@ class LearnerConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["sft", "ppo", "grpo", "online_dpo"] = "sft"
+    name: str = Field("sft", description="sft, or a registered RL algorithm (services/algorithms/): grpo, ppo, "
+                      "online_dpo, rloo")
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in_reward: bool = False
@@ -293,16 +296,29 @@ class AlgorithmConfig(Section):
         "engine computing log-probs differently from the learner (bf16 on GPUs; Yao et al. 2025). null: off"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name != "sft" and name not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm '{name}'; sft or a registered RL algorithm: {', '.join(ALGORITHMS.names())}")
+        return name
+
+    def policy_gradient(self) -> bool:
+        """A registered algorithm whose learner loss is the policy-gradient family (ppo, grpo, rloo)."""
+        return self.name != "sft" and ALGORITHMS.get(self.name).loss_kind == "ppo"
+
     @model_validator(mode="after")
     def _ptx_needs_policy_gradient(self) -> "AlgorithmConfig":
-        if self.ptx_coef and self.name not in ("ppo", "grpo"):
-            raise ValueError(f"ptx_coef mixes an SFT term into ppo/grpo updates; algorithm '{self.name}' has none")
-        if (self.ppo_epochs > 1 or self.ppo_minibatch_size is not None) and self.name not in ("ppo", "grpo"):
+        pg = self.policy_gradient()
+        if self.ptx_coef and not pg:
+            raise ValueError(f"ptx_coef mixes an SFT term into policy-gradient updates; algorithm '{self.name}' has none")
+        if (self.ppo_epochs > 1 or self.ppo_minibatch_size is not None) and not pg:
             raise ValueError(
-                f"ppo_epochs / ppo_minibatch_size cut ppo/grpo updates into minibatches; algorithm '{self.name}' has none"
+                f"ppo_epochs / ppo_minibatch_size cut policy-gradient updates into minibatches; algorithm '{self.name}' "
+                "has none"
             )
-        if self.tis_cap is not None and self.name not in ("ppo", "grpo"):
-            raise ValueError(f"tis_cap weights ppo/grpo policy-gradient tokens; algorithm '{self.name}' has none")
+        if self.tis_cap is not None and not pg:
+            raise ValueError(f"tis_cap weights policy-gradient tokens; algorithm '{self.name}' has none")
         if self.tis_cap is not None and self.max_staleness:
             raise ValueError(
                 "tis_cap corrects the learner's old log-probs for the sampler's; with max_staleness >= 1 the PPO "

@@ -24,7 +24,8 @@ from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
 from services.core.errors import ServiceFailure, UserError
 from services.core.metrics import MetricsWriter
-from services.driver import algorithms as alg
+from services.algorithms import batches as alg
+from services.algorithms.base import StepInputs, get_algorithm
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
 from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
 from services.driver.prompt_selection import VarianceSelectedPrompts
@@ -35,6 +36,7 @@ class Driver:
     def __init__(self, cfg: FlywheelConfig, out_dir: str | Path, policy_dir: str | Path):
         self.cfg, self.out, self.policy_dir = cfg, Path(out_dir), str(policy_dir)
         self.algorithm = cfg.algorithm.name
+        self.algo = get_algorithm(self.algorithm)
         self.displacement = LikelihoodDisplacementMonitor(cfg.algorithm.displacement_patience)
         self.logprob_gap = LogprobGapMonitor(cfg.rollout.gap_alarm(cfg.model.dtype))
         check_rl_settings(cfg)  # also run by `flywheel train` before the toy policy's SFT
@@ -68,7 +70,7 @@ class Driver:
         self.placement_group, placement = reserve(cfg)
         tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        learner_cfg = cfg.learner.model_copy(update={"critic": self.algorithm == "ppo"})
+        learner_cfg = cfg.learner.model_copy(update={"critic": self.algo.needs_critic})
         self.learner = LearnerGroup(
             self.policy_dir, learner_cfg, dtype=cfg.model.dtype,
             total_steps=cfg.algorithm.total_steps * optimizer_steps_per_step(cfg),
@@ -82,7 +84,7 @@ class Driver:
         self.rollout = RolloutPool(self.policy_dir, cfg, placement=placement["rollout"])
         self.services.append(self.rollout)
         self.restarts()  # the process ids every later count compares against
-        self.spec = LossSpec.from_config(cfg)
+        self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx = None
         if self.spec.ptx_coef:
             from services.driver.ptx_data import PtxBatches
@@ -134,7 +136,7 @@ class Driver:
             self.reference.logprobs, [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
         )
         values_future: Future | None = None
-        if self.algorithm == "ppo":
+        if self.algo.needs_critic:
             values_future = self.executor.submit(self.learner.values, tokens)
         old_future: Future | None = None
         if self.cfg.algorithm.max_staleness == 0:
@@ -158,32 +160,6 @@ class Driver:
         return self.logprob_gap.update(step, same[0].policy_version, self.learner.logprobs(tokens),
                                        alg.sampler_logprobs(same, tokens), tokens.response_mask)
 
-    def _train_batch(self, trajectories, scores, tokens, ref, values, old, sampler) -> tuple[dict | None, dict]:
-        a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
-        tis = sampler if a.tis_cap is not None else None  # the truncated-IS weights need them
-        if self.algorithm == "grpo":
-            return alg.grpo_batch(
-                trajectories, scores, n, self.pad_id, a.scale_rewards_by_std, a.drop_zero_variance_groups,
-                old_logprobs=old, ref_logprobs=ref, sampler=tis,
-            )
-        if self.algorithm == "ppo":
-            return alg.ppo_batch(
-                trajectories, scores, values, ref, old, a.gamma, a.lam, a.kl_coef, a.kl_estimator,
-                a.kl_in_reward, self.pad_id, sampler=tis,
-            )
-        chosen, rejected, stats = alg.dpo_pairs(trajectories, scores, n, self.pad_id)
-        if not chosen:
-            return None, stats
-        if a.ches_log or a.ches_filter_top > 0:
-            chosen, rejected = self._ches(chosen, rejected, stats)
-        ref_rows = alg.sequence_sums(ref, tokens)
-        index = {id(t): i for i, t in enumerate(trajectories)}
-        batch = alg.dpo_batch(
-            chosen, rejected,
-            ref_rows[[index[id(t)] for t in chosen]], ref_rows[[index[id(t)] for t in rejected]], self.pad_id,
-        )
-        return batch, stats
-
     def _reward_variance(self, trajectories: list[Trajectory], scores: list[float]) -> dict:
         """Per-prompt reward variance over the n samples (Razin et al.); feeds the selector."""
         from services.reward.evaluation import summarize_variances, variance_by_prompt
@@ -201,24 +177,6 @@ class Driver:
             "reward/var_p50": stats["p50"], "reward/var_frac_below": stats["fraction_below_threshold"],
         }
 
-    def _ches(self, chosen: list, rejected: list, stats: dict) -> tuple[list, list]:
-        """CHES of each pair under the learner (Razin et al. 2024); drops the top
-        ``algorithm.ches_filter_top`` share when set."""
-        from services.core.rl_math import ches_keep_mask, ches_scores
-
-        ches = ches_scores(
-            self.learner.response_hidden_sums(alg.build_tokens(chosen, self.pad_id)),
-            self.learner.response_hidden_sums(alg.build_tokens(rejected, self.pad_id)),
-        )
-        keep = ches_keep_mask(ches, self.cfg.algorithm.ches_filter_top)
-        stats.update({
-            "dpo/ches_mean": float(ches.mean()), "dpo/ches_max": float(ches.max()),
-            "dpo/ches_kept_mean": float(ches[keep].mean()), "dpo/ches_dropped": float((~keep).sum()),
-        })
-        stats["train/pairs"] = float(keep.sum())
-        kept = keep.tolist()
-        return [c for c, k in zip(chosen, kept) if k], [r for r, k in zip(rejected, kept) if k]
-
     def _chosen_logps(self, batch: dict):
         """Summed log p(chosen response) [B] under the learner now."""
         tokens = batch["chosen"]
@@ -234,7 +192,7 @@ class Driver:
         started = time.perf_counter()
         learner_version = self.learner.policy_version
         kept, dropped = alg.filter_stale(trajectories, learner_version, self.cfg.algorithm.max_staleness)
-        if self.algorithm != "ppo":  # keep whole prompt groups for group-relative algorithms
+        if self.algo.group_relative:  # keep whole prompt groups
             kept = complete_groups(kept, self.cfg.rollout.n_samples)
         record: dict = {"step": step, "rollout/trajectories": len(trajectories), "rollout/dropped_stale": dropped}
         if not kept:
@@ -245,12 +203,14 @@ class Driver:
         record["timing/score_s"] = time.perf_counter() - score_started
         if self.cfg.algorithm.max_staleness == 0:  # old: the learner's, under the version that sampled
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
-        batch, stats = self._train_batch(kept, scores, tokens, ref, values, old, sampler)
+        batch, stats = self.algo.make_batch(
+            StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner)
+        )
         record.update(stats)
         staleness = [learner_version - t.policy_version for t in kept]
         assert max(staleness) <= self.cfg.algorithm.max_staleness, staleness  # never train on stale data
         train_started = time.perf_counter()
-        track_displacement = self.algorithm == "online_dpo" and batch is not None
+        track_displacement = self.algo.tracks_displacement and batch is not None
         before = self._chosen_logps(batch) if track_displacement else None
         if batch is not None and self.ptx is not None:
             batch["ptx"] = self.ptx.next_batch()

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
+from services.core.registry import ALGORITHMS
 
-RL_ALGORITHMS = ("ppo", "grpo", "online_dpo")
 # the keys vLLM derives a model's context length from (smallest wins; model_max_length overrides)
 CONTEXT_KEYS = (
     "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_target_positions",
@@ -53,12 +53,13 @@ def check_fresh_out(out: Path, checkpoint: Path | None) -> None:
 
 def check_rl_settings(cfg: FlywheelConfig) -> None:
     name = cfg.algorithm.name
-    if name not in RL_ALGORITHMS:
-        raise UserError(f"algorithm.name: '{name}' is not an RL algorithm ({', '.join(RL_ALGORITHMS)})")
-    if name in ("grpo", "online_dpo") and cfg.rollout.n_samples < 2:
+    if name not in ALGORITHMS:
+        raise UserError(f"algorithm.name: '{name}' is not an RL algorithm ({', '.join(ALGORITHMS.names())})")
+    algorithm = ALGORITHMS.get(name)
+    if algorithm.group_relative and cfg.rollout.n_samples < 2:
         raise UserError(
             f"rollout.n_samples: {name} needs at least 2 samples per prompt, got {cfg.rollout.n_samples} "
-            f"({'advantages are relative to the group' if name == 'grpo' else 'a pair needs two responses'})"
+            f"({algorithm.group_reason})"
         )
     minibatch, ranks = cfg.algorithm.ppo_minibatch_size, cfg.learner.num_ranks
     rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
@@ -75,7 +76,7 @@ def optimizer_steps_per_step(cfg: FlywheelConfig) -> int:
     """Optimizer steps one RL step makes (what sizes the learning-rate schedule): ppo_epochs x
     minibatches of a full batch (a step that drops rows makes fewer)."""
     alg = cfg.algorithm
-    if alg.name not in ("ppo", "grpo") or alg.ppo_minibatch_size is None:
+    if not alg.policy_gradient() or alg.ppo_minibatch_size is None:
         return alg.ppo_epochs
     rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
     return alg.ppo_epochs * max(1, -(-rows // alg.ppo_minibatch_size))

@@ -23,6 +23,7 @@ import torch
 
 from services.core import rl_math
 from services.core.batch_types import TokenBatch
+from services.core.estimators import POLICY_LOSSES, PolicyLossSettings
 
 KINDS = ("ppo", "dpo", "sft")
 
@@ -58,6 +59,7 @@ class LossSpec:
     tis_cap: float | None = None
     epochs: int = 1
     minibatch_size: int | None = None
+    policy_loss: str = "ppo_clip"  # ppo kind: the registered policy loss (services.core.estimators)
 
     def __post_init__(self) -> None:
         allowed = {
@@ -81,11 +83,12 @@ class LossSpec:
             raise ValueError("LossSpec.epochs / minibatch_size: PPO minibatches go with ppo/grpo updates only")
 
     @classmethod
-    def from_config(cls, cfg) -> "LossSpec":
-        """From a FlywheelConfig: the algorithm section plus learner.entropy_coef / vf_coef.
-        With ``algorithm.kl_in_reward`` the KL goes into the reward, not the loss."""
+    def from_config(cls, cfg, kind: str, policy_loss: str = "ppo_clip") -> "LossSpec":
+        """From a FlywheelConfig, the algorithm's loss family ``kind`` and its policy loss
+        (``Algorithm.loss_kind`` / ``policy_loss``):
+        the algorithm section plus learner.entropy_coef / vf_coef. With
+        ``algorithm.kl_in_reward`` the KL goes into the reward, not the loss."""
         alg, learner = cfg.algorithm, cfg.learner
-        kind = {"ppo": "ppo", "grpo": "ppo", "online_dpo": "dpo", "sft": "sft"}[alg.name]
         return cls(
             kind=kind, clip_low=alg.clip_range, clip_high=alg.clip_range_high, dual_clip=alg.dual_clip,
             agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward else alg.kl_coef,
@@ -93,7 +96,7 @@ class LossSpec:
             vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
             ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0, tis_cap=alg.tis_cap if kind == "ppo" else None,
             epochs=alg.ppo_epochs if kind == "ppo" else 1,
-            minibatch_size=alg.ppo_minibatch_size if kind == "ppo" else None,
+            minibatch_size=alg.ppo_minibatch_size if kind == "ppo" else None, policy_loss=policy_loss,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -291,10 +294,9 @@ def policy_terms(logits: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[tor
                 raise ValueError("LossSpec.tis_cap needs the batch's sampler_logprobs")
             weights = rl_math.truncated_is_weights(old, _device(micro["sampler_logprobs"], logits), spec.tis_cap)
             stats["tis_weight_mean"] = rl_math.masked_mean(weights, mask)
-        loss, ppo_stats = rl_math.ppo_policy_loss(
-            logprobs, old, _device(micro["advantages"], logits), mask,
-            clip_low=spec.clip_low, clip_high=spec.clip_high, dual_clip=spec.dual_clip, agg_mode=mode,
-            is_weights=weights,
+        settings = PolicyLossSettings(spec.clip_low, spec.clip_high, spec.dual_clip, mode)
+        loss, ppo_stats = POLICY_LOSSES.get(spec.policy_loss)(
+            logprobs, old, _device(micro["advantages"], logits), mask, settings, weights
         )
         stats["pg_loss"] = loss.detach()
         stats.update(ppo_stats)

@@ -26,14 +26,16 @@ def train(preset, out, sft_dir, *overrides):
     return run_train(cfg, out, progress=False)
 
 
-# PPO runs with minibatches and epochs: 64 rows in minibatches of 32, 2 epochs = 4 optimizer steps per step
-EXTRA = {"ppo-toy": ["algorithm.ppo_epochs=2", "algorithm.ppo_minibatch_size=32"]}
+# PPO runs with minibatches and epochs: 64 rows in minibatches of 32, 2 epochs = 4 optimizer steps per step;
+# RLOO is the algorithm added as one file (services/algorithms/rloo.py), run on the GRPO preset
+EXTRA = {"ppo-toy": ["algorithm.ppo_epochs=2", "algorithm.ppo_minibatch_size=32"], "rloo": ["algorithm.name=rloo"]}
 
 
-@pytest.mark.parametrize("preset", ["ppo-toy", "grpo-toy", "dpo-toy"])
-def test_each_algorithm_runs_and_logs_finite_metrics(preset, toy_sft_run, ray_session, tmp_path):
+@pytest.mark.parametrize("case", ["ppo-toy", "grpo-toy", "dpo-toy", "rloo"])
+def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_session, tmp_path):
+    preset = "grpo-toy" if case == "rloo" else case
     records = train(preset, tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=3", "metrics.dump_rollouts=true",
-                    *EXTRA.get(preset, []))
+                    *EXTRA.get(case, []))
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
     assert [r["step"] for r in records] == [1, 2, 3]
     assert [r["policy_version"] for r in records] == [1, 2, 3]
@@ -42,7 +44,10 @@ def test_each_algorithm_runs_and_logs_finite_metrics(preset, toy_sft_run, ray_se
             assert key in record, (preset, key)
             assert math.isfinite(record[key]), (preset, key, record[key])
         assert record["rollout/logprob_gap_max"] < 1e-4, (preset, record)  # engines hold the learner's weights
-    if preset == "ppo-toy":  # after the first optimizer step of a batch the ratio leaves 1 and clipping acts
+    if case == "rloo":
+        assert "name: rloo" in (tmp_path / "config.yaml").read_text()  # the run itself was RLOO
+        assert all(r["train/groups_kept"] > 0 and math.isfinite(r["train/pg_loss"]) for r in records)
+    if case == "ppo-toy":  # after the first optimizer step of a batch the ratio leaves 1 and clipping acts
         assert all(r["train/optimizer_steps"] == 4 for r in records)
         clip = [r["train/clip_frac"] for r in records]
         print(f"ppo-toy, 2 epochs x 2 minibatches: clip fraction per step {clip}")

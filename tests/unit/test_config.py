@@ -272,7 +272,7 @@ def test_restart_budgets_are_not_negative(field):
 
 
 def test_tis_cap_only_on_policy_with_policy_gradient_algorithms():
-    assert "tis_cap weights ppo/grpo" in load_error("grpo-toy", ["algorithm.name=online_dpo", "algorithm.tis_cap=2"])
+    assert "tis_cap weights policy-gradient tokens" in load_error("grpo-toy", ["algorithm.name=online_dpo", "algorithm.tis_cap=2"])
     assert "max_staleness: 0" in load_error("grpo-toy", ["algorithm.max_staleness=1", "algorithm.tis_cap=2"])
     assert "algorithm.tis_cap: Input should be greater than 0" in load_error("grpo-toy", ["algorithm.tis_cap=0"])
     cfg = FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "tis_cap": 2.0}})
@@ -292,14 +292,14 @@ def test_ppo_minibatch_settings():
     from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
     from services.learner.losses import LossSpec
 
-    assert "ppo_epochs / ppo_minibatch_size cut ppo/grpo updates" in load_error(
+    assert "ppo_epochs / ppo_minibatch_size cut policy-gradient updates" in load_error(
         "grpo-toy", ["algorithm.name=online_dpo", "algorithm.ppo_epochs=2"])
     assert "algorithm.ppo_minibatch_size: Input should be greater than or equal to 1" in load_error(
         "grpo-toy", ["algorithm.ppo_minibatch_size=0"])
     cfg = load_config("grpo-toy", ["rollout.prompts_per_step=8", "rollout.n_samples=4", "algorithm.ppo_epochs=2",
                                    "algorithm.ppo_minibatch_size=12", "algorithm.total_steps=10"])
     assert optimizer_steps_per_step(cfg) == 2 * 3  # 32 rows in minibatches of 12: 3 per epoch
-    spec = LossSpec.from_config(cfg)
+    spec = LossSpec.from_config(cfg, "ppo")
     assert (spec.epochs, spec.minibatch_size) == (2, 12)
     check_rl_settings(cfg)
     assert optimizer_steps_per_step(load_config("grpo-toy", [])) == 1

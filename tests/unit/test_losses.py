@@ -126,11 +126,11 @@ def test_loss_spec_validation_and_config():
     cfg.algorithm.name = "grpo"
     cfg.algorithm.kl_coef = 0.02
     cfg.learner.entropy_coef = 0.01
-    spec = LossSpec.from_config(cfg)
+    spec = LossSpec.from_config(cfg, "ppo")
     assert (spec.kind, spec.kl_coef, spec.entropy_coef) == ("ppo", 0.02, 0.01)
     cfg.algorithm.kl_in_reward = True
     cfg.algorithm.name = "online_dpo"
-    spec = LossSpec.from_config(cfg)
+    spec = LossSpec.from_config(cfg, "dpo")
     assert (spec.kind, spec.kl_coef) == ("dpo", 0.0)
 
 
@@ -174,8 +174,8 @@ def test_tis_cap_config():
     cfg = FlywheelConfig()
     cfg.algorithm.name = "grpo"
     cfg.algorithm.tis_cap = 2.0
-    assert LossSpec.from_config(cfg).tis_cap == 2.0
-    assert LossSpec.from_config(FlywheelConfig()).tis_cap is None
+    assert LossSpec.from_config(cfg, "ppo").tis_cap == 2.0
+    assert LossSpec.from_config(FlywheelConfig(), "ppo").tis_cap is None
 
 
 def test_minibatch_bounds_and_update_plan():

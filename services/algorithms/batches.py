@@ -1,4 +1,4 @@
-"""Scored trajectories -> learner batches for PPO, GRPO and online DPO.
+"""Scored trajectories -> learner batches: group-relative (GRPO, RLOO), PPO (GAE), online DPO pairs.
 
 Pure functions on torch tensors and ``rl_math`` (no Ray, no models). Per-token tensors
 follow ``services.core.batch_types``: [B, T], aligned with ``input_ids`` positions, nonzero
@@ -14,6 +14,7 @@ import torch
 
 from services.core import rl_math
 from services.core.batch_types import TokenBatch, Trajectory, pack_sequences, pad_response_values
+from services.core.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs
 
 ZERO_STD_TOL = 1e-6  # a group whose reward std is at most this counts as all-tied
 
@@ -137,8 +138,10 @@ def grpo_batch(
     old_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     sampler: torch.Tensor | None = None,
+    estimator: str = "grpo",
 ) -> tuple[dict | None, dict[str, float]]:
-    """Group-normalised advantages (``rl_math.grpo_advantages``) on every response token.
+    """Group-relative advantages on every response token: the outcome advantage estimator
+    ``estimator`` (``services.core.estimators``; grpo: ``rl_math.grpo_advantages``).
 
     ``old_logprobs`` / ``ref_logprobs`` / ``sampler`` (the sampler's log-probs, for the
     truncated-IS weights) are [B, T] over ``build_tokens(trajectories)``; old defaults to the
@@ -161,7 +164,11 @@ def grpo_batch(
         _check_shape(name, t, shape)
 
     std = rl_math.group_reward_std(r, group_size)
-    adv = rl_math.grpo_advantages(r, group_size, scale_by_std=scale_by_std)
+    mask = tokens.response_mask.bool()
+    adv, _ = ADVANTAGE_ESTIMATORS.get(estimator)(AdvantageInputs(
+        sequence_rewards=r, token_rewards=torch.zeros(shape), mask=mask, group_size=group_size,
+        scale_by_std=scale_by_std,
+    ))
     keep_group = std > ZERO_STD_TOL if drop_zero_variance else torch.ones_like(std, dtype=torch.bool)
     stats = {
         "train/groups_kept": float(keep_group.sum()),
@@ -171,9 +178,8 @@ def grpo_batch(
     if not keep_group.any():
         return None, stats
 
-    mask = tokens.response_mask.bool()
     per_token = {
-        "advantages": torch.where(mask, adv[:, None], torch.zeros(())),
+        "advantages": adv,
         "old_logprobs": old_logprobs.float(),
         **{name: t.float() for name, t in optional.items()},
     }
@@ -231,7 +237,9 @@ def ppo_batch(
     penalty = kl_coef * kl if kl_in_reward else torch.zeros_like(kl)
     rewards = rewards - penalty
 
-    adv, returns = rl_math.gae_advantages(rewards, values, mask, gamma, lam)
+    adv, returns = ADVANTAGE_ESTIMATORS.get("gae")(AdvantageInputs(
+        sequence_rewards=s, token_rewards=rewards, mask=mask, values=values, gamma=gamma, lam=lam,
+    ))
     if whiten_advantages:
         adv = rl_math.masked_whiten(adv, mask)
     batch = {

@@ -10,7 +10,7 @@ import torch
 
 from services.core import rl_math
 from services.core.batch_types import Trajectory
-from services.driver import algorithms as alg
+from services.algorithms import batches as alg
 
 PAD = 0
 

@@ -1,0 +1,1 @@
+"""RL algorithms by name (``algorithm.name``): see ``services.algorithms.base``."""
