@@ -6,7 +6,7 @@ Adding one is a module in ``services/algorithms/`` with a class like::
     @ALGORITHMS.register("rloo")
     class RLOO(Algorithm):
         group_relative = True
-        def make_batch(self, x: StepInputs) -> tuple[dict | None, dict[str, float]]: ...
+        def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]: ...
 
 Modules in this package are imported on the first lookup of ``ALGORITHMS``
 (``services.core.registry``), so nothing else needs editing.
@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from services.core.batch_types import TokenBatch, Trajectory
+from services.core.learner_batches import LearnerBatch
 from services.core.config import FlywheelConfig
 from services.core.registry import ALGORITHMS
 
@@ -68,7 +69,7 @@ class Algorithm:
     group_reason: ClassVar[str] = ""
     tracks_displacement: ClassVar[bool] = False
 
-    def make_batch(self, x: StepInputs) -> tuple[dict | None, dict[str, float]]:
+    def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         """(learner batch, or None when nothing is left to train on; stats for metrics.jsonl)."""
         raise NotImplementedError
 

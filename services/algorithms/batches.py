@@ -15,6 +15,7 @@ import torch
 from services.core import rl_math
 from services.core.batch_types import TokenBatch, Trajectory, pack_sequences, pad_response_values
 from services.core.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs
+from services.core.learner_batches import PairBatch, PolicyBatch
 
 ZERO_STD_TOL = 1e-6  # a group whose reward std is at most this counts as all-tied
 
@@ -57,14 +58,6 @@ def _scores(name: str, values, n: int) -> torch.Tensor:
     if not torch.isfinite(out).all():
         raise ValueError(f"{name} contain non-finite values")
     return out
-
-
-def _take_rows(tokens: TokenBatch, rows: torch.Tensor, per_token: dict) -> tuple[TokenBatch, dict]:
-    """Rows ``rows`` of a TokenBatch and of [B, T] tensors, trimmed to the rows' longest sequence."""
-    attention = tokens.attention_mask[rows]
-    width = int(attention.sum(dim=-1).max().item()) if rows.numel() else 0
-    sub = TokenBatch(tokens.input_ids[rows, :width], attention[:, :width], tokens.response_mask[rows, :width])
-    return sub, {k: v[rows, :width] for k, v in per_token.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -139,14 +132,14 @@ def grpo_batch(
     ref_logprobs: torch.Tensor | None = None,
     sampler: torch.Tensor | None = None,
     estimator: str = "grpo",
-) -> tuple[dict | None, dict[str, float]]:
+) -> tuple[PolicyBatch | None, dict[str, float]]:
     """Group-relative advantages on every response token: the outcome advantage estimator
     ``estimator`` (``services.core.estimators``; grpo: ``rl_math.grpo_advantages``).
 
     ``old_logprobs`` / ``ref_logprobs`` / ``sampler`` (the sampler's log-probs, for the
     truncated-IS weights) are [B, T] over ``build_tokens(trajectories)``; old defaults to the
     sampler's log-probs. With ``drop_zero_variance`` groups whose rewards all tie are left out
-    (their advantages are 0 anyway). Returns (batch with ``tokens``, ``old_logprobs``,
+    (their advantages are 0 anyway). Returns (a PolicyBatch with ``tokens``, ``old_logprobs``,
     ``advantages`` and ``ref_logprobs`` / ``sampler_logprobs`` if given; or None when every
     group was dropped, stats).
     """
@@ -178,14 +171,10 @@ def grpo_batch(
     if not keep_group.any():
         return None, stats
 
-    per_token = {
-        "advantages": adv,
-        "old_logprobs": old_logprobs.float(),
-        **{name: t.float() for name, t in optional.items()},
-    }
+    batch = PolicyBatch(tokens, old_logprobs=old_logprobs.float(), advantages=adv,
+                        **{name: t.float() for name, t in optional.items()})
     rows = keep_group.repeat_interleave(group_size).nonzero().flatten()
-    sub, per_token = _take_rows(tokens, rows, per_token)
-    return {"tokens": sub, **per_token}, stats
+    return batch.take(rows).trim(), stats
 
 
 # ---------------------------------------------------------------------------
@@ -206,13 +195,13 @@ def ppo_batch(
     pad_id: int,
     whiten_advantages: bool = True,
     sampler: torch.Tensor | None = None,
-) -> tuple[dict, dict[str, float]]:
+) -> tuple[PolicyBatch, dict[str, float]]:
     """GAE advantages from a terminal score (plus a per-token KL penalty if ``kl_in_reward``).
 
     Per-token reward r_t = score at the last response token, minus
     ``kl_coef * kl_estimate(old, ref)`` on every response token when ``kl_in_reward``.
     ``values``, ``ref_logprobs``, ``old_logprobs`` are [B, T] over ``build_tokens``. Returns
-    (batch: tokens, old_logprobs, advantages (whitened if asked), returns, old_values,
+    (a PolicyBatch: tokens, old_logprobs, advantages (whitened if asked), returns, old_values,
     ref_logprobs when the KL is a loss term, and ``sampler`` (the sampler's log-probs [B, T],
     for the truncated-IS weights) as sampler_logprobs when given; stats).
     """
@@ -242,15 +231,12 @@ def ppo_batch(
     ))
     if whiten_advantages:
         adv = rl_math.masked_whiten(adv, mask)
-    batch = {
-        "tokens": tokens, "old_logprobs": old_logprobs, "advantages": adv,
-        "returns": returns, "old_values": values,
-    }
-    if not kl_in_reward:
-        batch["ref_logprobs"] = ref_logprobs
     if sampler is not None:
         _check_shape("sampler_logprobs", sampler, shape)
-        batch["sampler_logprobs"] = sampler.float()
+    batch = PolicyBatch(
+        tokens, old_logprobs=old_logprobs, advantages=adv, returns=returns, old_values=values,
+        ref_logprobs=None if kl_in_reward else ref_logprobs, sampler_logprobs=None if sampler is None else sampler.float(),
+    )
     seq_penalty = penalty.sum(dim=-1)
     stats = {
         "reward/score_mean": float(s.mean()),
@@ -305,7 +291,7 @@ def dpo_batch(
     ref_chosen_logps,
     ref_rejected_logps,
     pad_id: int,
-) -> dict:
+) -> PairBatch:
     """Learner batch of pairs: ``chosen`` / ``rejected`` TokenBatches (``build_tokens``) and
     the reference's summed response log-probs [B] of each."""
     _check_nonempty(chosen_trajs)
@@ -317,7 +303,4 @@ def dpo_batch(
     for i, (c, r) in enumerate(zip(chosen_trajs, rejected_trajs)):
         if c.prompt_id != r.prompt_id:
             raise ValueError(f"pair {i}: chosen prompt {c.prompt_id!r} but rejected prompt {r.prompt_id!r}")
-    return {
-        "chosen": build_tokens(chosen_trajs, pad_id), "rejected": build_tokens(rejected_trajs, pad_id),
-        "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r,
-    }
+    return PairBatch(build_tokens(chosen_trajs, pad_id), build_tokens(rejected_trajs, pad_id), ref_c, ref_r)

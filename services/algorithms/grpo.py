@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.learner_batches import LearnerBatch
 
 
 @ALGORITHMS.register("grpo")
@@ -11,7 +12,7 @@ class GRPO(Algorithm):
     group_relative = True
     group_reason = "advantages are relative to the group"
 
-    def make_batch(self, x: StepInputs) -> tuple[dict | None, dict[str, float]]:
+    def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         a = x.cfg.algorithm
         return batches.grpo_batch(
             x.trajectories, x.scores, x.cfg.rollout.n_samples, x.pad_id, a.scale_rewards_by_std,

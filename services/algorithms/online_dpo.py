@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.learner_batches import LearnerBatch
 from services.core.rl_math import ches_keep_mask, ches_scores
 
 
@@ -16,7 +17,7 @@ class OnlineDPO(Algorithm):
     group_reason = "a pair needs two responses"
     tracks_displacement = True
 
-    def make_batch(self, x: StepInputs) -> tuple[dict | None, dict[str, float]]:
+    def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         a = x.cfg.algorithm
         chosen, rejected, stats = batches.dpo_pairs(x.trajectories, x.scores, x.cfg.rollout.n_samples, x.pad_id)
         if not chosen:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.learner_batches import LearnerBatch
 
 
 @ALGORITHMS.register("ppo")
 class PPO(Algorithm):
     needs_critic = True
 
-    def make_batch(self, x: StepInputs) -> tuple[dict | None, dict[str, float]]:
+    def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         a = x.cfg.algorithm
         return batches.ppo_batch(
             x.trajectories, x.scores, x.values, x.ref, x.old, a.gamma, a.lam, a.kl_coef, a.kl_estimator,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.learner_batches import LearnerBatch
 from services.core import rl_math
 from services.core.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs, outcome_on_tokens
 
@@ -25,7 +26,7 @@ class RLOO(Algorithm):
     group_relative = True
     group_reason = "the leave-one-out baseline needs another sample of the prompt"
 
-    def make_batch(self, x: StepInputs) -> tuple[dict | None, dict[str, float]]:
+    def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         a = x.cfg.algorithm
         return batches.grpo_batch(
             x.trajectories, x.scores, x.cfg.rollout.n_samples, x.pad_id,

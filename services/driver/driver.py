@@ -21,6 +21,7 @@ from statistics import mean, pstdev
 from services.core import toy_world
 from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
+from services.core.learner_batches import PairBatch
 from services.core.config_loading import dump_config
 from services.core.errors import ServiceFailure, UserError
 from services.core.metrics import MetricsWriter
@@ -177,9 +178,9 @@ class Driver:
             "reward/var_p50": stats["p50"], "reward/var_frac_below": stats["fraction_below_threshold"],
         }
 
-    def _chosen_logps(self, batch: dict):
+    def _chosen_logps(self, batch: PairBatch):
         """Summed log p(chosen response) [B] under the learner now."""
-        tokens = batch["chosen"]
+        tokens = batch.chosen
         return (self.learner.logprobs(tokens) * tokens.response_mask).sum(dim=1)
 
     def restarts(self) -> dict[str, int]:
@@ -213,7 +214,7 @@ class Driver:
         track_displacement = self.algo.tracks_displacement and batch is not None
         before = self._chosen_logps(batch) if track_displacement else None
         if batch is not None and self.ptx is not None:
-            batch["ptx"] = self.ptx.next_batch()
+            batch = dataclasses.replace(batch, ptx=self.ptx.next_batch())
         train_metrics = self.learner.train_step(batch, self.spec) if batch is not None else {}
         if track_displacement:
             delta = float((self._chosen_logps(batch) - before).mean())

@@ -24,6 +24,7 @@ under ZeRO-3 every rank must run the same number of forwards), split, and concat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -32,16 +33,8 @@ from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.actor_group import ActorGroup, gather, placed
 from services.core.errors import ServiceFailure
-from services.learner.losses import (
-    LossSpec,
-    UpdatePlan,
-    batch_size,
-    minibatch_count,
-    plan_update,
-    slice_rows,
-    slice_tokens,
-    take_rows,
-)
+from services.core.learner_batches import LearnerBatch, tokens_rows
+from services.learner.losses import LossSpec, UpdatePlan, minibatch_count, plan_update
 
 
 class LearnerFailed(ServiceFailure):
@@ -70,7 +63,7 @@ class LearnerRank:
         self.learner = PolicyLearner(model_dir, learner, **kwargs)
         return self.rank
 
-    def train_step(self, batch: dict, spec: LossSpec, plan: UpdatePlan) -> dict[str, float]:
+    def train_step(self, batch: LearnerBatch, spec: LossSpec, plan: UpdatePlan) -> dict[str, float]:
         return self.learner.train_step(batch, spec, plan)
 
     def per_token(self, method: str, batch: TokenBatch) -> torch.Tensor:
@@ -147,25 +140,24 @@ class LearnerGroup(ActorGroup):
 
     # ------------------------------------------------------------------ data parallel
 
-    def _shards(self, batch: dict, minibatches: int = 1) -> list[dict]:
-        ptx = batch.get("ptx")
-        batch = {k: v for k, v in batch.items() if k != "ptx"}
-        shards = self._row_shards(batch, minibatches)
+    def _shards(self, batch: LearnerBatch, minibatches: int = 1) -> list[LearnerBatch]:
+        ptx = getattr(batch, "ptx", None)
+        shards = self._row_shards(batch.without_ptx(), minibatches)
         # PPO-ptx rows: their own even split; the plan counts each part's tokens over all ranks
         # (with minibatches, the SFT rows of a part differ from a 1-rank run's; the weighting does not)
         if ptx is not None:
             per = ptx.size // self.world_size
             if per == 0:
                 raise ValueError(f"{ptx.size} ptx rows cannot be split over learner.num_ranks={self.world_size}")
-            for r, shard in enumerate(shards):
-                shard["ptx"] = slice_tokens(ptx, r * per, (r + 1) * per)
+            shards = [dataclasses.replace(shard, ptx=tokens_rows(ptx, slice(r * per, (r + 1) * per)))
+                      for r, shard in enumerate(shards)]
         return shards
 
-    def _row_shards(self, batch: dict, minibatches: int = 1) -> list[dict]:
+    def _row_shards(self, batch: LearnerBatch, minibatches: int = 1) -> list[LearnerBatch]:
         """Contiguous shards of B / M rows; with n minibatches, rank r's shard is the r-th
         part of each of the n contiguous global minibatches, in order, so the ranks together
         train on the minibatches one rank would (B must then be divisible by n x M)."""
-        size, m = batch_size(batch), self.world_size
+        size, m = batch.size, self.world_size
         if size % m:
             raise ValueError(
                 f"a batch of {size} rows cannot be split evenly over learner.num_ranks={m}: "
@@ -179,14 +171,14 @@ class LearnerGroup(ActorGroup):
                 )
             part = size // minibatches // m
             rows = torch.arange(size).view(minibatches, m, part).transpose(0, 1).reshape(-1)
-            batch = take_rows(batch, rows)
+            batch = batch.take(rows)
         per = size // m
-        return [slice_rows(batch, r * per, (r + 1) * per) for r in range(m)]
+        return [batch.rows(r * per, (r + 1) * per) for r in range(m)]
 
-    def train_step(self, batch: dict, spec: LossSpec) -> dict[str, float]:
+    def train_step(self, batch: LearnerBatch, spec: LossSpec) -> dict[str, float]:
         """One train step on every rank over its shard, under the plan of the global batch
         (same minibatches and global denominators on every rank); metrics averaged over ranks."""
-        shards = self._shards(batch, minibatch_count(batch_size(batch), spec.minibatch_size))
+        shards = self._shards(batch, minibatch_count(batch.size, spec.minibatch_size))
         plan = plan_update(shards, spec)
         results = self._all("train_step", [a.train_step.remote(s, spec, plan) for a, s in zip(self.actors, shards)])
         metrics = {key: sum(r[key] for r in results) / len(results) for key in results[0]}
@@ -204,7 +196,7 @@ class LearnerGroup(ActorGroup):
         padded = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
         per = padded.size // m
         parts = self._all(method, [
-            a.per_token.remote(method, slice_tokens(padded, r * per, (r + 1) * per)) for r, a in enumerate(self.actors)
+            a.per_token.remote(method, tokens_rows(padded, slice(r * per, (r + 1) * per))) for r, a in enumerate(self.actors)
         ])
         return torch.cat(parts)[:size]
 

@@ -8,10 +8,11 @@ to token t and comes from the model output at t-1 (position 0 holds 0). Values o
 use the same shift: ``values[:, t]`` is V(state before token t), read from position t-1.
 
 Micro-batch weighting: a batch's loss is ``aggregate_loss`` over the whole batch. Each
-micro-batch's aggregated loss is weighted by ``agg_count(micro) / denominator``, where the
-denominator is ``agg_count`` of the whole batch (response tokens for token-mean, sequences
-with a response token for the seq-mean modes, pairs for DPO). The sum over micro-batches
-equals the whole-batch aggregate exactly.
+micro-batch's aggregated loss is weighted by ``micro.loss_count / denominator``, where the
+denominator is ``loss_count`` of the whole (mini)batch (response tokens for token-mean,
+sequences with a response token for the seq-mean modes, pairs for DPO; see
+``services.core.learner_batches``). The sum over micro-batches equals the whole-batch
+aggregate exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from services.core import rl_math
 from services.core.batch_types import TokenBatch
+from services.core.learner_batches import LearnerBatch, PairBatch, PolicyBatch
 from services.core.estimators import POLICY_LOSSES, PolicyLossSettings
 
 KINDS = ("ppo", "dpo", "sft")
@@ -130,74 +132,8 @@ def per_token_values(scores: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# batches: rows, widths, denominators
+# minibatches and their weights
 # ---------------------------------------------------------------------------
-
-def batch_size(batch: dict) -> int:
-    return (batch["chosen"] if "chosen" in batch else batch["tokens"]).size
-
-
-def slice_tokens(tokens: TokenBatch, start: int, stop: int) -> TokenBatch:
-    return TokenBatch(tokens.input_ids[start:stop], tokens.attention_mask[start:stop], tokens.response_mask[start:stop])
-
-
-def slice_rows(batch: dict, start: int, stop: int) -> dict:
-    """Rows start:stop of every TokenBatch and every tensor with a batch dimension."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, TokenBatch):
-            out[key] = slice_tokens(value, start, stop)
-        elif torch.is_tensor(value) and value.dim() >= 1:
-            out[key] = value[start:stop]
-        else:
-            out[key] = value
-    return out
-
-
-def take_rows(batch: dict, rows: torch.Tensor) -> dict:
-    """Rows ``rows`` (an index tensor) of every TokenBatch and every tensor with a batch dimension."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, TokenBatch):
-            out[key] = TokenBatch(value.input_ids[rows], value.attention_mask[rows], value.response_mask[rows])
-        elif torch.is_tensor(value) and value.dim() >= 1:
-            out[key] = value[rows]
-        else:
-            out[key] = value
-    return out
-
-
-def trim_width(batch: dict) -> dict:
-    """Drop padding columns past the longest sequence of each TokenBatch (right padding;
-    causal models are unaffected). [B, T] tensors of a ppo/sft batch follow ``tokens``."""
-    out = dict(batch)
-    for key, value in batch.items():
-        if isinstance(value, TokenBatch) and value.size:
-            width = max(int(value.attention_mask.sum(dim=1).max().item()), 1)
-            out[key] = TokenBatch(*(t[:, :width] for t in (value.input_ids, value.attention_mask, value.response_mask)))
-    if "tokens" in batch:
-        full, width = batch["tokens"].input_ids.shape[1], out["tokens"].input_ids.shape[1]
-        for key, value in batch.items():
-            if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == full:
-                out[key] = value[:, :width]
-    return out
-
-
-def agg_count(mask: torch.Tensor, agg_mode: str) -> float:
-    """What ``aggregate_loss`` divides by: masked tokens (token-mean) or sequences with at
-    least one masked token (seq-mean-*)."""
-    m = mask.bool()
-    if agg_mode == "token-mean":
-        return float(m.sum().item())
-    return float((m.sum(dim=-1) > 0).sum().item())
-
-
-def loss_denominator(batch: dict, spec: LossSpec) -> float:
-    """The whole batch's ``agg_count`` (pairs for DPO)."""
-    if spec.kind == "dpo":
-        return float(batch["chosen"].size)
-    return agg_count(batch["tokens"].response_mask, spec.agg_mode)
-
 
 def minibatch_bounds(rows: int, count: int) -> list[tuple[int, int]]:
     """``count`` contiguous row ranges [start, stop) covering ``rows``, sizes differing by at
@@ -236,10 +172,10 @@ def minibatch_count(rows: int, minibatch_size: int | None) -> int:
     return 1 if minibatch_size is None else max(1, -(-rows // minibatch_size))
 
 
-def plan_update(shards: list[dict], spec: LossSpec) -> UpdatePlan:
+def plan_update(shards: list[LearnerBatch], spec: LossSpec) -> UpdatePlan:
     """The ``UpdatePlan`` for the rank batches ``shards`` (equal row counts; one shard: a
-    learner that holds the whole batch). A ``ptx`` TokenBatch in a shard is cut likewise."""
-    rows = batch_size(shards[0])
+    learner that holds the whole batch). The shards' ``ptx`` rows are cut likewise."""
+    rows = shards[0].size
     count = minibatch_count(rows * len(shards), spec.minibatch_size)
     if count > rows:
         raise ValueError(
@@ -247,24 +183,22 @@ def plan_update(shards: list[dict], spec: LossSpec) -> UpdatePlan:
             f"learner rank(s) holds only {rows} rows: raise algorithm.ppo_minibatch_size"
         )
     bounds = minibatch_bounds(rows, count)
-    denominators = tuple(sum(loss_denominator(slice_rows(s, *b), spec) for s in shards) for b in bounds)
+    denominators = tuple(sum(s.rows(*b).loss_count(spec.agg_mode) for s in shards) for b in bounds)
     ptx_bounds: tuple = ()
     ptx_denominators: tuple = ()
-    if shards[0].get("ptx") is not None:
-        ptx_bounds = tuple(minibatch_bounds(shards[0]["ptx"].size, count))
+    if getattr(shards[0], "ptx", None) is not None:
+        ptx_bounds = tuple(minibatch_bounds(shards[0].ptx.size, count))
         ptx_denominators = tuple(
-            float(sum(s["ptx"].response_mask[start:stop].sum() for s in shards)) for start, stop in ptx_bounds
+            float(sum(s.ptx.response_mask[start:stop].sum() for s in shards)) for start, stop in ptx_bounds
         )
     return UpdatePlan(spec.epochs, tuple(bounds), denominators, float(len(shards)), ptx_bounds, ptx_denominators)
 
 
-def micro_weight(micro: dict, spec: LossSpec, denominator: float) -> float:
+def micro_weight(micro: LearnerBatch, spec: LossSpec, denominator: float) -> float:
     """Weight of a micro-batch's aggregated loss so that the weighted sum is the batch's."""
     if denominator <= 0:
         return 0.0
-    if spec.kind == "dpo":
-        return micro["chosen"].size / denominator
-    return agg_count(micro["tokens"].response_mask, spec.agg_mode) / denominator
+    return micro.loss_count(spec.agg_mode) / denominator
 
 
 # ---------------------------------------------------------------------------
@@ -275,9 +209,9 @@ def _device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
 
 
-def policy_terms(logits: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_terms(logits: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ppo / sft loss of one micro-batch: (loss, detached stats)."""
-    tokens: TokenBatch = micro["tokens"]
+    tokens = micro.tokens
     ids = tokens.input_ids.to(logits.device)
     mask = tokens.response_mask.to(logits.device).bool()
     mode = spec.agg_mode
@@ -287,16 +221,16 @@ def policy_terms(logits: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[tor
         loss = rl_math.aggregate_loss(-logprobs, mask, mode)
         stats["nll"] = loss.detach()
     elif spec.kind == "ppo":
-        old = _device(micro["old_logprobs"], logits)
+        old = _device(micro.old_logprobs, logits)
         weights = None
         if spec.tis_cap is not None:
-            if "sampler_logprobs" not in micro:
+            if micro.sampler_logprobs is None:
                 raise ValueError("LossSpec.tis_cap needs the batch's sampler_logprobs")
-            weights = rl_math.truncated_is_weights(old, _device(micro["sampler_logprobs"], logits), spec.tis_cap)
+            weights = rl_math.truncated_is_weights(old, _device(micro.sampler_logprobs, logits), spec.tis_cap)
             stats["tis_weight_mean"] = rl_math.masked_mean(weights, mask)
         settings = PolicyLossSettings(spec.clip_low, spec.clip_high, spec.dual_clip, mode)
         loss, ppo_stats = POLICY_LOSSES.get(spec.policy_loss)(
-            logprobs, old, _device(micro["advantages"], logits), mask, settings, weights
+            logprobs, old, _device(micro.advantages, logits), mask, settings, weights
         )
         stats["pg_loss"] = loss.detach()
         stats.update(ppo_stats)
@@ -309,7 +243,7 @@ def policy_terms(logits: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[tor
         with torch.no_grad():
             entropy = rl_math.aggregate_loss(per_token_entropy(logits.detach()), mask, mode)
     stats["entropy"] = entropy.detach()
-    ref = micro.get("ref_logprobs")
+    ref = micro.ref_logprobs
     if ref is not None:
         ref = _device(ref, logits)
         # masked positions: logprobs := ref, so they give KL 0 and no NaN gradients
@@ -330,13 +264,13 @@ def sequence_logps(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
 
 
 def dpo_terms(
-    chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, micro: dict, spec: LossSpec
+    chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, micro: PairBatch, spec: LossSpec
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO / IPO loss of one micro-batch of pairs: (loss, detached stats)."""
-    chosen = sequence_logps(chosen_logits, micro["chosen"])
-    rejected = sequence_logps(rejected_logits, micro["rejected"])
+    chosen = sequence_logps(chosen_logits, micro.chosen)
+    rejected = sequence_logps(rejected_logits, micro.rejected)
     loss, st = rl_math.dpo_loss(
-        chosen, rejected, _device(micro["ref_chosen_logps"], chosen), _device(micro["ref_rejected_logps"], chosen),
+        chosen, rejected, _device(micro.ref_chosen_logps, chosen), _device(micro.ref_rejected_logps, chosen),
         beta=spec.dpo_beta, loss_type=spec.dpo_loss_type,
     )
     stats = {
@@ -353,13 +287,13 @@ def ptx_nll_sum(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
     return -rl_math.masked_sum(per_token_logprobs(logits, tokens.input_ids.to(logits.device)), mask)
 
 
-def critic_terms(scores: torch.Tensor, micro: dict, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def critic_terms(scores: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Value loss of one micro-batch (times vf_coef). Clipping needs ``old_values``; without
     them the loss is unclipped."""
-    mask = micro["tokens"].response_mask.to(scores.device).bool()
+    mask = micro.tokens.response_mask.to(scores.device).bool()
     values = per_token_values(scores)
-    returns = _device(micro["returns"], values)
-    old = micro.get("old_values")
+    returns = _device(micro.returns, values)
+    old = micro.old_values
     clip = spec.value_clip if old is not None else None
     old = _device(old, values) if old is not None else values.detach()
     loss, st = rl_math.value_loss(values, old, returns, mask, clip_range=clip, agg_mode=spec.agg_mode)

@@ -33,10 +33,10 @@ from services.core.config import LearnerConfig
 from services.core.errors import UserError
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
+from services.core.learner_batches import LearnerBatch, PairBatch, tokens_rows, trim_tokens
 from services.learner.losses import (
     LossSpec,
     UpdatePlan,
-    batch_size,
     critic_terms,
     dpo_terms,
     micro_weight,
@@ -46,9 +46,6 @@ from services.learner.losses import (
     plan_update,
     policy_terms,
     ptx_nll_sum,
-    slice_rows,
-    slice_tokens,
-    trim_width,
 )
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -144,7 +141,7 @@ class PolicyLearner:
         engine.eval()
         with torch.no_grad():
             for start in range(0, batch.size, step):
-                micro = trim_width({"tokens": slice_tokens(batch, start, start + step)})["tokens"]
+                micro = trim_tokens(tokens_rows(batch, slice(start, start + step)))
                 values = fn(self._forward(engine, micro, causal_lm), micro).float().cpu()
                 out[start : start + micro.size, : values.shape[1]] = values
         valid = batch.attention_mask.bool().clone()
@@ -173,7 +170,7 @@ class PolicyLearner:
             self.engine.eval()
             with torch.no_grad():
                 for start in range(0, batch.size, self.cfg.micro_batch_size):
-                    micro = trim_width({"tokens": slice_tokens(batch, start, start + self.cfg.micro_batch_size)})["tokens"]
+                    micro = trim_tokens(tokens_rows(batch, slice(start, start + self.cfg.micro_batch_size)))
                     out = self.engine(
                         input_ids=micro.input_ids.to(self.engine.device),
                         attention_mask=micro.attention_mask.to(self.engine.device),
@@ -193,17 +190,14 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: dict, spec: LossSpec, plan: UpdatePlan | None = None) -> dict[str, float]:
+    def train_step(self, batch: LearnerBatch, spec: LossSpec, plan: UpdatePlan | None = None) -> dict[str, float]:
         """One train step of the policy (and of the critic when the batch has ``returns``):
         ``plan.optimizer_steps`` optimizer steps, ``spec.epochs`` passes over the batch's
         minibatches (one step over the whole batch by default). Returns ``train/*`` metrics,
         each the mean over the optimizer steps, and ``policy_version`` (+1 per train step).
 
-        Batch fields, ppo: ``tokens`` (TokenBatch), ``old_logprobs`` and ``advantages``
-        [B, T], optional ``ref_logprobs`` [B, T] (KL term and metric), optional ``returns``
-        and ``old_values`` [B, T] (critic), optional ``ptx`` (TokenBatch of SFT rows). sft:
-        ``tokens``. dpo: ``chosen`` and ``rejected`` (TokenBatch), ``ref_chosen_logps`` and
-        ``ref_rejected_logps`` [B] (response sums).
+        ``batch``: a ``PolicyBatch`` (ppo kind; sft: ``tokens`` only) or a ``PairBatch``
+        (dpo), see ``services.core.learner_batches``.
 
         Normalisation: without ``plan`` the loss is aggregated over this rank's batch. The
         group passes the plan of the global batch (``plan_update`` of all shards): each
@@ -212,19 +206,19 @@ class PolicyLearner:
         the sequence lengths on each rank.
         """
         with self.metrics.track("train_step"):
-            if batch_size(batch) == 0:
+            if batch.size == 0:
                 raise ValueError("train_step got an empty batch")
             plan = plan or plan_update([batch], spec)
-            ptx = batch.get("ptx")
-            rows = {k: v for k, v in batch.items() if k != "ptx"}
-            with_critic = self.critic_engine is not None and spec.kind == "ppo" and batch.get("returns") is not None
+            ptx = getattr(batch, "ptx", None)
+            rows = batch.without_ptx()
+            with_critic = self.critic_engine is not None and spec.kind == "ppo" and getattr(batch, "returns", None) is not None
             steps: list[dict] = []
             for _ in range(plan.epochs):
                 for k, (start, stop) in enumerate(plan.bounds):
-                    minibatch = slice_rows(rows, start, stop)
+                    minibatch = rows.rows(start, stop)
                     ptx_part = None
                     if ptx is not None and spec.ptx_coef:
-                        ptx_part = (slice_tokens(ptx, *plan.ptx_bounds[k]), plan.ptx_denominators[k])
+                        ptx_part = (tokens_rows(ptx, slice(*plan.ptx_bounds[k])), plan.ptx_denominators[k])
                     metrics = self._step(self.engine, minibatch, spec, plan.denominators[k], plan.scale,
                                          critic=False, ptx=ptx_part)
                     if with_critic:
@@ -243,7 +237,7 @@ class PolicyLearner:
             metrics["policy_version"] = self.policy_version
             return metrics
 
-    def _step(self, engine, batch: dict, spec: LossSpec, denominator: float, scale: float, critic: bool,
+    def _step(self, engine, batch: LearnerBatch, spec: LossSpec, denominator: float, scale: float, critic: bool,
               ptx: tuple[TokenBatch, float] | None = None) -> dict:
         """One optimizer step of ``engine`` over ``batch`` (micro-batched); ``ptx``: SFT rows and
         their response-token count over all ranks (PPO-ptx)."""
@@ -251,17 +245,17 @@ class PolicyLearner:
         lr = float(engine.get_lr()[0])
         sums: dict[str, float] = defaultdict(float)
         step = self.cfg.micro_batch_size
-        for start in range(0, batch_size(batch), step):
-            micro = trim_width(slice_rows(batch, start, start + step))
+        for start in range(0, batch.size, step):
+            micro = batch.rows(start, start + step).trim()
             weight = micro_weight(micro, spec, denominator) * scale
             if critic:
-                loss, stats = critic_terms(self._forward(engine, micro["tokens"], causal_lm=False), micro, spec)
-            elif spec.kind == "dpo":
-                chosen = self._forward(engine, micro["chosen"])
-                rejected = self._forward(engine, micro["rejected"])
+                loss, stats = critic_terms(self._forward(engine, micro.tokens, causal_lm=False), micro, spec)
+            elif isinstance(micro, PairBatch):
+                chosen = self._forward(engine, micro.chosen)
+                rejected = self._forward(engine, micro.rejected)
                 loss, stats = dpo_terms(chosen, rejected, micro, spec)
             else:
-                loss, stats = policy_terms(self._forward(engine, micro["tokens"]), micro, spec)
+                loss, stats = policy_terms(self._forward(engine, micro.tokens), micro, spec)
             # every micro-batch runs forward and backward (even at weight 0): under ZeRO-3
             # the ranks must make the same collective calls
             engine.backward(loss * weight, scale_wrt_gas=False)
@@ -271,7 +265,7 @@ class PolicyLearner:
             # PPO-ptx (Ouyang et al. 2022): + ptx_coef x token-mean NLL of the SFT rows
             rows, ptx_denominator = ptx
             for start in range(0, rows.size, step):
-                micro_ptx = trim_width({"tokens": slice_tokens(rows, start, start + step)})["tokens"]
+                micro_ptx = trim_tokens(tokens_rows(rows, slice(start, start + step)))
                 nll = ptx_nll_sum(self._forward(engine, micro_ptx), micro_ptx) / max(float(ptx_denominator), 1.0)
                 engine.backward(spec.ptx_coef * nll * scale, scale_wrt_gas=False)
                 sums["ptx_nll"] += float(nll.detach()) * scale

@@ -4,13 +4,16 @@ that makes the same update as one rank."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from services.core.batch_types import pack_sequences
 from services.core.config import LearnerConfig, Resources
 from services.core.errors import UserError
-from services.learner.losses import LossSpec, slice_rows
+from services.core.learner_batches import PairBatch, PolicyBatch
+from services.learner.losses import LossSpec
 from services.learner.policy_learner import PolicyLearner
 from tests.conftest import save_tiny_llama
 
@@ -42,15 +45,15 @@ def ppo_batch(learner, tokens, seed=1, ref_shift=0.0):
     """old = current log-probs, random advantages; returns/old_values for the critic."""
     g = torch.Generator().manual_seed(seed)
     old = learner.logprobs(tokens)
-    batch = {
-        "tokens": tokens,
-        "old_logprobs": old,
-        "advantages": torch.randn(tokens.input_ids.shape, generator=g),
-        "ref_logprobs": old + ref_shift,
-        "returns": torch.randn(tokens.input_ids.shape, generator=g),
-    }
+    batch = PolicyBatch(
+        tokens=tokens,
+        old_logprobs=old,
+        advantages=torch.randn(tokens.input_ids.shape, generator=g),
+        ref_logprobs=old + ref_shift,
+        returns=torch.randn(tokens.input_ids.shape, generator=g),
+    )
     if getattr(learner, "critic_engine", True) is not None:
-        batch["old_values"] = learner.values(tokens)
+        batch.old_values = learner.values(tokens)
     return batch
 
 
@@ -101,7 +104,7 @@ def test_ppo_step_moves_policy_and_critic(model_dir):
     after = learner.export_weights()
     assert set(after) == set(before) and "lm_head.weight" not in after  # tied, as in safetensors
     assert max_diff(after, before) > 1e-4
-    assert (learner.logprobs(tokens) - batch["old_logprobs"]).abs().max() > 1e-4
+    assert (learner.logprobs(tokens) - batch.old_logprobs).abs().max() > 1e-4
     assert (learner.values(tokens) - values_before).abs().max() > 1e-4
     assert 'flywheel_policy_version{replica="0",service="learner"} 1.0' in learner.metrics_text()
 
@@ -111,7 +114,7 @@ def test_dpo_and_sft_steps(model_dir):
     chosen, rejected = make_tokens([3, 4, 2], [3, 2, 4], seed=5), make_tokens([3, 4, 2], [5, 1, 2], seed=6)
     ref_c = (learner.logprobs(chosen) * chosen.response_mask).sum(-1)
     ref_r = (learner.logprobs(rejected) * rejected.response_mask).sum(-1)
-    batch = {"chosen": chosen, "rejected": rejected, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    batch = PairBatch(chosen, rejected, ref_c, ref_r)
     metrics = learner.train_step(batch, LossSpec(kind="dpo", dpo_beta=0.5))
     assert metrics["train/loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)  # at pi = ref
     assert metrics["train/dpo_acc"] == 0.0
@@ -119,7 +122,7 @@ def test_dpo_and_sft_steps(model_dir):
         (learner.logprobs(rejected) * rejected.response_mask).sum(-1) - ref_r
     )
     assert (margin > 0).all()  # one step already prefers the chosen responses
-    sft = {"tokens": chosen}
+    sft = PolicyBatch(tokens=chosen)
     first = learner.train_step(sft, LossSpec(kind="sft"))["train/loss"]
     assert learner.train_step(sft, LossSpec(kind="sft"))["train/loss"] < first
     assert learner.policy_version == 3
@@ -185,7 +188,7 @@ def test_two_ranks_make_the_same_update_as_one(model_dir, ray_session):
         odd = make_tokens([3, 5, 2, 4, 6], [4, 2, 6, 3, 1], seed=9)  # 5 rows over 2 ranks: padded
         torch.testing.assert_close(two.logprobs(odd), one.logprobs(odd), atol=1e-6, rtol=0)
         with pytest.raises(ValueError, match="divisible"):
-            two.train_step({"tokens": odd, "old_logprobs": odd.response_mask, "advantages": odd.response_mask},
+            two.train_step(PolicyBatch(tokens=odd, old_logprobs=odd.response_mask, advantages=odd.response_mask),
                            LossSpec())
         spec = LossSpec(kind="ppo", kl_coef=0.1, entropy_coef=0.01)
         # equal lengths, then unequal lengths (the global token-mean is kept either way)
@@ -205,7 +208,7 @@ def test_two_ranks_make_the_same_update_as_one(model_dir, ray_session):
         # PPO-ptx: the SFT rows are split over the ranks on their own and normalised by the
         # global token count, so 2 ranks still make the 1-rank update
         ptx_spec = LossSpec(kind="ppo", kl_coef=0.1, entropy_coef=0.01, ptx_coef=0.5)
-        batch = {**ppo_batch(one, unequal), "ptx": make_tokens([2, 5, 3, 4, 2, 6], [5, 1, 4, 2, 6, 3], seed=10)}
+        batch = dataclasses.replace(ppo_batch(one, unequal), ptx=make_tokens([2, 5, 3, 4, 2, 6], [5, 1, 4, 2, 6, 3], seed=10))
         m2, m1 = two.train_step(batch, ptx_spec), one.train_step(batch, ptx_spec)
         assert max_diff(two.export_weights(), one.export_weights()) < 1e-5
         assert m2["train/ptx_nll"] == pytest.approx(m1["train/ptx_nll"], rel=1e-4)
@@ -242,8 +245,8 @@ def test_ppo_minibatches_and_epochs(model_dir):
 
     halves, stepwise = PolicyLearner(str(model_dir), fast), PolicyLearner(str(model_dir), fast)
     m_halves = halves.train_step(batch, LossSpec(**{**spec.as_dict(), "minibatch_size": 3}))
-    first = stepwise.train_step(slice_rows(batch, 0, 3), spec)
-    second = stepwise.train_step(slice_rows(batch, 3, 6), spec)
+    first = stepwise.train_step(batch.rows(0, 3), spec)
+    second = stepwise.train_step(batch.rows(3, 6), spec)
     assert max_diff(halves.export_weights(), stepwise.export_weights()) < 1e-7
     assert m_halves["train/optimizer_steps"] == 2 and halves.policy_version == 1
     assert first["train/clip_frac"] == 0.0 < second["train/clip_frac"]
@@ -263,16 +266,16 @@ def test_ptx_term_with_zero_advantages_is_an_sft_step(model_dir):
     mixed = PolicyLearner(str(model_dir), config())
     plain = PolicyLearner(str(model_dir), config())
     tokens = make_tokens([3, 5, 2, 4], [4, 2, 6, 3])
-    batch = {"tokens": tokens, "old_logprobs": mixed.logprobs(tokens), "advantages": torch.zeros(tokens.input_ids.shape),
-             "ptx": ptx_rows}
+    batch = PolicyBatch(tokens=tokens, old_logprobs=mixed.logprobs(tokens), advantages=torch.zeros(tokens.input_ids.shape),
+                        ptx=ptx_rows)
     m = mixed.train_step(batch, LossSpec(kind="ppo", ptx_coef=1.0))
-    s = plain.train_step({"tokens": ptx_rows}, LossSpec(kind="sft"))
+    s = plain.train_step(PolicyBatch(tokens=ptx_rows), LossSpec(kind="sft"))
     assert m["train/ptx_nll"] == pytest.approx(s["train/nll"], rel=1e-5)
     assert max_diff(mixed.export_weights(), plain.export_weights()) < 1e-6
     # and with ptx_coef 0 the rows are ignored
     again = PolicyLearner(str(model_dir), config())
     before = again.export_weights()
-    again.train_step({**batch, "old_logprobs": again.logprobs(tokens)}, LossSpec(kind="ppo"))
+    again.train_step(dataclasses.replace(batch, old_logprobs=again.logprobs(tokens)), LossSpec(kind="ppo"))
     assert max_diff(again.export_weights(), before) < 1e-7
 
 

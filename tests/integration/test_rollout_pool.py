@@ -78,6 +78,7 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
     from services.core.batch_types import pack_sequences, response_values
     from services.core.config import LearnerConfig, Resources
     from services.learner.group import LearnerGroup
+    from services.core.learner_batches import PolicyBatch
     from services.learner.losses import LossSpec
     from services.rollout.worker import SamplingSpec
 
@@ -95,11 +96,11 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
 
         torch.testing.assert_close(engine_logprobs(0), learner_logprobs(), atol=1e-4, rtol=0)
         advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(0))
-        batch = {
-            "tokens": tokens,
-            "old_logprobs": learner.logprobs(tokens),
-            "advantages": advantages[:, None] * tokens.response_mask,
-        }
+        batch = PolicyBatch(
+            tokens=tokens,
+            old_logprobs=learner.logprobs(tokens),
+            advantages=advantages[:, None] * tokens.response_mask,
+        )
         metrics = learner.train_step(batch, LossSpec(kind="ppo"))
         assert metrics["policy_version"] == 1
         after_step = learner_logprobs()

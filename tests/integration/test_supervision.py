@@ -178,10 +178,11 @@ def _batch():
     import torch
 
     from services.core.batch_types import pack_sequences
+    from services.core.learner_batches import PolicyBatch
 
     tokens = pack_sequences([[5, 6, 7]] * 8, [[8, 9, 10, 11] * 6] * 8, pad_id=1)
-    return {"tokens": tokens, "old_logprobs": torch.zeros(tokens.input_ids.shape),
-            "advantages": torch.ones(tokens.input_ids.shape) * tokens.response_mask}
+    return PolicyBatch(tokens=tokens, old_logprobs=torch.zeros(tokens.input_ids.shape),
+                       advantages=torch.ones(tokens.input_ids.shape) * tokens.response_mask)
 
 
 def test_dead_learner_rank_is_named_at_once(two_ranks):

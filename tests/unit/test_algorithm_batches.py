@@ -89,21 +89,21 @@ def test_grpo_advantages_2x3_by_hand():
     rewards = [1.0, 2.0, 3.0, 4.0, 0.0, 2.0]
     # group 0: mean 2, std 1 -> -1, 0, 1;  group 1: mean 2, std 2 -> 1, -1, 0
     batch, stats = alg.grpo_batch(ts, rewards, 3, PAD, scale_by_std=True)
-    mask = batch["tokens"].response_mask.bool()
-    per_seq = [row[m].tolist() for row, m in zip(batch["advantages"], mask)]
+    mask = batch.tokens.response_mask.bool()
+    per_seq = [row[m].tolist() for row, m in zip(batch.advantages, mask)]
     expected = [-1.0, 0.0, 1.0, 1.0, -1.0, 0.0]
     for got, want in zip(per_seq, expected):
         assert got == pytest.approx([want, want], abs=1e-5)  # every response token
-    assert (batch["advantages"][~mask] == 0).all()
+    assert (batch.advantages[~mask] == 0).all()
     assert stats == {"train/groups_kept": 2.0, "train/groups_dropped_zero_var": 0.0,
                      "reward/group_std_mean": pytest.approx(1.5)}
     # without std scaling: r - mean
     batch, _ = alg.grpo_batch(ts, rewards, 3, PAD, scale_by_std=False)
-    got = [row[m][0].item() for row, m in zip(batch["advantages"], mask)]
+    got = [row[m][0].item() for row, m in zip(batch.advantages, mask)]
     assert got == pytest.approx([-1.0, 0.0, 1.0, 2.0, -2.0, 0.0])
     # old log-probs default to the sampler's
-    assert torch.equal(batch["old_logprobs"], alg.sampler_logprobs(ts, batch["tokens"]))
-    assert "ref_logprobs" not in batch
+    assert torch.equal(batch.old_logprobs, alg.sampler_logprobs(ts, batch.tokens))
+    assert batch.ref_logprobs is None
 
 
 def test_grpo_drops_tied_groups_with_matching_rows():
@@ -115,14 +115,14 @@ def test_grpo_drops_tied_groups_with_matching_rows():
     batch, stats = alg.grpo_batch(ts, rewards, 3, PAD, drop_zero_variance=True, old_logprobs=old, ref_logprobs=ref)
     assert stats["train/groups_kept"] == 1.0 and stats["train/groups_dropped_zero_var"] == 1.0
     assert stats["reward/group_std_mean"] == pytest.approx(0.5)
-    assert batch["tokens"].size == 3
+    assert batch.tokens.size == 3
     width = 1 + 2  # group 0: 1 prompt token + 2 response tokens; padding of group 1 trimmed
-    assert batch["tokens"].input_ids.tolist() == tokens.input_ids[:3, :width].tolist()
-    assert torch.equal(batch["old_logprobs"], old[:3, :width])
-    assert torch.equal(batch["ref_logprobs"], ref[:3, :width])
+    assert batch.tokens.input_ids.tolist() == tokens.input_ids[:3, :width].tolist()
+    assert torch.equal(batch.old_logprobs, old[:3, :width])
+    assert torch.equal(batch.ref_logprobs, ref[:3, :width])
     # kept without the flag: the tied group has zero advantages
     batch, stats = alg.grpo_batch(ts, rewards, 3, PAD, drop_zero_variance=False)
-    assert batch["tokens"].size == 6 and (batch["advantages"][3:] == 0).all()
+    assert batch.tokens.size == 6 and (batch.advantages[3:] == 0).all()
     # everything tied -> no batch
     batch, stats = alg.grpo_batch(ts, [1.0] * 3 + [5.0] * 3, 3, PAD, drop_zero_variance=True)
     assert batch is None and stats["train/groups_dropped_zero_var"] == 2.0
@@ -162,10 +162,10 @@ def test_ppo_terminal_score_gamma1_lam1_zero_values():
     values, ref, old = ppo_inputs(ts, old_resp=[[-1.0, -2.0, -0.5]], ref_resp=[[-1.5, -1.0, -0.5]])
     batch, stats = alg.ppo_batch(ts, [2.0], values, ref, old, 1.0, 1.0, 0.1, "k1", False, PAD,
                                  whiten_advantages=False)
-    assert batch["advantages"].tolist() == [[0.0, 0.0, 2.0, 2.0, 2.0]]
-    assert batch["returns"].tolist() == [[0.0, 0.0, 2.0, 2.0, 2.0]]
-    assert torch.equal(batch["ref_logprobs"], ref)  # KL is a loss term
-    assert torch.equal(batch["old_values"], values) and torch.equal(batch["old_logprobs"], old)
+    assert batch.advantages.tolist() == [[0.0, 0.0, 2.0, 2.0, 2.0]]
+    assert batch.returns.tolist() == [[0.0, 0.0, 2.0, 2.0, 2.0]]
+    assert torch.equal(batch.ref_logprobs, ref)  # KL is a loss term
+    assert torch.equal(batch.old_values, values) and torch.equal(batch.old_logprobs, old)
     assert stats["reward/kl_penalty_mean"] == 0.0 and stats["reward/score_mean"] == 2.0
 
 
@@ -176,9 +176,9 @@ def test_ppo_kl_in_reward_by_hand():
                                  whiten_advantages=False)
     # k1 = 0.5, -1.0, 0.0 -> penalties 0.05, -0.1, 0 -> rewards -0.05, 0.1, 2.0
     # gamma = lam = 1, V = 0: A_t = sum of rewards from t on
-    assert batch["advantages"][0, 2:].tolist() == pytest.approx([2.05, 2.1, 2.0])
-    assert batch["returns"][0, 2:].tolist() == pytest.approx([2.05, 2.1, 2.0])
-    assert "ref_logprobs" not in batch
+    assert batch.advantages[0, 2:].tolist() == pytest.approx([2.05, 2.1, 2.0])
+    assert batch.returns[0, 2:].tolist() == pytest.approx([2.05, 2.1, 2.0])
+    assert batch.ref_logprobs is None
     assert stats["reward/kl_penalty_mean"] == pytest.approx(-0.05)
     assert stats["reward/total_mean"] == pytest.approx(2.05)
 
@@ -189,8 +189,8 @@ def test_ppo_gae_with_values_by_hand():
     batch, _ = alg.ppo_batch(ts, [1.0], values, ref, old, 1.0, 0.5, 0.0, "k3", False, PAD,
                              whiten_advantages=False)
     # last: delta = 1 - 0.5 = 0.5 = A;  first: delta = 0 + 0.5 - 1 = -0.5, A = -0.5 + 0.5*0.5
-    assert batch["advantages"][0].tolist() == pytest.approx([0.0, -0.25, 0.5])
-    assert batch["returns"][0].tolist() == pytest.approx([0.0, 0.75, 1.0])
+    assert batch.advantages[0].tolist() == pytest.approx([0.0, -0.25, 0.5])
+    assert batch.returns[0].tolist() == pytest.approx([0.0, 0.75, 1.0])
 
 
 def test_ppo_score_at_last_token_with_padding_and_whitening():
@@ -199,14 +199,14 @@ def test_ppo_score_at_last_token_with_padding_and_whitening():
     values, ref, old = ppo_inputs(ts)
     raw, stats = alg.ppo_batch(ts, [2.0, -1.0, 5.0], values, ref, old, 1.0, 1.0, 0.0, "k3", False, PAD,
                                whiten_advantages=False)
-    assert raw["advantages"].tolist() == [[0, 0, 2, 2, 2], [0, -1, 0, 0, 0], [0, 0, 0, 0, 0]]
+    assert raw.advantages.tolist() == [[0, 0, 2, 2, 2], [0, -1, 0, 0, 0], [0, 0, 0, 0, 0]]
     assert stats["train/empty_responses"] == 1.0
     white, _ = alg.ppo_batch(ts, [2.0, -1.0, 5.0], values, ref, old, 1.0, 1.0, 0.0, "k3", False, PAD)
-    mask = white["tokens"].response_mask.bool()
-    assert torch.allclose(white["advantages"], rl_math.masked_whiten(raw["advantages"], mask))
-    assert rl_math.masked_mean(white["advantages"], mask).item() == pytest.approx(0.0, abs=1e-6)
-    assert rl_math.masked_var(white["advantages"], mask).item() == pytest.approx(1.0, abs=1e-5)
-    assert torch.equal(white["returns"], raw["returns"])  # returns are never whitened
+    mask = white.tokens.response_mask.bool()
+    assert torch.allclose(white.advantages, rl_math.masked_whiten(raw.advantages, mask))
+    assert rl_math.masked_mean(white.advantages, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert rl_math.masked_var(white.advantages, mask).item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(white.returns, raw.returns)  # returns are never whitened
     with pytest.raises(ValueError, match="values has shape"):
         alg.ppo_batch(ts, [0.0] * 3, values[:, :2], ref, old, 1.0, 1.0, 0.0, "k3", False, PAD)
 
@@ -231,10 +231,10 @@ def test_dpo_batch_fields():
     ts = groups(2, 2, response_lens=[1, 3, 2, 2])
     chosen, rejected = [ts[1], ts[2]], [ts[0], ts[3]]
     batch = alg.dpo_batch(chosen, rejected, [-1.0, -2.0], torch.tensor([-3.0, -4.0]), PAD)
-    assert batch["chosen"].input_ids.tolist() == alg.build_tokens(chosen, PAD).input_ids.tolist()
-    assert batch["rejected"].response_mask.sum(dim=-1).tolist() == [1.0, 2.0]
-    assert batch["ref_chosen_logps"].tolist() == [-1.0, -2.0]
-    assert batch["ref_rejected_logps"].tolist() == [-3.0, -4.0]
+    assert batch.chosen.input_ids.tolist() == alg.build_tokens(chosen, PAD).input_ids.tolist()
+    assert batch.rejected.response_mask.sum(dim=-1).tolist() == [1.0, 2.0]
+    assert batch.ref_chosen_logps.tolist() == [-1.0, -2.0]
+    assert batch.ref_rejected_logps.tolist() == [-3.0, -4.0]
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         alg.dpo_batch(chosen, rejected, [-1.0], [-3.0, -4.0], PAD)
     with pytest.raises(ValueError, match="chosen prompt"):

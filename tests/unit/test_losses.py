@@ -9,17 +9,15 @@ import torch
 from services.core import rl_math
 from services.core.batch_types import TokenBatch, pack_sequences
 from services.core.config import FlywheelConfig
+from services.core.learner_batches import PairBatch, PolicyBatch
 from services.learner.losses import (
     LossSpec,
     critic_terms,
     dpo_terms,
-    loss_denominator,
     micro_weight,
     per_token_logprobs,
     per_token_values,
     policy_terms,
-    slice_rows,
-    trim_width,
 )
 
 V = 11
@@ -36,14 +34,14 @@ def ppo_batch(seed=0):
     tb = tokens(seed)
     g = torch.Generator().manual_seed(seed + 100)
     shape = tb.input_ids.shape
-    return {
-        "tokens": tb,
-        "old_logprobs": -torch.rand(shape, generator=g) * 3,
-        "advantages": torch.randn(shape, generator=g),
-        "ref_logprobs": -torch.rand(shape, generator=g) * 3,
-        "returns": torch.randn(shape, generator=g),
-        "old_values": torch.randn(shape, generator=g),
-    }
+    return PolicyBatch(
+        tokens=tb,
+        old_logprobs=-torch.rand(shape, generator=g) * 3,
+        advantages=torch.randn(shape, generator=g),
+        ref_logprobs=-torch.rand(shape, generator=g) * 3,
+        returns=torch.randn(shape, generator=g),
+        old_values=torch.randn(shape, generator=g),
+    )
 
 
 def logits_for(tb, seed=1):
@@ -66,14 +64,14 @@ def test_per_token_alignment():
 def test_micro_batches_sum_to_the_whole_batch_loss(mode, kind):
     batch = ppo_batch()
     spec = LossSpec(kind=kind, agg_mode=mode, kl_coef=0.1, entropy_coef=0.01)
-    logits = logits_for(batch["tokens"])
+    logits = logits_for(batch.tokens)
     whole, stats = policy_terms(logits, batch, spec)
     (grad_whole,) = torch.autograd.grad(whole, logits)
-    denominator = loss_denominator(batch, spec)
+    denominator = batch.loss_count(spec.agg_mode)
     total, grad_sum, kl = 0.0, torch.zeros_like(logits), 0.0
     for start in range(0, 5, 2):
-        micro = trim_width(slice_rows(batch, start, start + 2))
-        width = micro["tokens"].input_ids.shape[1]
+        micro = batch.rows(start, start + 2).trim()
+        width = micro.tokens.input_ids.shape[1]
         sub = logits[start : start + 2, :width]
         loss, st = policy_terms(sub, micro, spec)
         w = micro_weight(micro, spec, denominator)
@@ -88,8 +86,8 @@ def test_micro_batches_sum_to_the_whole_batch_loss(mode, kind):
 
 def test_kl_term_ignores_masked_positions():
     batch = ppo_batch()
-    batch["ref_logprobs"] = torch.where(batch["tokens"].response_mask.bool(), batch["ref_logprobs"], -1e4)
-    logits = logits_for(batch["tokens"])
+    batch.ref_logprobs = torch.where(batch.tokens.response_mask.bool(), batch.ref_logprobs, -1e4)
+    logits = logits_for(batch.tokens)
     loss, stats = policy_terms(logits, batch, LossSpec(kl_coef=1.0))
     (grad,) = torch.autograd.grad(loss, logits)
     assert torch.isfinite(grad).all() and torch.isfinite(stats["kl"])
@@ -100,15 +98,15 @@ def test_dpo_and_critic_terms():
     lc, lr = logits_for(chosen, 3), logits_for(rejected, 4)
     pc = rl_math.masked_sum(per_token_logprobs(lc, chosen.input_ids), chosen.response_mask, dim=-1).detach()
     pr = rl_math.masked_sum(per_token_logprobs(lr, rejected.input_ids), rejected.response_mask, dim=-1).detach()
-    micro = {"chosen": chosen, "rejected": rejected, "ref_chosen_logps": pc, "ref_rejected_logps": pr}
+    micro = PairBatch(chosen, rejected, pc, pr)
     loss, stats = dpo_terms(lc, lr, micro, LossSpec(kind="dpo"))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # policy == reference
-    assert loss_denominator(micro, LossSpec(kind="dpo")) == 5
+    assert micro.loss_count(LossSpec(kind="dpo").agg_mode) == 5
     batch = ppo_batch()
-    scores = torch.zeros(*batch["tokens"].input_ids.shape, 1, requires_grad=True)
+    scores = torch.zeros(*batch.tokens.input_ids.shape, 1, requires_grad=True)
     loss, stats = critic_terms(scores, batch, LossSpec(vf_coef=0.5, value_clip=None))
-    mask = batch["tokens"].response_mask
-    want = 0.5 * rl_math.masked_mean(0.5 * batch["returns"] ** 2, mask)
+    mask = batch.tokens.response_mask
+    want = 0.5 * rl_math.masked_mean(0.5 * batch.returns ** 2, mask)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
 
 
@@ -139,8 +137,8 @@ def test_tis_cap_weights_each_tokens_policy_loss():
     min(exp(old - sampler), cap), computed here token by token."""
     batch = ppo_batch(seed=3)
     g = torch.Generator().manual_seed(7)
-    batch["sampler_logprobs"] = batch["old_logprobs"] + 0.6 * torch.randn(batch["old_logprobs"].shape, generator=g)
-    tb = batch["tokens"]
+    batch.sampler_logprobs = batch.old_logprobs + 0.6 * torch.randn(batch.old_logprobs.shape, generator=g)
+    tb = batch.tokens
     logits = logits_for(tb, seed=4)
     spec = LossSpec(kind="ppo", tis_cap=1.5)
     loss, stats = policy_terms(logits, batch, spec)
@@ -150,10 +148,10 @@ def test_tis_cap_weights_each_tokens_policy_loss():
         for pos in range(tb.input_ids.shape[1]):
             if tb.response_mask[b, pos] == 0:
                 continue
-            ratio = torch.exp(lp[b, pos] - batch["old_logprobs"][b, pos]).item()
-            a = batch["advantages"][b, pos].item()
+            ratio = torch.exp(lp[b, pos] - batch.old_logprobs[b, pos]).item()
+            a = batch.advantages[b, pos].item()
             surrogate = max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
-            w = min(torch.exp(batch["old_logprobs"][b, pos] - batch["sampler_logprobs"][b, pos]).item(), 1.5)
+            w = min(torch.exp(batch.old_logprobs[b, pos] - batch.sampler_logprobs[b, pos]).item(), 1.5)
             total, count = total + w * surrogate, count + 1
             weights.append(w)
     assert stats["pg_loss"].item() == pytest.approx(total / count, rel=1e-5)
@@ -161,7 +159,7 @@ def test_tis_cap_weights_each_tokens_policy_loss():
     assert min(weights) < 1 and max(weights) == 1.5  # the cap acted and some weights are below 1
     unweighted, _ = policy_terms(logits, batch, LossSpec(kind="ppo"))
     assert abs(unweighted.item() - loss.item()) > 1e-3
-    del batch["sampler_logprobs"]
+    batch.sampler_logprobs = None
     with pytest.raises(ValueError, match="sampler_logprobs"):
         policy_terms(logits, batch, spec)
 
@@ -189,9 +187,9 @@ def test_minibatch_bounds_and_update_plan():
     shards = []
     for m in masks:
         mask = torch.tensor(m)
-        shards.append({"tokens": TokenBatch(torch.ones_like(mask), torch.ones_like(mask), mask),
-                       "ptx": TokenBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
-                                         torch.tensor([[0, 1], [1, 1], [0, 0]]))})
+        shards.append(PolicyBatch(tokens=TokenBatch(torch.ones_like(mask), torch.ones_like(mask), mask),
+                                  ptx=TokenBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
+                                                 torch.tensor([[0, 1], [1, 1], [0, 0]]))))
     plan = plan_update(shards, LossSpec(kind="ppo", epochs=3, minibatch_size=4))
     assert plan.bounds == ((0, 2), (2, 4)) and plan.scale == 2.0 and plan.optimizer_steps == 6
     assert plan.denominators == (3 + 4, 3 + 1)  # response tokens of rows 0-1 / 2-3 on both ranks

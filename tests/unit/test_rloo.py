@@ -51,11 +51,11 @@ def test_rloo_batch_from_step_inputs():
     ))
     # leave-one-out with 2 samples: A = r_i - r_other
     per_row = torch.tensor([1.0, -1.0, -0.5, 0.5])
-    mask = batch["tokens"].response_mask.bool()
-    torch.testing.assert_close(batch["advantages"], per_row[:, None] * mask, rtol=0, atol=0)
-    torch.testing.assert_close(batch["old_logprobs"], sampler)
-    torch.testing.assert_close(batch["ref_logprobs"], sampler - 0.1)
-    assert "sampler_logprobs" not in batch and stats["train/groups_kept"] == 2
+    mask = batch.tokens.response_mask.bool()
+    torch.testing.assert_close(batch.advantages, per_row[:, None] * mask, rtol=0, atol=0)
+    torch.testing.assert_close(batch.old_logprobs, sampler)
+    torch.testing.assert_close(batch.ref_logprobs, sampler - 0.1)
+    assert batch.sampler_logprobs is None and stats["train/groups_kept"] == 2
 
 
 def test_rloo_is_registered_everywhere_a_name_is_checked():
