@@ -14,6 +14,7 @@ import hashlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
@@ -31,6 +32,7 @@ from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGa
 from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
+from services.driver.wiring import Services, build_services
 
 
 class Driver:
@@ -55,42 +57,25 @@ class Driver:
 
     # ------------------------------------------------------------------ building
 
-    def build(self) -> None:
-        """Start every service's actors (resources and replica counts from config)."""
-        from transformers import AutoTokenizer
-
-        from services.learner.group import LearnerGroup
+    def build(self, make_services: Callable[..., Services] = build_services) -> None:
+        """Start the services (``wiring.build_services``: real Ray actors; tests pass in-process
+        fakes with the same signature)."""
         from services.learner.losses import LossSpec
-        from services.reference.server import ReferencePool
-        from services.reward.ensemble import RewardService
-        from services.rollout.pool import RolloutPool
-
-        from services.driver.placement import reserve
 
         cfg = self.cfg
-        self.placement_group, placement = reserve(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        learner_cfg = cfg.learner.model_copy(update={"critic": self.algo.needs_critic})
-        self.learner = LearnerGroup(
-            self.policy_dir, learner_cfg, dtype=cfg.model.dtype,
-            total_steps=cfg.algorithm.total_steps * optimizer_steps_per_step(cfg),
-            seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code, placement=placement["learner"],
+        services = make_services(cfg, self.policy_dir, self.algo.needs_critic,
+                                 cfg.algorithm.total_steps * optimizer_steps_per_step(cfg))
+        self.learner, self.reference, self.reward, self.rollout = (
+            services.learner, services.reference, services.reward, services.rollout
         )
-        self.services.append(self.learner)
-        self.reference = ReferencePool(self.policy_dir, cfg.reference, dtype=cfg.model.dtype, placement=placement["reference"])
-        self.services.append(self.reference)
-        self.reward = RewardService(cfg.reward, placement=placement["reward"])
-        self.services.append(self.reward)
-        self.rollout = RolloutPool(self.policy_dir, cfg, placement=placement["rollout"])
-        self.services.append(self.rollout)
+        self.pad_id, self.placement_group, self.services = services.pad_id, services.placement_group, services.started
         self.restarts()  # the process ids every later count compares against
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx = None
         if self.spec.ptx_coef:
             from services.driver.ptx_data import PtxBatches
 
-            self.ptx = PtxBatches(cfg, tokenizer)
+            self.ptx = PtxBatches(cfg, services.tokenizer)
 
     def metrics_texts(self) -> list[str]:
         return [text for service in self.services for text in service.metrics_texts()]
