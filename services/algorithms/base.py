@@ -60,7 +60,8 @@ class Algorithm:
     policy-gradient algorithm, "dpo" pair losses); policy_loss: the registered policy loss; needs_critic: the learner trains a value
     model; group_relative: trains on whole prompt groups of n >= 2 samples (``group_reason``
     says why, for the error message); tracks_displacement: log whether a step lowers log
-    p(chosen) (pair algorithms)."""
+    p(chosen) (pair algorithms); settings: the ``algorithm.*`` fields it reads besides
+    ``config.ALGORITHM_COMMON`` (a config that sets any other is an error)."""
 
     loss_kind: ClassVar[str] = "ppo"
     policy_loss: ClassVar[str] = "ppo_clip"  # services.core.estimators.POLICY_LOSSES (loss_kind ppo)
@@ -68,6 +69,7 @@ class Algorithm:
     group_relative: ClassVar[bool] = False
     group_reason: ClassVar[str] = ""
     tracks_displacement: ClassVar[bool] = False
+    settings: ClassVar[frozenset[str]] = frozenset()  # the algorithm.* fields it reads besides the common ones
 
     def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         """(learner batch, or None when nothing is left to train on; stats for metrics.jsonl)."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.config import POLICY_GRADIENT_SETTINGS
 from services.core.learner_batches import LearnerBatch
 
 
 @ALGORITHMS.register("grpo")
 class GRPO(Algorithm):
+    settings = POLICY_GRADIENT_SETTINGS | {"scale_rewards_by_std", "drop_zero_variance_groups"}
     group_relative = True
     group_reason = "advantages are relative to the group"
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.config import PAIR_SETTINGS
 from services.core.learner_batches import LearnerBatch
 from services.core.rl_math import ches_keep_mask, ches_scores
 
 
 @ALGORITHMS.register("online_dpo")
 class OnlineDPO(Algorithm):
+    settings = PAIR_SETTINGS
     loss_kind = "dpo"
     group_relative = True
     group_reason = "a pair needs two responses"

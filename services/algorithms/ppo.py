@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.config import POLICY_GRADIENT_SETTINGS
 from services.core.learner_batches import LearnerBatch
 
 
 @ALGORITHMS.register("ppo")
 class PPO(Algorithm):
+    settings = POLICY_GRADIENT_SETTINGS | {"value_clip", "gamma", "lam", "kl_in_reward"}
     needs_critic = True
 
     def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
+from services.core.config import POLICY_GRADIENT_SETTINGS
 from services.core.learner_batches import LearnerBatch
 from services.core import rl_math
 from services.core.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs, outcome_on_tokens
@@ -23,6 +24,7 @@ def rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 @ALGORITHMS.register("rloo")
 class RLOO(Algorithm):
+    settings = POLICY_GRADIENT_SETTINGS | {"drop_zero_variance_groups"}
     group_relative = True
     group_reason = "the leave-one-out baseline needs another sample of the prompt"
 

@@ -18,6 +18,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class UnusedSetting(ValueError):
+    """A field set in a section whose choice (algorithm.name, a scorer's kind) does not use it;
+    ``key`` is the field, so the config error names ``section.key`` and its line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def check_used(section: Section, choice: str, used: set[str], users: dict[str, list[str]]) -> None:
+    """Every field the user set in ``section`` is one that ``choice`` uses (``users``: which
+    choices use a field, for the message)."""
+    for key in sorted(section.model_fields_set - used):
+        who = users.get(key)
+        also = f" (a setting of {', '.join(who)})" if who else ""
+        raise UnusedSetting(key, f"'{choice}' does not use {key}{also}; remove it")
+
+
+def used_dump(section: Section, used: set[str]) -> dict:
+    """The section as JSON-able values, only the fields its choice uses (a resolved
+    config.yaml then loads again)."""
+    return {k: v for k, v in section.model_dump(mode="json").items() if k in used}
+
+
 class Resources(Section):
     """What one actor of a service asks Ray for."""
 
@@ -135,8 +159,26 @@ class RolloutConfig(Section):
         return 1e-3 if dtype == "fp32" else 1.0
 
 
+SCORER_FIELDS = {  # what each scorer kind reads; setting another field is an error
+    "toy_gold": {"kind", "name"},
+    "toy_noisy_gold": {"kind", "name", "noise_std", "seed"},
+    "python": {"kind", "name", "path"},
+    "hf": {"kind", "name", "path", "batch_size", "max_length"},
+    "remote": {"kind", "name", "address", "timeout_s", "retries", "token_env", "member", "max_message_mb"},
+}
+
+
+def _users(fields_by_choice: dict[str, set[str]]) -> dict[str, list[str]]:
+    users: dict[str, list[str]] = {}
+    for choice, fields in fields_by_choice.items():
+        for key in fields:
+            users.setdefault(key, []).append(choice)
+    return {k: sorted(v) for k, v in users.items()}
+
+
 class ScorerConfig(Section):
-    """One reward scorer (an ensemble member). Fields that a kind does not use are ignored."""
+    """One reward scorer (an ensemble member). Setting a field that the kind does not use is
+    an error (``SCORER_FIELDS``)."""
 
     kind: Literal["hf", "python", "remote", "toy_gold", "toy_noisy_gold"] = "toy_gold"
     path: str | None = Field(
@@ -160,6 +202,7 @@ class ScorerConfig(Section):
 
     @model_validator(mode="after")
     def _required_fields(self) -> "ScorerConfig":
+        check_used(self, self.kind, SCORER_FIELDS[self.kind], _users(SCORER_FIELDS))
         if self.kind in ("hf", "python") and not self.path:
             raise ValueError(f"kind '{self.kind}' needs path")
         if self.kind == "remote":
@@ -253,6 +296,16 @@ class LearnerConfig(Section):
     )
 
 
+# settings every algorithm reads; the rest belong to algorithms (``Algorithm.settings``):
+# setting one that algorithm.name does not read is an error
+ALGORITHM_COMMON = {"name", "kl_estimator", "max_staleness", "total_steps"}
+POLICY_GRADIENT_SETTINGS = frozenset({
+    "kl_coef", "clip_range", "clip_range_high", "dual_clip", "loss_agg_mode", "ppo_epochs", "ppo_minibatch_size",
+    "ptx_coef", "ptx_batch_size", "tis_cap",
+})
+PAIR_SETTINGS = frozenset({"dpo_beta", "dpo_loss", "ches_log", "ches_filter_top", "displacement_patience"})
+
+
 class AlgorithmConfig(Section):
     name: str = Field("sft", description="sft, or a registered RL algorithm (services/algorithms/): grpo, ppo, "
                       "online_dpo, rloo")
@@ -307,18 +360,15 @@ class AlgorithmConfig(Section):
         """A registered algorithm whose learner loss is the policy-gradient family (ppo, grpo, rloo)."""
         return self.name != "sft" and ALGORITHMS.get(self.name).loss_kind == "ppo"
 
+    def used_fields(self) -> set[str]:
+        """The settings ``name`` reads: the common ones plus its algorithm's ``settings``."""
+        return ALGORITHM_COMMON | (set() if self.name == "sft" else set(ALGORITHMS.get(self.name).settings))
+
     @model_validator(mode="after")
-    def _ptx_needs_policy_gradient(self) -> "AlgorithmConfig":
-        pg = self.policy_gradient()
-        if self.ptx_coef and not pg:
-            raise ValueError(f"ptx_coef mixes an SFT term into policy-gradient updates; algorithm '{self.name}' has none")
-        if (self.ppo_epochs > 1 or self.ppo_minibatch_size is not None) and not pg:
-            raise ValueError(
-                f"ppo_epochs / ppo_minibatch_size cut policy-gradient updates into minibatches; algorithm '{self.name}' "
-                "has none"
-            )
-        if self.tis_cap is not None and not pg:
-            raise ValueError(f"tis_cap weights policy-gradient tokens; algorithm '{self.name}' has none")
+    def _only_used_settings(self) -> "AlgorithmConfig":
+        if self.name != "sft":  # the SFT stage reads none of them; `flywheel train` names the real mistake
+            users = _users({name: set(ALGORITHMS.get(name).settings) for name in ALGORITHMS.names()})
+            check_used(self, self.name, self.used_fields(), users)
         if self.tis_cap is not None and self.max_staleness:
             raise ValueError(
                 "tis_cap corrects the learner's old log-probs for the sampler's; with max_staleness >= 1 the PPO "
@@ -343,7 +393,6 @@ class ClusterConfig(Section):
 
 
 class MetricsConfig(Section):
-    jsonl: bool = True
     prometheus_port: int | None = Field(None, ge=0, le=65535, description="null disables the exporter")
     prometheus_host: str = Field(
         "127.0.0.1", min_length=1,
@@ -353,7 +402,6 @@ class MetricsConfig(Section):
         None, ge=0, le=65535,
         description="Ray's own metrics export port when Flywheel starts local Ray (null: Ray picks one)",
     )
-    log_every: int = Field(1, ge=1)
     dump_rollouts: bool = Field(
         False, description="append every trained-on trajectory, with its rewards, to OUT/rollouts.pb "
         "(length-delimited flywheel.trajectory.v1.Trajectory messages)"

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from services.core.config import FlywheelConfig
+from services.core.config import SCORER_FIELDS, FlywheelConfig, UnusedSetting, used_dump
 from services.core.errors import UserError
 
 PRESET_PACKAGE = "services.presets"
@@ -44,7 +44,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def _default_at(keys: list[str]) -> Any:
     """The default value (as plain data) at a dotted path, or None when there is none."""
-    node: Any = FlywheelConfig().model_dump(mode="json")
+    node: Any = yaml.safe_load(dump_config(FlywheelConfig()))  # as dumped: only the fields each choice reads
     for key in keys:
         if isinstance(node, dict):
             node = node.get(key)
@@ -122,6 +122,11 @@ def _format_errors(
     lines = [f"{source}: {exc.error_count()} error(s) in config"]
     for err in exc.errors():
         loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, UnusedSetting):  # the error belongs to the field, not its section
+            loc = (*loc, cause.key)
+            given = err["input"].get(cause.key) if isinstance(err["input"], dict) else None
+            err = {**err, "msg": str(cause), "input": given}
         dotted = ".".join(str(p) for p in loc) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -206,4 +211,9 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Flywhe
 
 
 def dump_config(cfg: FlywheelConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML; the algorithm section and each scorer list only the
+    settings their choice reads, so the file loads again."""
+    data = cfg.model_dump(mode="json")
+    data["algorithm"] = used_dump(cfg.algorithm, cfg.algorithm.used_fields())
+    data["reward"]["scorers"] = [used_dump(s, SCORER_FIELDS[s.kind]) for s in cfg.reward.scorers]
+    return yaml.safe_dump(data, sort_keys=False)

@@ -93,7 +93,7 @@ class LossSpec:
         alg, learner = cfg.algorithm, cfg.learner
         return cls(
             kind=kind, clip_low=alg.clip_range, clip_high=alg.clip_range_high, dual_clip=alg.dual_clip,
-            agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward else alg.kl_coef,
+            agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward or kind == "dpo" else alg.kl_coef,
             kl_estimator=alg.kl_estimator, entropy_coef=learner.entropy_coef, value_clip=alg.value_clip,
             vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
             ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0, tis_cap=alg.tis_cap if kind == "ppo" else None,

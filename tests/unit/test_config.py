@@ -272,7 +272,8 @@ def test_restart_budgets_are_not_negative(field):
 
 
 def test_tis_cap_only_on_policy_with_policy_gradient_algorithms():
-    assert "tis_cap weights policy-gradient tokens" in load_error("grpo-toy", ["algorithm.name=online_dpo", "algorithm.tis_cap=2"])
+    assert "algorithm.tis_cap: 'online_dpo' does not use tis_cap (a setting of grpo, ppo, rloo)" in load_error(
+        "dpo-toy", ["algorithm.tis_cap=2"])
     assert "max_staleness: 0" in load_error("grpo-toy", ["algorithm.max_staleness=1", "algorithm.tis_cap=2"])
     assert "algorithm.tis_cap: Input should be greater than 0" in load_error("grpo-toy", ["algorithm.tis_cap=0"])
     cfg = FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "tis_cap": 2.0}})
@@ -292,8 +293,7 @@ def test_ppo_minibatch_settings():
     from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
     from services.learner.losses import LossSpec
 
-    assert "ppo_epochs / ppo_minibatch_size cut policy-gradient updates" in load_error(
-        "grpo-toy", ["algorithm.name=online_dpo", "algorithm.ppo_epochs=2"])
+    assert "algorithm.ppo_epochs: 'online_dpo' does not use ppo_epochs" in load_error("dpo-toy", ["algorithm.ppo_epochs=2"])
     assert "algorithm.ppo_minibatch_size: Input should be greater than or equal to 1" in load_error(
         "grpo-toy", ["algorithm.ppo_minibatch_size=0"])
     cfg = load_config("grpo-toy", ["rollout.prompts_per_step=8", "rollout.n_samples=4", "algorithm.ppo_epochs=2",
@@ -307,3 +307,21 @@ def test_ppo_minibatch_settings():
                                          "algorithm.ppo_minibatch_size=1", "learner.num_ranks=2"])
     with pytest.raises(UserError, match=r"algorithm\.ppo_minibatch_size: 1 sequences cut a step's 4 .* into 4 minibatches"):
         check_rl_settings(too_small)
+
+
+def test_a_setting_the_choice_does_not_read_is_an_error_naming_it(tmp_path):
+    assert "override 'algorithm.gamma=0.9': algorithm.gamma: 'grpo' does not use gamma (a setting of ppo); remove it " \
+           "(got 0.9)" in load_error("grpo-toy", ["algorithm.gamma=0.9"])
+    assert "algorithm.kl_coef: 'online_dpo' does not use kl_coef" in load_error("grpo-toy", ["algorithm.name=online_dpo"])
+    path = write(tmp_path, """\
+        reward:
+          scorers:
+            - {kind: toy_gold, noise_std: 0.3}
+        """)
+    assert f"{path}:3: reward.scorers.0.noise_std: 'toy_gold' does not use noise_std (a setting of toy_noisy_gold)" \
+        in load_error(str(path))
+    # the resolved config.yaml lists only what each choice reads, so it loads again
+    for preset in ("grpo-toy", "ppo-toy", "dpo-toy", "rm-toy"):
+        cfg = load_config(preset)
+        again = write(tmp_path, dump_config(cfg))
+        assert load_config(str(again)) == cfg, preset

@@ -126,8 +126,7 @@ def test_loss_spec_validation_and_config():
     cfg.learner.entropy_coef = 0.01
     spec = LossSpec.from_config(cfg, "ppo")
     assert (spec.kind, spec.kl_coef, spec.entropy_coef) == ("ppo", 0.02, 0.01)
-    cfg.algorithm.kl_in_reward = True
-    cfg.algorithm.name = "online_dpo"
+    cfg = FlywheelConfig.model_validate({"algorithm": {"name": "online_dpo"}})
     spec = LossSpec.from_config(cfg, "dpo")
     assert (spec.kind, spec.kl_coef) == ("dpo", 0.0)
 
