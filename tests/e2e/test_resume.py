@@ -80,7 +80,7 @@ def test_stopped_and_resumed_run_repeats_steps_4_to_6(staleness, toy_sft_run, ra
 
 
 def test_sigterm_checkpoints_and_resume_finishes(toy_sft_run, tmp_path):
-    out, total = tmp_path / "run", 20
+    out, total = tmp_path / "run", 8
     command = [
         sys.executable, "-m", "services.cli", "train", "grpo-toy", "--out", str(out),
         f"model.path={toy_sft_run['out'] / 'model'}", f"algorithm.total_steps={total}", "rollout.prompts_per_step=8",
