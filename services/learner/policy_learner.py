@@ -31,6 +31,7 @@ import torch
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.errors import UserError
+from services.core.rl_math import TORCH_DTYPES
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
 from services.core.learner_batches import LearnerBatch, PairBatch, tokens_rows, trim_tokens
@@ -47,8 +48,6 @@ from services.learner.losses import (
     policy_terms,
     ptx_nll_sum,
 )
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_policy(model_dir: str, dtype: str, trust_remote_code: bool = False):

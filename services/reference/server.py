@@ -15,10 +15,9 @@ from services.core.batch_types import TokenBatch, pack_sequences, response_value
 from services.core.config import ReferenceConfig
 from services.core.errors import UserError
 from services.core.actor_group import ActorGroup, ServiceActor
+from services.core.rl_math import TORCH_DTYPES
 from services.core.service_metrics import ServiceMetrics
 from services.learner.losses import per_token_logprobs
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ReferenceServer(ServiceActor):
