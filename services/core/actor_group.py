@@ -1,5 +1,5 @@
-"""Plumbing shared by every service that runs as a set of Ray actors: placement, metrics,
-and supervised calls.
+"""Plumbing shared by every service that runs as a set of Ray actors: the actor base
+(``ServiceActor``), start-up (``ActorGroup.spawn``), placement, metrics, and supervised calls.
 
 Supervision: every wait on an actor has a timeout from config. A call whose actor died, or
 that returned nothing within its timeout (the actor is then killed), is sent again once Ray
@@ -11,15 +11,17 @@ it back up to date. With restarts used up (or ``max_restarts: 0``) the call fail
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from services.core.errors import ServiceLost, ServiceTimeout
-from services.core.service_metrics import merge_expositions
+from services.core.service_metrics import ServiceMetrics, merge_expositions
 
 log = logging.getLogger(__name__)
 METRICS_TIMEOUT_S = 30.0  # a scrape must not hang on a busy or dead actor
+START_TIMEOUT_S = 600.0  # model loads and engine start-up
 
 
 def placed(options: dict, placement: list[dict] | None, index: int) -> dict:
@@ -34,18 +36,82 @@ def actor_lost_errors() -> tuple:
     return (RayActorError, ActorUnavailableError)
 
 
-class ActorGroup:
-    """A set of Ray actors that each expose ``metrics_text()``; ``actors`` lists them all,
-    ``names`` names them in errors ("reward-0/rm-1"), ``max_restarts`` is what Ray was told."""
+class ServiceActor:
+    """Base of every service's Ray actor class: what its ``ActorGroup`` asks of each actor.
+    ``__init__`` of a subclass sets ``name`` (its repr, so Ray's state API and dashboard tell
+    the actors apart) and ``metrics`` (its ServiceMetrics)."""
 
-    actors: list
-    names: list[str] = []
-    max_restarts: int = 0
-    restarts_setting: str = "max_restarts"  # the config field behind max_restarts, for messages
-    start_timeout_s: float = 600.0
-    restarts: int = 0  # restarts this group went through (deaths and stuck calls)
-    _pids: dict[int, int] | None = None  # actor index -> process id last seen
-    _recovering: frozenset[int] = frozenset()  # being recovered (streaming: from another thread)
+    name: str  # annotations only: no class attribute, so __repr__ sees '?' until __init__ sets it
+    metrics: ServiceMetrics
+
+    def ready(self) -> str:
+        """Answers once ``__init__`` has finished (start-up and restarts wait for it)."""
+        return self.name
+
+    def process_id(self) -> int:
+        """This actor's process; another one after Ray restarted it."""
+        return os.getpid()
+
+    def metrics_text(self) -> str:
+        """This actor's Prometheus text."""
+        return self.metrics.exposition()
+
+    def __repr__(self) -> str:  # Ray's state API and dashboard show it (repr_name), maybe before __init__ ended
+        return f"{type(self).__name__}({getattr(self, 'name', '?')})"
+
+
+class ActorGroup:
+    """A set of Ray ``ServiceActor`` actors: ``actors`` lists them all, ``names`` names them in
+    errors ("reward-0/rm-1"), ``max_restarts`` is what Ray was told (``restarts_setting``: the
+    config field behind it, for messages), ``restarts`` counts the restarts this group went
+    through (deaths and stuck calls). A group whose actors are not restarted (the learner's
+    ranks) keeps ``max_restarts=0`` and uses only ``spawn``, ``gather``, metrics and shutdown."""
+
+    def __init__(self, *, max_restarts: int = 0, restarts_setting: str = "max_restarts",
+                 start_timeout_s: float = START_TIMEOUT_S):
+        self.actors: list = []
+        self.names: list[str] = []
+        self.max_restarts = max_restarts
+        self.restarts_setting = restarts_setting
+        self.start_timeout_s = start_timeout_s
+        self.restarts = 0
+        self._pids: dict[int, int] | None = None  # actor index -> process id last seen
+        self._recovering: frozenset[int] = frozenset()  # being recovered (streaming: from another thread)
+
+    def spawn(self, actor_cls: type, names: list[str], args: list[tuple], *, resources: dict,
+              placement: list[dict] | None = None, kwargs: list[dict] | None = None,
+              options: list[dict] | None = None, max_concurrency: int | None = None, wait: bool = True) -> list:
+        """One ``actor_cls(*args[i], **kwargs[i])`` Ray actor per name, with ``resources`` (Ray
+        options), bundle ``placement[i]`` and extra Ray ``options[i]`` (a ``runtime_env``) if
+        given, restarted by Ray up to ``max_restarts`` times; a call is never retried by Ray
+        (``max_task_retries=0``: ``get_supervised`` sends it again). With ``wait`` it returns once
+        every actor answers ``ready()`` (``wait_ready``); if one does not, all are killed."""
+        import ray
+
+        remote_cls = ray.remote(actor_cls)
+        policy: dict[str, Any] = {"max_restarts": self.max_restarts, "max_task_retries": 0}
+        if max_concurrency is not None:
+            policy["max_concurrency"] = max_concurrency
+        self.names = list(names)
+        self.actors = [
+            remote_cls.options(**policy, **placed(resources, placement, i), **(options[i] if options else {}))
+            .remote(*args[i], **(kwargs[i] if kwargs else {}))
+            for i in range(len(self.names))
+        ]
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.shutdown()
+                raise
+        return self.actors
+
+    def wait_ready(self) -> None:
+        """Until every actor answers ``ready()``, at most ``start_timeout_s`` in all: a late actor
+        is a ``ServiceTimeout`` naming it; one whose ``__init__`` raised re-raises Ray's error
+        (it carries the actor's own exception) as soon as it is seen."""
+        gather([actor.ready.remote() for actor in self.actors], self.names, "ready (start-up)",
+               self.start_timeout_s, "start_timeout_s", name_deaths=False)
 
     def metrics_texts(self) -> list[str]:
         """Each actor's Prometheus text (labels ``service`` / ``replica`` keep them apart)."""
@@ -171,6 +237,16 @@ class ActorGroup:
             ray.kill(self.actors[index], no_restart=False)
         self.recover(index, old_pid)
 
+    def call_supervised(self, indices: Iterable[int], send: Callable[[int], Any], call: str, timeout_s: float,
+                        setting: str, refs: list | None = None) -> list:
+        """The answers of actors ``indices`` to ``send(index)`` (a remote call), in order, each
+        through ``get_supervised`` (a dead or stuck actor is restarted and sent the call again).
+        ``refs``: the calls, when they were sent already."""
+        indices = list(indices)
+        refs = refs if refs is not None else [send(index) for index in indices]
+        return [self.get_supervised(index, ref, lambda index=index: send(index), call, timeout_s, setting)
+                for index, ref in zip(indices, refs, strict=True)]
+
     def get_supervised(self, index: int, ref, resend: Callable[[], Any], call: str, timeout_s: float,
                        setting: str) -> Any:
         """``ray.get(ref)`` for a call on actor ``index``. A dead or stuck actor is restarted and
@@ -191,11 +267,12 @@ class ActorGroup:
             ref = resend()
 
 
-def gather(refs: list, names: list[str], call: str, timeout_s: float, setting: str) -> list:
+def gather(refs: list, names: list[str], call: str, timeout_s: float, setting: str, name_deaths: bool = True) -> list:
     """Results of one call fanned out to several actors, in order, waiting at most ``timeout_s``
     for all of them: a ``ServiceTimeout`` names the late actors, a ``ServiceLost`` the first dead
-    one as soon as it is seen (the others may be blocked in a collective with it). For services
-    whose actors are not restarted, such as the learner's ranks."""
+    one as soon as it is seen (the others may be blocked in a collective with it; without
+    ``name_deaths``, Ray's own error). For services whose actors are not restarted, such as the
+    learner's ranks, and for start-up."""
     import ray
 
     deadline = time.monotonic() + timeout_s
@@ -207,5 +284,7 @@ def gather(refs: list, names: list[str], call: str, timeout_s: float, setting: s
         try:
             ray.get(done[0])
         except actor_lost_errors() as exc:
+            if not name_deaths:
+                raise
             raise ServiceLost(f"{names[refs.index(done[0])]} died during {call} ({type(exc).__name__})") from None
     return ray.get(list(refs))

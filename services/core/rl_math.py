@@ -24,6 +24,8 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3")
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 ENSEMBLE_MODES = ("mean", "wco", "uwo")
+# model.dtype names: the torch dtype the policy, critic and reference load in
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------

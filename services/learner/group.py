@@ -31,7 +31,7 @@ import torch
 
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
-from services.core.actor_group import ActorGroup, gather, placed
+from services.core.actor_group import ActorGroup, ServiceActor, gather
 from services.core.errors import ServiceFailure
 from services.core.learner_batches import LearnerBatch, tokens_rows
 from services.learner.losses import LossSpec, UpdatePlan, minibatch_count, plan_update
@@ -41,10 +41,11 @@ class LearnerFailed(ServiceFailure):
     """A learner rank died or did not answer within ``learner.step_timeout_s``."""
 
 
-class LearnerRank:
-    """A thin Ray actor around one PolicyLearner rank."""
+class LearnerRank(ServiceActor):
+    """A thin Ray actor around one PolicyLearner rank (created empty; ``start`` builds it)."""
 
     def __init__(self, rank: int, world_size: int):
+        self.name = f"learner rank {rank}"
         self.rank, self.world_size = rank, world_size
         self.learner = None
 
@@ -61,6 +62,7 @@ class LearnerRank:
         from services.learner.policy_learner import PolicyLearner
 
         self.learner = PolicyLearner(model_dir, learner, **kwargs)
+        self.metrics = self.learner.metrics
         return self.rank
 
     def train_step(self, batch: LearnerBatch, spec: LossSpec, plan: UpdatePlan) -> dict[str, float]:
@@ -82,12 +84,6 @@ class LearnerRank:
     def policy_version(self) -> int:
         return self.learner.policy_version
 
-    def process_id(self) -> int:
-        return os.getpid()
-
-    def metrics_text(self) -> str:
-        return self.learner.metrics_text()
-
 
 class LearnerGroup(ActorGroup):
     """``learner.num_ranks`` LearnerRank actors with ``learner.resources`` each."""
@@ -103,17 +99,13 @@ class LearnerGroup(ActorGroup):
         trust_remote_code: bool = False,
         placement: list[dict] | None = None,
     ):
-        import ray
-
+        super().__init__()  # max_restarts 0: a rank's DeepSpeed state cannot be rebuilt mid-run
         self.world_size = learner.num_ranks
         self.step_timeout_s = learner.step_timeout_s
-        self.names = [f"learner rank {rank}" for rank in range(self.world_size)]
         res = learner.resources
-        actor_cls = ray.remote(LearnerRank)
-        self.actors = [
-            actor_cls.options(**placed(res.ray_options(), placement, rank)).remote(rank, self.world_size)
-            for rank in range(self.world_size)
-        ]
+        ranks = range(self.world_size)
+        self.spawn(LearnerRank, [f"learner rank {rank}" for rank in ranks], [(rank, self.world_size) for rank in ranks],
+                   resources=res.ray_options(), placement=placement, wait=False)  # they answer `address` when up
         # start-up (DeepSpeed init, model load) is bounded by the larger of start_timeout_s and the step bound
         start_s = max(self.start_timeout_s, self.step_timeout_s)
         addresses = self._all("address", [actor.address.remote() for actor in self.actors], start_s)

@@ -31,6 +31,7 @@ import torch
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.errors import UserError
+from services.core.rl_math import TORCH_DTYPES
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
 from services.core.learner_batches import LearnerBatch, PairBatch, tokens_rows, trim_tokens
@@ -47,8 +48,6 @@ from services.learner.losses import (
     policy_terms,
     ptx_nll_sum,
 )
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_policy(model_dir: str, dtype: str, trust_remote_code: bool = False):
@@ -133,17 +132,23 @@ class PolicyLearner:
         )
         return out.logits
 
+    def _no_grad(self, engine, batch: TokenBatch, fn) -> list[torch.Tensor]:
+        """fn(micro TokenBatch) for the micro-batches of ``learner.micro_batch_size`` rows
+        (each trimmed to its longest row), in order, in eval mode under no_grad; float, on CPU."""
+        step = self.cfg.micro_batch_size
+        engine.eval()
+        with torch.no_grad():
+            return [fn(trim_tokens(tokens_rows(batch, slice(start, start + step)))).float().cpu()
+                    for start in range(0, batch.size, step)]
+
     def _per_token(self, engine, batch: TokenBatch, fn, causal_lm: bool = True) -> torch.Tensor:
         """fn(model output, micro TokenBatch) -> [b, t], micro-batched, eval mode, no grad.
         Zero at position 0 and on padding."""
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        step = self.cfg.micro_batch_size
-        engine.eval()
-        with torch.no_grad():
-            for start in range(0, batch.size, step):
-                micro = trim_tokens(tokens_rows(batch, slice(start, start + step)))
-                values = fn(self._forward(engine, micro, causal_lm), micro).float().cpu()
-                out[start : start + micro.size, : values.shape[1]] = values
+        start = 0
+        for values in self._no_grad(engine, batch, lambda micro: fn(self._forward(engine, micro, causal_lm), micro)):
+            out[start : start + values.shape[0], : values.shape[1]] = values
+            start += values.shape[0]
         valid = batch.attention_mask.bool().clone()
         valid[:, 0] = False
         return torch.where(valid, out, torch.zeros(()))
@@ -165,18 +170,16 @@ class PolicyLearner:
         tokens (``rl_math.response_hidden_sum``), for CHES scores."""
         from services.core.rl_math import response_hidden_sum
 
+        def hidden_sums(micro: TokenBatch) -> torch.Tensor:
+            out = self.engine(
+                input_ids=micro.input_ids.to(self.engine.device),
+                attention_mask=micro.attention_mask.to(self.engine.device),
+                output_hidden_states=True, use_cache=False,
+            )
+            return response_hidden_sum(out.hidden_states[-1].float().cpu(), micro.response_mask)
+
         with self.metrics.track("hidden_sums"):
-            parts = []
-            self.engine.eval()
-            with torch.no_grad():
-                for start in range(0, batch.size, self.cfg.micro_batch_size):
-                    micro = trim_tokens(tokens_rows(batch, slice(start, start + self.cfg.micro_batch_size)))
-                    out = self.engine(
-                        input_ids=micro.input_ids.to(self.engine.device),
-                        attention_mask=micro.attention_mask.to(self.engine.device),
-                        output_hidden_states=True, use_cache=False,
-                    )
-                    parts.append(response_hidden_sum(out.hidden_states[-1].float().cpu(), micro.response_mask))
+            parts = self._no_grad(self.engine, batch, hidden_sums)
             return torch.cat(parts) if parts else torch.zeros((0, 0))
 
     def values(self, batch: TokenBatch) -> torch.Tensor:

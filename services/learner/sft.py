@@ -31,9 +31,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str] | None = None):
     """The policy to fine-tune: a fresh toy Llama, or a HF causal LM from ``model.path``."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from services.core.rl_math import TORCH_DTYPES
     from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 
     if cfg.model.path is None:
@@ -42,7 +42,7 @@ def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str]
     path = cfg.model.path
     if not Path(path).expanduser().is_dir() and (Path(path).exists() or not _HUB_ID.match(path)):
         raise UserError(f"model.path: no model directory at '{path}'")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
+    dtype = TORCH_DTYPES[cfg.model.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

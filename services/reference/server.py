@@ -14,15 +14,15 @@ import torch
 from services.core.batch_types import TokenBatch, pack_sequences, response_values
 from services.core.config import ReferenceConfig
 from services.core.errors import UserError
-from services.core.actor_group import ActorGroup, placed
+from services.core.actor_group import ActorGroup, ServiceActor
+from services.core.rl_math import TORCH_DTYPES
 from services.core.service_metrics import ServiceMetrics
 from services.learner.losses import per_token_logprobs
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-class ReferenceServer:
-    """Per-token log-probs of response tokens under the frozen model in ``model_dir``.
+class ReferenceServer(ServiceActor):
+    """Per-token log-probs of response tokens under the frozen model in ``model_dir`` (Ray
+    actor body, named ``reference-<replica>``; also usable directly).
 
     dtype None means bf16 on a GPU and fp32 on CPU (fp16 only on a GPU).
     """
@@ -38,6 +38,7 @@ class ReferenceServer:
     ):
         from transformers import AutoModelForCausalLM
 
+        self.name = f"reference-{replica}"
         self.cfg = reference
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bf16" if self.device.type == "cuda" else "fp32")
@@ -81,17 +82,6 @@ class ReferenceServer:
         ).logits
         return per_token_logprobs(logits, batch.input_ids.to(self.device)).float().cpu()
 
-    def metrics_text(self) -> str:
-        return self.metrics.exposition()
-
-    def ready(self) -> str:
-        return "reference"
-
-    def process_id(self) -> int:
-        import os
-
-        return os.getpid()
-
 
 class ReferencePool(ActorGroup):
     """``reference.replicas`` Ray actors of ReferenceServer with ``reference.resources``; a
@@ -101,21 +91,12 @@ class ReferencePool(ActorGroup):
 
     def __init__(self, model_dir: str, reference: ReferenceConfig, *, dtype: str | None = None,
                  trust_remote_code: bool = False, placement: list[dict] | None = None):
-        import ray
-
+        super().__init__(max_restarts=reference.max_restarts, restarts_setting="reference.max_restarts")
         self.cfg = reference
-        self.max_restarts, self.restarts_setting = reference.max_restarts, "reference.max_restarts"
-        actor_cls = ray.remote(ReferenceServer)
-        self.actors = [
-            actor_cls.options(
-                max_restarts=self.max_restarts, max_task_retries=0,
-                **placed(reference.resources.ray_options(), placement, r),
-            ).remote(str(model_dir), reference, dtype=dtype, trust_remote_code=trust_remote_code, replica=r)
-            for r in range(reference.replicas)
-        ]
-        self.names = [f"reference-{r}" for r in range(reference.replicas)]
-        self.restarts = 0
-        ray.get([actor.ready.remote() for actor in self.actors], timeout=self.start_timeout_s)  # wait until loaded
+        r = reference.replicas
+        self.spawn(ReferenceServer, [f"reference-{i}" for i in range(r)], [(str(model_dir), reference)] * r,
+                   kwargs=[{"dtype": dtype, "trust_remote_code": trust_remote_code, "replica": i} for i in range(r)],
+                   resources=reference.resources.ray_options(), placement=placement)  # returns once loaded
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):
@@ -124,12 +105,6 @@ class ReferencePool(ActorGroup):
         per = -(-n // len(self.actors)) if n else 0
         chunks = [(prompt_ids[start : start + per], response_ids[start : start + per]) for start in range(0, n, per or 1)]
 
-        def send(index: int):
-            return self.actors[index].logprobs.remote(*chunks[index])
-
-        refs = [send(i) for i in range(len(chunks))]
-        parts = [
-            self.get_supervised(i, ref, lambda i=i: send(i), "logprobs", self.cfg.timeout_s, "reference.timeout_s")
-            for i, ref in enumerate(refs)
-        ]
+        parts = self.call_supervised(range(len(chunks)), lambda i: self.actors[i].logprobs.remote(*chunks[i]),
+                                     "logprobs", self.cfg.timeout_s, "reference.timeout_s")
         return [row for part in parts for row in part]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.core.actor_group import ActorGroup, placed
+from services.core.actor_group import ActorGroup, ServiceActor
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
 from services.core.errors import UserError
@@ -82,26 +82,15 @@ class RewardEnsemble:
         return aggregate_scores(member, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda)
 
 
-class ScorerActor:
-    """One ensemble member (Ray actor body; also usable directly). Metrics label:
-    replica ``<replica>/<member name>``, so every actor's series are distinct."""
+class ScorerActor(ServiceActor):
+    """One ensemble member (Ray actor body; also usable directly), named after the member.
+    Metrics label: replica ``<replica>/<member name>``, so every actor's series are distinct."""
 
     def __init__(self, cfg: ScorerConfig, index: int, replica: int = 0):
         self.scorer = build_scorer(cfg, index)
+        self.name = self.scorer.name
         self.field = f"reward.scorers.{index}"
         self.metrics = ServiceMetrics(service="reward", replica=f"{replica}/{self.scorer.name}")
-
-    def ready(self) -> str:
-        return self.scorer.name
-
-    def process_id(self) -> int:
-        import os
-
-        return os.getpid()
-
-    def __repr__(self) -> str:  # Ray's state API and dashboard show it (repr_name)
-        scorer = getattr(self, "scorer", None)
-        return f"ScorerActor({scorer.name if scorer else '?'})"
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
         """The member's scores; a bad output is a ScorerOutputError, anything the scorer's
@@ -113,9 +102,6 @@ class ScorerActor:
                 raise
             except Exception as exc:
                 raise scorer_error(self.scorer, self.field, exc) from exc
-
-    def metrics_text(self) -> str:
-        return self.metrics.exposition()
 
 
 class PendingScores:
@@ -129,13 +115,10 @@ class PendingScores:
         service = self.service
         timeout_s = timeout or service.cfg.timeout_s
         k = len(service.member_names)
-        member_scores = []
-        for i, ref in enumerate(self.refs):
-            index = self.replica * k + i
-            member_scores.append(service.get_supervised(
-                index, ref, lambda index=index: service.actors[index].score.remote(*self.args), "score",
-                timeout_s, "reward.timeout_s",
-            ))
+        member_scores = service.call_supervised(
+            range(self.replica * k, (self.replica + 1) * k), lambda index: service.actors[index].score.remote(*self.args),
+            "score", timeout_s, "reward.timeout_s", refs=self.refs,
+        )
         return aggregate_scores(member_scores, service.member_names, service.cfg.aggregate, service.cfg.uwo_lambda)
 
 
@@ -150,36 +133,22 @@ class RewardService(ActorGroup):
     """
 
     def __init__(self, cfg: RewardConfig, placement: list[dict] | None = None):
-        import ray
-
+        super().__init__(max_restarts=cfg.max_restarts, restarts_setting="reward.max_restarts")
         self.cfg = cfg
         resolved = [resolve_scorer_config(s, i) for i, s in enumerate(cfg.scorers)]
         self.member_names = [scorer_name(s, i) for i, s in enumerate(resolved)]
-        actor_cls = ray.remote(ScorerActor)
         k = len(resolved)
-        self.max_restarts, self.restarts_setting = cfg.max_restarts, "reward.max_restarts"
-
-        def options(scorer: ScorerConfig, slot: int) -> dict:
-            opts = placed(cfg.resources.ray_options(), placement, slot)
-            opts.update(max_restarts=self.max_restarts, max_task_retries=0)  # get_supervised sends again
-            env = scorer_env(scorer)  # e.g. a remote scorer's bearer token: actors don't see our env
-            if env:
-                opts["runtime_env"] = {"env_vars": env}
-            return opts
-
-        self.replicas = [
-            [actor_cls.options(**options(s, r * k + i)).remote(s, i, r) for i, s in enumerate(resolved)]
-            for r in range(cfg.replicas)
-        ]
-        self.actors = [actor for replica in self.replicas for actor in replica]
-        self.names = [f"reward-{r}/{name}" for r in range(cfg.replicas) for name in self.member_names]
-        self.restarts = 0
         self._next = 0
-        try:
-            ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout_s)
-        except Exception:
-            self.shutdown()
-            raise
+        # actor r * k + i: member i of replica r; a scorer's env (a remote scorer's bearer
+        # token) goes in its runtime_env: actors don't see our env
+        envs = [scorer_env(s) for s in resolved]
+        self.spawn(
+            ScorerActor, [f"reward-{r}/{name}" for r in range(cfg.replicas) for name in self.member_names],
+            [(s, i, r) for r in range(cfg.replicas) for i, s in enumerate(resolved)],
+            resources=cfg.resources.ray_options(), placement=placement,
+            options=[{"runtime_env": {"env_vars": env}} if env else {} for _ in range(cfg.replicas) for env in envs],
+        )
+        self.replicas = [self.actors[r * k : (r + 1) * k] for r in range(cfg.replicas)]
 
     def submit(
         self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None

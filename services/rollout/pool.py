@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from services.core.actor_group import ActorGroup, actor_lost_errors, placed
+from services.core.actor_group import START_TIMEOUT_S, ActorGroup, actor_lost_errors
 from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
 from services.core.errors import ServiceLost, ServiceTimeout
@@ -30,27 +30,18 @@ log = logging.getLogger(__name__)
 
 
 class RolloutPool(ActorGroup):
-    def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = 600.0,
+    def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = START_TIMEOUT_S,
                  placement: list[dict] | None = None):
-        import ray
-
-        self.cfg = cfg
-        actor_cls = ray.remote(RolloutWorkerActor)
-        options = cfg.rollout.resources.ray_options()
         # Ray restarts a dead worker (same bundle, __init__ again: base weights, version 0);
         # after_restart then pushes the current weights before it takes work
-        self.max_restarts, self.restarts_setting = cfg.rollout.max_restarts, "rollout.max_restarts"
-        restart = {"max_restarts": self.max_restarts, "max_task_retries": 0}
-        self.actors = [
-            actor_cls.options(max_concurrency=2, **restart, **placed(options, placement, i)).remote(str(model_dir), cfg, i)
-            for i in range(cfg.rollout.num_workers)
-        ]
-        self.names = [f"rollout-{i}" for i in range(len(self.actors))]
-        self.start_timeout_s = start_timeout_s
-        ray.get([w.ready.remote() for w in self.actors], timeout=start_timeout_s)
+        super().__init__(max_restarts=cfg.rollout.max_restarts, restarts_setting="rollout.max_restarts",
+                         start_timeout_s=start_timeout_s)
+        self.cfg = cfg
         self.version = 0
-        self.restarts = 0
         self._weights = None  # object ref of the latest published weights, for restarted workers
+        n = cfg.rollout.num_workers
+        self.spawn(RolloutWorkerActor, [f"rollout-{i}" for i in range(n)], [(str(model_dir), cfg, i) for i in range(n)],
+                   resources=cfg.rollout.resources.ray_options(), placement=placement, max_concurrency=2)
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec | None = None) -> list[Trajectory]:
         """Trajectories for all prompts (``sampling.n`` each), in prompt order."""
@@ -173,12 +164,8 @@ class RolloutPool(ActorGroup):
 
     def versions(self) -> list[int]:
         """The policy version each worker holds (a dead or stuck worker is restarted and re-synced)."""
-        refs = [w.get_version.remote() for w in self.actors]
-        return [
-            self.get_supervised(i, ref, lambda i=i: self.actors[i].get_version.remote(), "get_version",
-                                self.cfg.rollout.sync_timeout_s, "rollout.sync_timeout_s")
-            for i, ref in enumerate(refs)
-        ]
+        return self.call_supervised(range(len(self.actors)), lambda i: self.actors[i].get_version.remote(),
+                                    "get_version", self.cfg.rollout.sync_timeout_s, "rollout.sync_timeout_s")
 
     def sequence_logprobs(self, prompt_ids, response_ids, worker: int = 0) -> list[list[float]]:
         import ray

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.actor_group import ServiceActor
 from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
 from services.core.service_metrics import ServiceMetrics
@@ -155,23 +156,10 @@ class RolloutWorker:
 
         return [child.pid for child in psutil.Process().children(recursive=True)]
 
-    def metrics_text(self) -> str:
-        return self.metrics.exposition()
 
-
-class RolloutWorkerActor(RolloutWorker):
-    """Ray actor around RolloutWorker (created by RolloutPool with the configured resources)."""
-
-    def ready(self) -> str:
-        return self.name
-
-    def __repr__(self) -> str:  # Ray's state API and dashboard show it (repr_name)
-        return f"RolloutWorkerActor({getattr(self, 'name', '?')})"
-
-    def process_id(self) -> int:
-        import os
-
-        return os.getpid()
+class RolloutWorkerActor(ServiceActor, RolloutWorker):
+    """Ray actor around RolloutWorker (created by RolloutPool with the configured resources);
+    ``ready``, ``process_id``, ``metrics_text`` and its repr come from ServiceActor."""
 
 
 def chunk_sizes(total: int, workers: int, chunks_per_worker: int = 4) -> int:
