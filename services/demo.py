@@ -18,8 +18,11 @@ from pathlib import Path
 from statistics import mean
 
 from services.core.config_loading import load_config
+from services.driver.bootstrap import RM_PRESET, bootstrap_toy_policy, train_reward_ensemble
+from services.driver.report import smoothed
+from services.driver.train import run_train
 
-SFT_PRESET, RM_PRESET, RL_PRESET = "sft-toy", "rm-toy", "grpo-toy"
+SFT_PRESET, RL_PRESET = "sft-toy", "grpo-toy"
 DEMO_STEPS = 150
 WINDOW = 5  # steps averaged at the start and at the end
 PEAK_WINDOW = 10  # trailing mean for the peak (a single step's batch is noisy)
@@ -34,34 +37,15 @@ def gold_gain(records: list[dict], window: int = WINDOW) -> tuple[float, float]:
 
 def gold_peak(records: list[dict], window: int = PEAK_WINDOW) -> tuple[float, int]:
     """The highest trailing ``window``-step mean of the gold reward, and the step it ends at."""
-    from services.driver.report import smoothed
-
     rows = [(r["step"], r["gold/mean"]) for r in records if "gold/mean" in r]
     curve = smoothed([gold for _, gold in rows], window)
     best = max(range(len(curve)), key=curve.__getitem__)
     return curve[best], rows[best][0]
 
 
-def train_reward_ensemble(policy: Path, out: Path) -> tuple[dict, dict]:
-    """`flywheel train-rm rm-toy` into DIR/rm (its own process); (summary, reward section)."""
-    import yaml
-
-    from services.driver.train import run_stage
-
-    target = out / "rm"
-    if not (target / "summary.json").is_file():
-        run_stage("train-rm", RM_PRESET, "--out", str(target), f"model.path={policy}")
-    else:
-        print(f"using the reward ensemble already in {target}")
-    reward = yaml.safe_load((target / "ensemble.yaml").read_text())["reward"]
-    return json.loads((target / "summary.json").read_text()), reward
-
-
 def run_demo(out_dir: str, steps: int = DEMO_STEPS, rl_overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
-
-    from services.driver.train import bootstrap_toy_policy, run_train
 
     console, out = Console(), Path(out_dir)
     load_config(RL_PRESET, rl_overrides or [])  # a bad override fails now, not after SFT and reward models

@@ -20,7 +20,7 @@ from services.core import toy_world
 from services.core.batch_types import TokenBatch, Trajectory
 from services.core.errors import UserError
 from services.driver.wiring import Services
-from services.reward.ensemble import aggregate_scores
+from services.reward.aggregate import aggregate_scores
 
 WORDS = ["apple", "pear", "fig", "plum", "kiwi", "lime", "red", "blue", "green", "dog", "cat", "car"]
 

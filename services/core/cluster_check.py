@@ -7,7 +7,7 @@ schema and its cross-field rules) for launcher YAMLs, and KubeRay's translation 
 custom resource into an autoscaling config (which also calls ``validate_config``) for
 manifests. None of these contact a cloud or a Kubernetes API. Then Flywheel's own checks:
 min_workers <= max_workers per node type (Ray does not check it), and whether the run's
-placement group (``services.driver.placement``: one bundle per actor) fits the largest
+placement group (``services.core.placement``: one bundle per actor) fits the largest
 cluster the file allows. Every failure is a ``UserError`` naming the file and the culprit.
 """
 
@@ -28,6 +28,7 @@ import yaml
 
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
+from services.core.placement import bundle, service_plan
 
 EPSILON = 1e-9
 # what one actor of each service is called in messages ("learner rank bundle {...}")
@@ -286,9 +287,7 @@ def load_cluster(path: Path | str) -> ClusterShape:
 
 
 def run_bundles(cfg: FlywheelConfig) -> list[Bundle]:
-    """One bundle per actor, exactly as the driver reserves them (services.driver.placement)."""
-    from services.driver.placement import bundle, service_plan
-
+    """One bundle per actor, exactly as the driver reserves them (services.core.placement)."""
     return [
         Bundle(f"{service} {ACTOR_NOUN.get(service, 'actor')}", bundle(resources))
         for service, count, resources in service_plan(cfg)

@@ -19,20 +19,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean, pstdev
 
+from services.algorithms import batches as alg
+from services.algorithms.base import StepInputs, get_algorithm
 from services.core import toy_world
 from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
-from services.core.learner_batches import PairBatch
 from services.core.config_loading import dump_config
 from services.core.errors import ServiceFailure, UserError
+from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
-from services.algorithms import batches as alg
-from services.algorithms.base import StepInputs, get_algorithm
+from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
-from services.driver.preflight import check_rl_settings, optimizer_steps_per_step
+from services.driver.exporter import MetricsExporter, RunMetrics
+from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
+from services.driver.ptx_data import PtxBatches
+from services.driver.report import write_report
 from services.driver.wiring import Services, build_services
+from services.learner.losses import LossSpec
+from services.reward.stats import summarize_variances, variance_by_prompt
+from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
 
 
 class Driver:
@@ -60,7 +67,6 @@ class Driver:
     def build(self, make_services: Callable[..., Services] = build_services) -> None:
         """Start the services (``wiring.build_services``: real Ray actors; tests pass in-process
         fakes with the same signature)."""
-        from services.learner.losses import LossSpec
 
         cfg = self.cfg
         services = make_services(cfg, self.policy_dir, self.algo.needs_critic,
@@ -73,8 +79,6 @@ class Driver:
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx = None
         if self.spec.ptx_coef:
-            from services.driver.ptx_data import PtxBatches
-
             self.ptx = PtxBatches(cfg, services.tokenizer)
 
     def metrics_texts(self) -> list[str]:
@@ -148,8 +152,6 @@ class Driver:
 
     def _reward_variance(self, trajectories: list[Trajectory], scores: list[float]) -> dict:
         """Per-prompt reward variance over the n samples (Razin et al.); feeds the selector."""
-        from services.reward.evaluation import summarize_variances, variance_by_prompt
-
         variances = variance_by_prompt([t.prompt_id for t in trajectories], scores)
         selection = {}
         if isinstance(self.prompts, VarianceSelectedPrompts):
@@ -208,8 +210,6 @@ class Driver:
         record.update(train_metrics)
         record.update(ensemble.summary())
         if self.cfg.metrics.dump_rollouts:
-            from services.rpc.trajectory_io import write_trajectories
-
             write_trajectories(
                 self.out / "rollouts.pb", kept, scores,
                 dict(zip(ensemble.member_names, ensemble.member_scores)), step=step,
@@ -233,9 +233,6 @@ class Driver:
         """Steps ``start_step + 1 .. total_steps``; a checkpoint every ``checkpoint.every_steps``,
         at the end, on SIGTERM (then ``RunStopped``) and after ``stop_after`` steps of this call."""
         from tqdm import tqdm
-
-        from services.driver.exporter import MetricsExporter, RunMetrics
-        from services.driver.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
         pending = self.resume(resume) if resume is not None else None  # refuses a mismatched checkpoint first
@@ -327,8 +324,6 @@ class Driver:
 
     def _stopped_hint(self, step: int) -> str:
         """What a run that failed after step ``step`` tells its user: where to continue from."""
-        from services.driver.checkpoint import CheckpointStore
-
         latest = CheckpointStore(self.out / "checkpoints").latest()
         where = (f"`flywheel train ... --out {self.out} --resume` continues from {latest}" if latest is not None
                  else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
@@ -350,8 +345,6 @@ class Driver:
 
     def state_dict(self) -> dict:
         """Everything of the driver's own that the next step depends on (JSON-able)."""
-        from services.driver.checkpoint import model_fingerprint
-
         state = {
             "policy_version": self.learner.policy_version, "draws": self.draws,
             "prompts": self.prompts.state_dict(), "displacement_streak": self.displacement.streak,
@@ -365,9 +358,6 @@ class Driver:
                         pending_stats: dict | None = None) -> Path:
         """``pending``: the streaming batch already sampled for the next step, with its rollout
         figures (``_rollout``'s stats), so a resumed run trains on and logs exactly that."""
-        from services.driver.checkpoint import CheckpointStore, copy_policy_files
-        from services.rpc.trajectory_io import write_trajectories
-
         store = CheckpointStore(self.out / "checkpoints", self.cfg.checkpoint.keep_last)
         tmp = store.begin(step)
         self.learner.save_checkpoint(str(tmp / "learner"))
@@ -383,10 +373,6 @@ class Driver:
         """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
         trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any, as
         ``_rollout`` returns a batch (trajectories, rollout time 0, its rollout figures)."""
-        from services.driver.checkpoint import trim_metrics
-        from services.driver.preflight import check_resume
-        from services.rpc.trajectory_io import read_trajectories, trim_trajectories
-
         state = check_resume(checkpoint, Path(self.policy_dir), self.algorithm)  # `flywheel train` ran it already
         try:
             self.prompts.load_state_dict(state["prompts"])
@@ -410,8 +396,6 @@ class Driver:
     def save_policy(self) -> Path:
         """The trained policy as a HF directory (weights from the learner, config/tokenizer copied)."""
         from safetensors.torch import save_file
-
-        from services.driver.checkpoint import copy_policy_files
 
         target = self.out / "policy"
         copy_policy_files(self.policy_dir, target)

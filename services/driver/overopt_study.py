@@ -22,6 +22,9 @@ import math
 from pathlib import Path
 
 from services.core.config_loading import load_config
+from services.driver.bootstrap import bootstrap_toy_policy, train_reward_ensemble
+from services.driver.report import smoothed
+from services.driver.train import run_train
 
 PROXIES = ("single", "mean", "wco", "uwo")
 STUDY_STEPS = 120
@@ -38,8 +41,6 @@ def proxy_overrides(proxy: str, scorers: list[dict]) -> list[str]:
 def _smoothed_curve(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(sqrt KL, value), both trailing-averaged over SMOOTH steps; KL is the sequence-level
     k1 estimate ``rollout/kl_seq`` (clamped at 0: the sample estimate can dip below)."""
-    from services.driver.report import smoothed
-
     rows = [(r["rollout/kl_seq"], r[key]) for r in records if "rollout/kl_seq" in r and key in r]
     kl = smoothed([max(k, 0.0) for k, _ in rows], SMOOTH)
     return [math.sqrt(k) for k in kl], smoothed([v for _, v in rows], SMOOTH)
@@ -47,8 +48,6 @@ def _smoothed_curve(records: list[dict], key: str) -> tuple[list[float], list[fl
 
 def summarize(records: list[dict]) -> dict[str, float]:
     """Peak and final (last SMOOTH steps) gold reward, with where the peak was."""
-    from services.driver.report import smoothed
-
     gold = smoothed([r["gold/mean"] for r in records], SMOOTH)
     proxy = smoothed([r["reward/mean"] for r in records], SMOOTH)
     sqrt_kl, _ = _smoothed_curve(records, "gold/mean")
@@ -63,8 +62,6 @@ def summarize(records: list[dict]) -> dict[str, float]:
 def plot(runs: dict[str, list[dict]], out_png: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from services.driver.report import smoothed
 
     fig = Figure(figsize=(16, 4.2), layout="constrained")
     gold_ax, proxy_ax, step_ax = fig.subplots(1, 3)
@@ -104,9 +101,6 @@ def write_table(summaries: dict[str, dict], out_md: Path) -> str:
 def run_overopt_study(out_dir: str | Path, steps: int = STUDY_STEPS, kl_coef: float = STUDY_KL_COEF) -> dict:
     from rich.console import Console
     from rich.table import Table
-
-    from services.demo import train_reward_ensemble
-    from services.driver.train import bootstrap_toy_policy, run_train
 
     console, out = Console(), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

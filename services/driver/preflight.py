@@ -27,8 +27,13 @@ import sys
 from pathlib import Path
 
 from services.core.config import FlywheelConfig
+from services.core.config_loading import load_config
 from services.core.errors import UserError
+from services.core.ray_session import ray_address
 from services.core.registry import ALGORITHMS
+from services.driver.checkpoint import CheckpointStore, model_fingerprint, read_state
+from services.learner.sft_data import sft_rows
+from services.reward.scorers import ScorerError, ScorerOutputError
 
 # the keys vLLM derives a model's context length from (smallest wins; model_max_length overrides)
 CONTEXT_KEYS = (
@@ -39,8 +44,6 @@ CONTEXT_KEYS = (
 
 def check_fresh_out(out: Path, checkpoint: Path | None) -> None:
     """Refuse to start a fresh run over a run that has complete checkpoints."""
-    from services.driver.checkpoint import CheckpointStore
-
     if checkpoint is not None:
         return
     latest = CheckpointStore(out / "checkpoints").latest()
@@ -107,8 +110,6 @@ def check_ports(cfg: FlywheelConfig) -> None:
             f"metrics.prometheus_port and metrics.ray_metrics_port are both {m.prometheus_port}; they need two ports"
         )
     _check_port(m.prometheus_host, m.prometheus_port, "metrics.prometheus_port", "metrics.prometheus_host")
-    from services.driver.train import ray_address
-
     ray = sys.modules.get("ray")
     starts_local_ray = ray_address(cfg) is None and not (ray is not None and ray.is_initialized())
     if starts_local_ray:
@@ -143,8 +144,6 @@ def check_context_length(cfg: FlywheelConfig, config: dict, where: str) -> None:
 
 def check_toy_context_length(cfg: FlywheelConfig) -> None:
     """Before bootstrapping the toy policy (preset sft-toy), against the model it will build."""
-    from services.core.config_loading import load_config
-
     toy = load_config("sft-toy").model.toy
     check_context_length(cfg, {"max_position_embeddings": toy.max_position_embeddings}, "the toy model (sft-toy)")
 
@@ -163,8 +162,6 @@ def check_resume(checkpoint: Path | None, policy: Path, algorithm: str) -> dict 
     """The checkpoint must come from this model (its config.json) and this algorithm; checked
     from files alone, before any actor exists or any learner state is loaded. Returns the
     checkpoint's driver state (None without a checkpoint)."""
-    from services.driver.checkpoint import model_fingerprint, read_state
-
     if checkpoint is None:
         return
     state = read_state(checkpoint)
@@ -202,8 +199,6 @@ def check_ptx_data(cfg: FlywheelConfig) -> None:
     """The PPO-ptx rows load (the learner reads them again when the actors are up)."""
     if not cfg.algorithm.ptx_coef or cfg.data.ptx_source == "toy":
         return
-    from services.learner.sft import sft_rows
-
     try:
         sft_rows(cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": cfg.data.ptx_source})}))
     except UserError as exc:
@@ -227,8 +222,6 @@ def actor_user_error(exc: BaseException, metrics: Path | None) -> UserError | No
     output or exception, or a UserError the actor raised. ``metrics``: the run's metrics.jsonl
     once steps run (the message then names the step that failed). None: not a user error."""
     from ray.exceptions import RayTaskError
-
-    from services.reward.scorers import ScorerError, ScorerOutputError
 
     if not isinstance(exc, RayTaskError):
         return None

@@ -14,12 +14,8 @@ import random
 from typing import Any, Iterable
 
 from services.core.errors import UserError
-
-
-def _prompt_item_cls():
-    from services.rollout.worker import PromptItem  # lazy: keeps this module light
-
-    return PromptItem
+from services.core.toy_world import TASKS
+from services.rollout.worker import PromptItem
 
 
 def _as_item(raw: Any, index: int):
@@ -30,7 +26,7 @@ def _as_item(raw: Any, index: int):
         raise ValueError(f"prompt item {index} needs 'id' and 'prompt', got {raw!r}")
     if columns is not None and not isinstance(columns, dict):
         raise ValueError(f"prompt item {index} ({item_id!r}): columns must be a dict, got {type(columns).__name__}")
-    return _prompt_item_cls()(id=str(item_id), prompt=str(prompt), columns=dict(columns) if columns else None)
+    return PromptItem(id=str(item_id), prompt=str(prompt), columns=dict(columns) if columns else None)
 
 
 def _fingerprint(ids: list[str]) -> str:
@@ -134,8 +130,6 @@ class PromptSource:
 def toy_prompt_source(cfg) -> PromptSource:
     """Prompts of the toy tasks in ``cfg.data.toy_tasks``: ``cfg.data.toy_size`` per task
     (``task.prompts(n, seed=cfg.seed)``), column ``task`` = the task's name."""
-    from services.core.toy_world import TASKS
-
     data = cfg.data
     if data.source != "toy":
         raise UserError(

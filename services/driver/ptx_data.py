@@ -12,12 +12,11 @@ import random
 
 from services.core.batch_types import TokenBatch
 from services.core.config import FlywheelConfig
+from services.learner.sft_data import IGNORE, collate, encode_example, sft_rows
 
 
 class PtxBatches:
     def __init__(self, cfg: FlywheelConfig, tokenizer):
-        from services.learner.sft import encode_example, sft_rows
-
         data = cfg.data.model_copy(update={"source": cfg.data.ptx_source})
         rows = sft_rows(cfg.model_copy(update={"data": data}))
         self.examples = [
@@ -40,8 +39,6 @@ class PtxBatches:
         return picked
 
     def next_batch(self) -> TokenBatch:
-        from services.learner.sft import IGNORE, collate
-
         picked = [self.examples[i] for i in self.next_indices()]
         input_ids, attention, labels = collate(picked, self.pad_id)
         return TokenBatch(input_ids, attention, (labels != IGNORE).long())

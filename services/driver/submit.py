@@ -28,7 +28,7 @@ import yaml
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config, load_config
 from services.core.errors import UserError
-from services.driver.train import QUIET_ENGINES
+from services.core.ray_session import QUIET_ENGINES
 
 # never worth uploading; Ray also honours .gitignore and .rayignore in the working dir
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "runs", "__pycache__", "*.pt", ".pytest_cache", "*.egg-info"]

@@ -19,6 +19,11 @@ from torch import Tensor
 from services.core.batch_types import TokenBatch, Trajectory
 from services.core.config import FlywheelConfig
 from services.core.learner_batches import LearnerBatch
+from services.core.placement import reserve
+from services.learner.group import LearnerGroup
+from services.reference.server import ReferencePool
+from services.reward.ensemble import RewardService
+from services.rollout.pool import RolloutPool
 
 
 class Rollout(Protocol):
@@ -93,12 +98,6 @@ def build_services(cfg: FlywheelConfig, policy_dir: str, needs_critic: bool, opt
     """Start every real service's actors (resources and replica counts from config).
     ``optimizer_steps``: what the learner's LR schedule spans."""
     from transformers import AutoTokenizer
-
-    from services.driver.placement import reserve
-    from services.learner.group import LearnerGroup
-    from services.reference.server import ReferencePool
-    from services.reward.ensemble import RewardService
-    from services.rollout.pool import RolloutPool
 
     placement_group, placement = reserve(cfg)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)

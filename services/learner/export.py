@@ -16,12 +16,11 @@ import shutil
 from pathlib import Path
 
 from services.core.errors import UserError
+from services.driver.checkpoint import CheckpointStore, read_state
 
 
 def learner_tag_dir(checkpoint: Path) -> tuple[Path, str]:
     """(``learner/policy``, its latest tag) of a Flywheel checkpoint, with clear errors."""
-    from services.driver.checkpoint import CheckpointStore, read_state
-
     if not (checkpoint / "driver_state.json").is_file():  # OUT/checkpoints: take the latest
         latest = CheckpointStore(checkpoint).latest() if checkpoint.is_dir() else None
         if latest is None:

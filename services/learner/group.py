@@ -29,12 +29,14 @@ import os
 
 import torch
 
+from services.core.actor_group import ActorGroup, ServiceActor, gather
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
-from services.core.actor_group import ActorGroup, ServiceActor, gather
 from services.core.errors import ServiceFailure
 from services.core.learner_batches import LearnerBatch, tokens_rows
+from services.learner.deepspeed_setup import free_port
 from services.learner.losses import LossSpec, UpdatePlan, minibatch_count, plan_update
+from services.learner.policy_learner import PolicyLearner
 
 
 class LearnerFailed(ServiceFailure):
@@ -53,14 +55,10 @@ class LearnerRank(ServiceActor):
         """This actor's node IP and a port free on it (rank 0's becomes MASTER_ADDR/PORT)."""
         import ray
 
-        from services.learner.deepspeed_setup import free_port
-
         return ray.util.get_node_ip_address(), free_port("")
 
     def start(self, env: dict[str, str], model_dir: str, learner: LearnerConfig, kwargs: dict) -> int:
         os.environ.update(env)
-        from services.learner.policy_learner import PolicyLearner
-
         self.learner = PolicyLearner(model_dir, learner, **kwargs)
         self.metrics = self.learner.metrics
         return self.rank

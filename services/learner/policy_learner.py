@@ -31,7 +31,7 @@ import torch
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.errors import UserError
-from services.core.rl_math import TORCH_DTYPES
+from services.core.rl_math import TORCH_DTYPES, response_hidden_sum
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
 from services.core.learner_batches import LearnerBatch, PairBatch, tokens_rows, trim_tokens
@@ -168,8 +168,6 @@ class PolicyLearner:
     def response_hidden_sums(self, batch: TokenBatch) -> torch.Tensor:
         """[B, D]: per row, the sum of the last layer's hidden states that predict the response
         tokens (``rl_math.response_hidden_sum``), for CHES scores."""
-        from services.core.rl_math import response_hidden_sum
-
         def hidden_sums(micro: TokenBatch) -> torch.Tensor:
             out = self.engine(
                 input_ids=micro.input_ids.to(self.engine.device),

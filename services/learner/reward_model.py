@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 from services.core.config import FlywheelConfig, RewardConfig, ScorerConfig
+from services.core.config_loading import dump_config
+from services.core.data import write_jsonl
 from services.core.metrics import MetricsWriter
+from services.core.rl_math import bradley_terry_loss
+from services.driver.bootstrap import policy_dir as resolve_policy
+from services.learner.deepspeed_setup import full_state_dict, init_engine
+from services.reward.evaluation import run_evaluation
+from services.reward.preference_data import bootstrap_sample, label_noise_rate, preference_pairs
+from services.reward.scorers import encode_reward_inputs
 
 
 def reward_max_length(cfg: FlywheelConfig) -> int:
@@ -52,8 +60,6 @@ def load_reward_model(policy_dir: str, seed: int):
 
 def pair_scores(model, tokenizer, pairs: list[dict], max_length: int):
     """(chosen scores [B], rejected scores [B]) from one forward pass over both halves."""
-    from services.reward.scorers import encode_reward_inputs
-
     prompts = [p["prompt"] for p in pairs]
     enc = encode_reward_inputs(
         tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_length
@@ -70,10 +76,6 @@ def train_member(
     import math
 
     from tqdm import tqdm
-
-    from services.core.rl_math import bradley_terry_loss
-    from services.learner.deepspeed_setup import full_state_dict, init_engine
-    from services.reward.preference_data import bootstrap_sample
 
     seed = cfg.seed + index
     started = time.time()
@@ -125,13 +127,6 @@ def ensemble_reward_config(cfg: FlywheelConfig, members: list[dict]) -> RewardCo
 
 def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """Make or load the pairs, train K members, evaluate them; returns summary.json's content."""
-    import yaml
-
-    from services.core.data import write_jsonl
-    from services.driver.train import policy_dir as resolve_policy
-    from services.reward.evaluation import run_evaluation
-    from services.reward.preference_data import label_noise_rate, preference_pairs
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -162,7 +157,7 @@ def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     })
     (out / "ensemble.yaml").write_text(
         "# written by `flywheel train-rm`: the trained ensemble, its held-out pairs and the policy\n"
-        + yaml.safe_dump(eval_cfg.model_dump(mode="json"), sort_keys=False)
+        + dump_config(eval_cfg)
     )
     summary = {
         "train_pairs": len(train), "heldout_pairs": len(heldout),

@@ -5,61 +5,22 @@ uncertainty-weighted (uwo: mean - lambda * std), per ``reward.aggregate``.
 - :class:`ScorerActor`: the thin Ray actor around one member, with Prometheus metrics;
 - :class:`RewardService`: one actor per member per replica (``reward.replicas`` copies of
   the ensemble, requests round-robin over them); members score in parallel.
+
+The aggregation itself (EnsembleScores, aggregate_scores) is services/reward/aggregate.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from services.core.actor_group import ActorGroup, ServiceActor
 from services.core.config import RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
 from services.core.errors import UserError
+from services.reward.aggregate import EnsembleScores, aggregate_scores
 from services.reward.scorers import (
     Columns, Scorer, ScorerOutputError, build_scorer, resolve_scorer_config, scorer_env, scorer_error, scorer_name,
 )
-
-
-@dataclass
-class EnsembleScores:
-    """Aggregated scores [N] plus what metrics need: member scores [K][N] and their std [N]."""
-
-    scores: list[float]
-    member_scores: list[list[float]]
-    member_std: list[float]
-    member_names: list[str]
-
-    def summary(self) -> dict[str, float]:
-        """Batch means for metrics.jsonl (``reward/`` group)."""
-        n = max(len(self.scores), 1)
-        out = {
-            "reward/mean": sum(self.scores) / n,
-            "reward/member_std": sum(self.member_std) / n,
-        }
-        for name, member in zip(self.member_names, self.member_scores):
-            out[f"reward/member/{name}"] = sum(member) / n
-        return out
-
-
-def aggregate_scores(
-    member_scores: Sequence[Sequence[float]], member_names: Sequence[str], mode: str, uwo_lambda: float
-) -> EnsembleScores:
-    """Combine member scores [K][N] with ``rl_math.aggregate_ensemble`` (float64)."""
-    import torch
-
-    from services.core.rl_math import aggregate_ensemble
-
-    member_scores = [list(map(float, m)) for m in member_scores]
-    if len(member_scores) != len(member_names) or not member_scores:
-        raise ValueError(f"{len(member_scores)} member score lists for {len(member_names)} names")
-    n = len(member_scores[0])
-    if any(len(m) != n for m in member_scores):
-        raise ValueError(f"members returned different lengths: {[len(m) for m in member_scores]}")
-    if n == 0:
-        return EnsembleScores([], [[] for _ in member_scores], [], list(member_names))
-    scores, std = aggregate_ensemble(torch.tensor(member_scores, dtype=torch.float64), mode, uwo_lambda)
-    return EnsembleScores(scores.tolist(), member_scores, std.tolist(), list(member_names))
 
 
 class RewardEnsemble:
@@ -175,7 +136,4 @@ class RewardService(ActorGroup):
         self.replicas = []
 
 
-__all__ = [
-    "EnsembleScores", "aggregate_scores", "RewardEnsemble", "ScorerActor", "RewardService",
-    "PendingScores",
-]
+__all__ = ["RewardEnsemble", "ScorerActor", "RewardService", "PendingScores"]

@@ -12,119 +12,32 @@ For every member and for the ensemble (aggregated mean, wco and uwo):
   order the same way, the mean Pearson correlation between members' scores, and the mean
   std across members of their centred scores.
 
-The statistics are pure functions of lists of floats, unit-tested against hand computations.
+The statistics are pure functions of lists of floats (services/reward/stats.py), unit-tested
+against hand computations.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import statistics
-from collections.abc import Hashable, Sequence
 from pathlib import Path
-from statistics import fmean
 
+from services.core import toy_world
 from services.core.config import FlywheelConfig
+from services.core.errors import UserError
+from services.core.toy_eval import generate, load_sampling_policy
+from services.reward.aggregate import aggregate_scores
+from services.reward.ensemble import RewardEnsemble
+from services.reward.preference_data import HELDOUT_SEED_OFFSET, toy_preference_pairs, user_preference_pairs
+from services.reward.stats import (
+    centered_member_std, gold_order_accuracy, mean_pairwise_correlation, order_disagreement, pairwise_accuracy,
+    variance_summary,
+)
 
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 EVAL_SAMPLING_SEED = 4242
-
-
-def pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
-    """Share of pairs scored chosen > rejected; an exact tie counts one half."""
-    if not chosen:
-        return float("nan")
-    return fmean(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
-
-
-def gold_order_accuracy(
-    chosen: list[float], rejected: list[float], gold_chosen: list[float], gold_rejected: list[float]
-) -> float:
-    """Share of pairs whose scores order the two responses as the gold reward does (the
-    noiseless ordering, whatever the label says); a score tie counts one half."""
-    flipped = [(r, c) if gc < gr else (c, r) for c, r, gc, gr in zip(chosen, rejected, gold_chosen, gold_rejected)]
-    return pairwise_accuracy([a for a, _ in flipped], [b for _, b in flipped])
-
-
-def order_disagreement(member_chosen: list[list[float]], member_rejected: list[list[float]]) -> float:
-    """Share of pairs on which the members do not all prefer the same response."""
-    n = len(member_chosen[0])
-    if n == 0:
-        return float("nan")
-    votes = [{c[i] > r[i] for c, r in zip(member_chosen, member_rejected)} for i in range(n)]
-    return fmean(1.0 if len(v) > 1 else 0.0 for v in votes)
-
-
-def pearson(x: list[float], y: list[float]) -> float:
-    mx, my = fmean(x), fmean(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
-def mean_pairwise_correlation(member_scores: list[list[float]]) -> float | None:
-    """Mean Pearson correlation over all member pairs; None with a single member."""
-    k = len(member_scores)
-    if k < 2:
-        return None
-    return fmean(pearson(member_scores[i], member_scores[j]) for i in range(k) for j in range(i + 1, k))
-
-
-def centered_member_std(member_scores: list[list[float]]) -> float:
-    """Mean over responses of the (K-1) std across members, each member's scores first
-    shifted to mean 0 (a Bradley-Terry reward's offset is arbitrary)."""
-    if len(member_scores) < 2:
-        return 0.0
-    centred = [[s - fmean(member) for s in member] for member in member_scores]
-    return fmean(statistics.stdev(column) for column in zip(*centred))
-
-
-def variance_by_prompt(prompt_ids: Sequence[Hashable], scores: Sequence[float]) -> dict:
-    """Unbiased variance of the scores of each prompt's samples, for prompts with >= 2
-    samples (in the order the prompts first appear)."""
-    groups: dict = {}
-    for pid, score in zip(prompt_ids, scores):
-        groups.setdefault(pid, []).append(float(score))
-    return {pid: statistics.variance(values) for pid, values in groups.items() if len(values) >= 2}
-
-
-def per_prompt_variance(scores: list[float], n: int) -> list[float]:
-    """Unbiased variance of each consecutive group of n scores (n responses of one prompt)."""
-    if n < 2 or len(scores) % n:
-        raise ValueError(f"{len(scores)} scores do not split into groups of n = {n} >= 2")
-    return list(variance_by_prompt([i // n for i in range(len(scores))], scores).values())
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default method)."""
-    import numpy as np
-
-    return float(np.quantile(values, q))
-
-
-def summarize_variances(variances: list[float], threshold: float) -> dict[str, float]:
-    """Mean, quantiles and the share below ``threshold`` of per-prompt reward variances."""
-    return {
-        "mean": fmean(variances),
-        **{f"p{round(q * 100)}": quantile(variances, q) for q in QUANTILES},
-        "fraction_below_threshold": fmean(1.0 if v < threshold else 0.0 for v in variances),
-    }
-
-
-def variance_summary(scores: list[float], n: int, threshold: float) -> dict[str, float]:
-    """Razin et al.'s reward variance per prompt, summarised; ``scores`` are n per prompt."""
-    variances = per_prompt_variance(scores, n)
-    total = statistics.variance(scores)
-    return {
-        **summarize_variances(variances, threshold),
-        "within_prompt_share": fmean(variances) / total if total > 0 else float("nan"),
-    }
 
 
 def policy_samples(policy_dir: str, prompts: list[str], n: int, max_tokens: int, seed: int) -> list[str]:
     """n responses per prompt (consecutive), sampled at T = 1 with transformers."""
-    from services.learner.toy_eval import generate, load_sampling_policy
-
     model, tokenizer = load_sampling_policy(str(policy_dir))
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -142,8 +55,6 @@ def _scorer_rows(ensemble_scores, aggregates: dict[str, list[float]]):
 
 
 def _all_aggregates(ensemble_scores, uwo_lambda: float) -> dict[str, list[float]]:
-    from services.reward.ensemble import aggregate_scores
-
     return {
         mode: aggregate_scores(ensemble_scores.member_scores, ensemble_scores.member_names, mode, uwo_lambda).scores
         for mode in ("mean", "wco", "uwo")
@@ -180,8 +91,6 @@ def evaluate_pairs(ensemble, pairs: list[dict], uwo_lambda: float) -> dict:
 
 def evaluate_variance(ensemble, cfg: FlywheelConfig, prompts: list[str], with_gold: bool) -> dict:
     """Reward variance of every member and aggregate under the policy at ``model.path``."""
-    from services.core import toy_world
-
     n = cfg.reward.variance.samples
     completions = policy_samples(cfg.model.path, prompts, n, cfg.data.max_response_tokens, EVAL_SAMPLING_SEED)
     repeated = [p for p in prompts for _ in range(n)]
@@ -243,8 +152,6 @@ def _fmt(value) -> str:
 def run_evaluation(cfg: FlywheelConfig, pairs: list[dict], out_dir: str | Path) -> dict:
     """Evaluate ``cfg.reward`` on ``pairs`` (and under the policy ``model.path`` when set);
     prints the table and writes DIR/eval.json."""
-    from services.reward.ensemble import RewardEnsemble
-
     ensemble = RewardEnsemble(cfg.reward)
     report: dict = {"members": ensemble.member_names, "aggregate": cfg.reward.aggregate}
     report["pairs"] = evaluate_pairs(ensemble, pairs, cfg.reward.uwo_lambda)
@@ -264,9 +171,6 @@ def run_evaluation(cfg: FlywheelConfig, pairs: list[dict], out_dir: str | Path) 
 def run_eval_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """`flywheel eval-rm`: the pairs come from ``data.source`` (all rows), or, on the toy
     world, are sampled afresh from the policy at ``model.path``."""
-    from services.core.errors import UserError
-    from services.reward.preference_data import HELDOUT_SEED_OFFSET, toy_preference_pairs, user_preference_pairs
-
     if cfg.data.source == "toy":
         if not cfg.model.path:
             raise UserError("model.path: toy pairs are sampled from a policy; point model.path at one")
@@ -276,9 +180,4 @@ def run_eval_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     return run_evaluation(cfg, pairs, out_dir)
 
 
-__all__ = [
-    "pairwise_accuracy", "gold_order_accuracy", "order_disagreement", "mean_pairwise_correlation",
-    "centered_member_std", "variance_by_prompt", "per_prompt_variance", "summarize_variances", "variance_summary",
-    "quantile", "evaluate_pairs",
-    "evaluate_variance", "run_evaluation", "run_eval_rm",
-]
+__all__ = ["evaluate_pairs", "evaluate_variance", "run_evaluation", "run_eval_rm"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from services.reward.ensemble import EnsembleScores
+from services.reward.aggregate import EnsembleScores
 from services.rpc.generated.flywheel.reward.v1 import reward_pb2, reward_pb2_grpc
 from services.rpc.struct_columns import columns_to_structs
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from services.core import toy_world
 from services.core.config import FlywheelConfig
+from services.core.data import load_rows
+from services.core.toy_eval import generate, load_sampling_policy
 
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out toy prompts and labels are drawn apart from training
 
@@ -54,8 +56,6 @@ def label_pairs(
 def toy_preference_pairs(policy_dir: str, n_pairs: int, cfg: FlywheelConfig, seed: int) -> list[dict[str, Any]]:
     """``n_pairs`` labelled pairs of responses sampled (T = 1) from the SFT policy at
     ``policy_dir`` on the toy world's list prompts."""
-    from services.learner.toy_eval import generate, load_sampling_policy
-
     model, tokenizer = load_sampling_policy(str(policy_dir))
     task = toy_world.TASKS["preference"]
     pairs: list[dict[str, Any]] = []
@@ -88,8 +88,6 @@ def pair_problem(prompt_key: str, chosen_key: str, rejected_key: str):
 
 
 def user_preference_pairs(cfg: FlywheelConfig) -> list[dict[str, Any]]:
-    from services.core.data import load_rows
-
     data = cfg.data
     keys = [data.prompt_key, data.chosen_key, data.rejected_key]
     rows = load_rows(

@@ -32,6 +32,7 @@ from typing import Any
 
 from services.core.config import ScorerConfig
 from services.core.errors import UserError
+from services.core.toy_world import gold_reward
 
 Columns = dict[str, Sequence[Any]]
 
@@ -104,8 +105,6 @@ class ToyGoldScorer(Scorer):
     kind = "toy_gold"
 
     def compute(self, prompts, completions, columns):
-        from services.core.toy_world import gold_reward
-
         return gold_reward(prompts, completions)
 
 
@@ -123,8 +122,6 @@ class ToyNoisyGoldScorer(Scorer):
         self.noise_std, self.seed = noise_std, seed
 
     def compute(self, prompts, completions, columns):
-        from services.core.toy_world import gold_reward
-
         gold = gold_reward(prompts, completions)
         return [g + sample_noise(self.seed, p, c, self.noise_std) for g, p, c in zip(gold, prompts, completions)]
 

@@ -23,6 +23,7 @@ from services.core.actor_group import START_TIMEOUT_S, ActorGroup, actor_lost_er
 from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
 from services.core.errors import ServiceLost, ServiceTimeout
+from services.rollout.nccl_client import PoolWeightSyncClient
 from services.rollout.weight_sync import WeightSyncTimeout, encode_weights
 from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
@@ -158,8 +159,6 @@ class RolloutPool(ActorGroup):
 
     def nccl_client(self):
         """The control-plane client the learner's NCCL publisher drives (GPU path, unverified)."""
-        from services.rollout.nccl_client import PoolWeightSyncClient
-
         return PoolWeightSyncClient(self.actors, self.names, self.cfg.rollout.sync_timeout_s)
 
     def versions(self) -> list[int]:

@@ -15,6 +15,8 @@ from services.core.actor_group import ServiceActor
 from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
 from services.core.service_metrics import ServiceMetrics
+from services.learner.deepspeed_setup import cuda_available
+from services.rollout.vllm_engine import start_llm
 from services.rollout.weight_sync import WeightTransport, make_transport
 
 
@@ -50,9 +52,6 @@ class RolloutWorker:
     """Hosts one ``vllm.LLM``; ``version`` is the policy version of the weights it holds."""
 
     def __init__(self, model_dir: str, cfg: FlywheelConfig, index: int = 0, transport: WeightTransport | None = None):
-        from services.learner.deepspeed_setup import cuda_available
-        from services.rollout.vllm_engine import start_llm
-
         self.index = index
         self.name = f"rollout-{index}"
         self.transport = transport or make_transport(cuda_available())

@@ -36,7 +36,7 @@ def main() -> int:
 
     from services.core.config_loading import load_config
     from services.driver.train import run_train
-    from services.learner.toy_eval import evaluate_toy
+    from services.core.toy_eval import evaluate_toy
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ import pytest
 from services.core import toy_world
 from services.core.config_loading import load_config
 from services.core.metrics import read_metrics
-from services.learner.toy_eval import EVAL_SEED_OFFSET
+from services.core.toy_eval import EVAL_SEED_OFFSET
 
 pytestmark = pytest.mark.slow
 

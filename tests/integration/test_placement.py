@@ -7,7 +7,7 @@ import pytest
 
 from services.core.config import FlywheelConfig, Resources
 from services.core.errors import UserError
-from services.driver.placement import MIN_BUNDLE_CPU, bundle, reserve, service_plan
+from services.core.placement import MIN_BUNDLE_CPU, bundle, reserve, service_plan
 
 pytestmark = pytest.mark.slow
 

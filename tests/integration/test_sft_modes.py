@@ -11,7 +11,7 @@ import yaml
 from services.core.config import ToyModelConfig
 from services.core.metrics import read_metrics
 from services.core.tiny_model import build_toy_llama
-from services.learner.sft import IGNORE, encode_example
+from services.learner.sft_data import IGNORE, encode_example
 from tests.conftest import run_flywheel, save_tiny_llama
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from services.core.cluster_check import (
 from services.core.config import Resources
 from services.core.config_loading import load_config
 from services.core.errors import UserError
-from services.driver.placement import bundle
+from services.core.placement import bundle
 from tests.conftest import REPO, run_flywheel
 
 CLUSTER = REPO / "cluster"

@@ -203,7 +203,7 @@ def test_rl_prompt_longer_than_max_prompt_tokens_is_an_error(good_run, tiny_mode
 def test_sft_truncates_long_rows_and_says_so(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from services.learner.sft import IGNORE, encode_example, truncation_warning
+    from services.learner.sft_data import IGNORE, encode_example, truncation_warning
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     counts = {"prompt": 0, "response": 0}

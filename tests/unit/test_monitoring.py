@@ -154,14 +154,14 @@ def test_init_ray_passes_the_ray_metrics_port(monkeypatch):
     import ray
 
     from services.core.config import FlywheelConfig
-    from services.driver import train
+    from services.core import ray_session
 
     calls = []
-    monkeypatch.setattr(train.os, "environ", dict(train.os.environ))  # init_ray sets engine env vars
+    monkeypatch.setattr(ray_session.os, "environ", dict(ray_session.os.environ))  # init_ray sets engine env vars
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    train.init_ray(FlywheelConfig.model_validate({"metrics": {"ray_metrics_port": 8080}}))
-    train.init_ray(FlywheelConfig())
+    ray_session.init_ray(FlywheelConfig.model_validate({"metrics": {"ray_metrics_port": 8080}}))
+    ray_session.init_ray(FlywheelConfig())
     assert [c["_metrics_export_port"] for c in calls] == [8080, None]
 
 

@@ -10,7 +10,7 @@ from services.driver.prompt_selection import (
     draw_without_replacement,
     selection_probabilities,
 )
-from services.reward.evaluation import variance_by_prompt
+from services.reward.stats import variance_by_prompt
 
 
 def test_probabilities_by_hand():

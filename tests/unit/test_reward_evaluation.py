@@ -1,10 +1,10 @@
-"""Reward-model evaluation statistics, checked against numbers worked out by hand."""
+"""Reward-model score statistics (services.reward.stats), checked against numbers worked out by hand."""
 
 import math
 
 import pytest
 
-from services.reward.evaluation import (
+from services.reward.stats import (
     centered_member_std,
     gold_order_accuracy,
     mean_pairwise_correlation,

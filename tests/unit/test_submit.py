@@ -12,7 +12,7 @@ import pytest
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
 from services.driver import submit
-from services.driver.train import QUIET_ENGINES, RAY_JOB_ENV, driver_env_vars, ray_address
+from services.core.ray_session import QUIET_ENGINES, RAY_JOB_ENV, driver_env_vars, ray_address
 
 
 def job_env(env_vars: dict | None = None) -> dict:

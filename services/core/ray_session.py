@@ -1,0 +1,50 @@
+"""Ray for a run's driver process: where to find the cluster and ``ray.init`` with the engines'
+environment (`flywheel train`, and the job `flywheel submit` starts, which runs `flywheel train`)."""
+
+from __future__ import annotations
+
+import os
+
+from services.core.config import FlywheelConfig
+
+QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# set by Ray's job supervisor for a job's entrypoint (with RAY_ADDRESS = the cluster's GCS)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_address(cfg: FlywheelConfig, environ=os.environ) -> str | None:
+    """cluster.address when set; "auto" inside a Ray job (join the job's cluster); else None
+    (start local Ray)."""
+    if cfg.cluster.address:
+        return cfg.cluster.address
+    return "auto" if environ.get(RAY_JOB_ENV) else None
+
+
+def driver_env_vars(environ=os.environ) -> dict[str, str]:
+    """QUIET_ENGINES for the actors, minus those the job's runtime env already sets: Ray
+    refuses a ray.init runtime_env whose env_vars repeat a key of the job's."""
+    import json
+
+    try:
+        job_env = json.loads(environ.get(RAY_JOB_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        job_env = {}
+    taken = set(job_env.get("env_vars") or {})
+    return {k: environ.get(k, v) for k, v in QUIET_ENGINES.items() if k not in taken}
+
+
+def init_ray(cfg: FlywheelConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update({k: os.environ.get(k, v) for k, v in QUIET_ENGINES.items()})
+    ray.init(
+        address=ray_address(cfg),
+        namespace=cfg.cluster.namespace,
+        include_dashboard=False,
+        runtime_env={"env_vars": driver_env_vars()},
+        _metrics_export_port=cfg.metrics.ray_metrics_port,  # used only when this starts local Ray
+    )

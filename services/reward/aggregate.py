@@ -1,0 +1,54 @@
+"""Combining the scores of a reward ensemble's members: :class:`EnsembleScores` (aggregate,
+member scores, their spread) and :func:`aggregate_scores` (mean, wco or uwo, per
+``reward.aggregate``). No scorers and no Ray here: the in-process ensemble, the Ray reward
+service, the gRPC client's answers and the reward-model evaluation all share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class EnsembleScores:
+    """Aggregated scores [N] plus what metrics need: member scores [K][N] and their std [N]."""
+
+    scores: list[float]
+    member_scores: list[list[float]]
+    member_std: list[float]
+    member_names: list[str]
+
+    def summary(self) -> dict[str, float]:
+        """Batch means for metrics.jsonl (``reward/`` group)."""
+        n = max(len(self.scores), 1)
+        out = {
+            "reward/mean": sum(self.scores) / n,
+            "reward/member_std": sum(self.member_std) / n,
+        }
+        for name, member in zip(self.member_names, self.member_scores):
+            out[f"reward/member/{name}"] = sum(member) / n
+        return out
+
+
+def aggregate_scores(
+    member_scores: Sequence[Sequence[float]], member_names: Sequence[str], mode: str, uwo_lambda: float
+) -> EnsembleScores:
+    """Combine member scores [K][N] with ``rl_math.aggregate_ensemble`` (float64)."""
+    import torch
+
+    from services.core.rl_math import aggregate_ensemble
+
+    member_scores = [list(map(float, m)) for m in member_scores]
+    if len(member_scores) != len(member_names) or not member_scores:
+        raise ValueError(f"{len(member_scores)} member score lists for {len(member_names)} names")
+    n = len(member_scores[0])
+    if any(len(m) != n for m in member_scores):
+        raise ValueError(f"members returned different lengths: {[len(m) for m in member_scores]}")
+    if n == 0:
+        return EnsembleScores([], [[] for _ in member_scores], [], list(member_names))
+    scores, std = aggregate_ensemble(torch.tensor(member_scores, dtype=torch.float64), mode, uwo_lambda)
+    return EnsembleScores(scores.tolist(), member_scores, std.tolist(), list(member_names))
+
+
+__all__ = ["EnsembleScores", "aggregate_scores"]

@@ -1,0 +1,241 @@
+"""Imports inside ``services/`` point one way: down the layers below, never up, never in a cycle.
+
+Every ``services/**/*.py`` (but the generated gRPC code) is parsed with ``ast``; its imports of
+``services.*`` are collected, at module level and inside functions alike (a function-level
+import is still a dependency): ``import a.b``, ``from a import b`` (``b`` a submodule of ``a``:
+an import of ``a.b``) and relative imports. Imports by name at run time (``importlib``: the
+CLI's stage table, the registries' ``package="services.algorithms"``) are not imports here.
+
+A module may import only from its own layer or a layer below it. LAYER_OF maps a module path
+prefix (whole dotted components; the longest matching prefix wins) to its layer; the entries
+in PACKAGE_ONLY name a package's own ``__init__`` only, so that each module of ``services.core``
+is placed on its own (a new one there fails ``test_every_module_has_a_layer`` until it is).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "services"
+SKIPPED = ("services.rpc.generated",)  # protoc output; imported, never importing services
+
+LAYERS = ("cli", "stages", "driver", "services", "runtime", "base")  # top to bottom
+
+LAYER_OF: dict[str, str] = {
+    "services.cli": "cli",
+    # one module per `flywheel` subcommand (validate is the CLI itself over core)
+    "services.demo": "stages",  # demo
+    "services.driver.overopt_study": "stages",  # study
+    "services.driver.submit": "stages",  # submit
+    "services.driver.train": "stages",  # train
+    "services.learner.export": "stages",  # export
+    "services.learner.reward_model": "stages",  # train-rm
+    "services.learner.sft": "stages",  # sft
+    "services.reward.evaluation": "stages",  # eval-rm (its statistics are services.reward.stats)
+    # the RL loop and what it is made of
+    "services.driver": "driver",
+    "services.algorithms": "driver",
+    # the services the driver builds, and their wire formats
+    "services.learner": "services",
+    "services.reference": "services",
+    "services.reward": "services",
+    "services.rollout": "services",
+    "services.rpc": "services",
+    # Ray and process plumbing, metrics
+    "services.core.actor_group": "runtime",
+    "services.core.cluster_check": "runtime",
+    "services.core.metrics": "runtime",
+    "services.core.placement": "runtime",  # the run's Ray placement group (driver and cluster_check)
+    "services.core.ray_session": "runtime",  # ray.init for a run, the job's Ray address
+    "services.core.service_metrics": "runtime",
+    # types, math, config, data: importing nothing above them
+    "services": "base",  # the empty package __init__
+    "services.core": "base",  # the empty package __init__
+    "services.core.batch_types": "base",
+    "services.core.config": "base",
+    "services.core.config_loading": "base",
+    "services.core.data": "base",
+    "services.core.errors": "base",
+    "services.core.estimators": "base",
+    "services.core.learner_batches": "base",
+    "services.core.registry": "base",
+    "services.core.rl_math": "base",
+    "services.core.tiny_model": "base",
+    "services.core.toy_eval": "base",  # sampling and scoring a saved policy on the toy world (transformers on call)
+    "services.core.toy_world": "base",
+    "services.presets": "base",
+}
+PACKAGE_ONLY = {"services", "services.core"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    """Every module of ``services`` by dotted name (package __init__ as the package)."""
+    found = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    return {name: p for name, p in found.items() if not in_package(name, SKIPPED)}
+
+
+def in_package(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def layer_of(name: str) -> str | None:
+    """The layer of the longest LAYER_OF prefix of ``name`` (None: no prefix matches)."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in LAYER_OF and (prefix == name or prefix not in PACKAGE_ONLY):
+            return LAYER_OF[prefix]
+    return None
+
+
+def imported_modules(path: Path, name: str, known: set[str]) -> list[tuple[str, int]]:
+    """(imported services module, line) for every import of ``services.*`` in ``path``."""
+    is_package = path.name == "__init__.py"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package upwards
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                package = package[: len(package) - node.level + 1]
+                base = ".".join(package + ([base] if base else []))
+            for alias in node.names:  # `from a import b`: a.b when that is a module, else a
+                sub = f"{base}.{alias.name}"
+                target = sub if sub in known or in_package(sub, SKIPPED) else base
+                found.append((target, node.lineno))
+    return [(target, line) for target, line in found if in_package(target, ("services",))]
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """module -> {imported module: first line importing it}, services modules only."""
+    mods = modules()
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in mods.items():
+        edges: dict[str, int] = {}
+        for target, line in imported_modules(path, name, set(mods)):
+            if target != name:
+                edges.setdefault(target, line)
+        graph[name] = edges
+    return graph
+
+
+def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle (as [a, b, ..., a]) per strongly connected component with more than one
+    module (Tarjan), among the modules in ``graph``."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [cycle_through(graph, sorted(c)) for c in components]
+
+
+def cycle_through(graph: dict[str, dict[str, int]], component: list[str]) -> list[str]:
+    """A shortest cycle from the component's first module back to it (breadth first)."""
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for v in frontier:
+            for w in sorted(graph[v]):
+                if w == start:
+                    return paths[v] + [start]
+                if w in members and w not in paths:
+                    paths[w] = paths[v] + [w]
+                    following.append(w)
+        frontier = following
+    raise AssertionError(f"no cycle through {start} in {component}")
+
+
+def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+    found = []
+    for name, edges in sorted(graph.items()):
+        here = layer_of(name)
+        for target, line in sorted(edges.items()):
+            there = layer_of(target)
+            if here is not None and there is not None and rank[there] < rank[here]:
+                found.append(f"{name} -> {target} (layer {here} -> layer {there}, line {line})")
+    return found
+
+
+def test_the_layer_table_names_known_layers():
+    assert set(LAYER_OF.values()) <= set(LAYERS), set(LAYER_OF.values()) - set(LAYERS)
+
+
+def test_every_module_has_a_layer():
+    graph = import_graph()
+    missing = sorted(name for name in graph if layer_of(name) is None)
+    missing += sorted({t for edges in graph.values() for t in edges if layer_of(t) is None} - set(missing))
+    assert not missing, (
+        "modules with no layer: add them to LAYER_OF in tests/unit/test_layers.py:\n  " + "\n  ".join(missing)
+    )
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles among services modules:\n  " + "\n  ".join(str(c) for c in cycles)
+
+
+def test_no_import_from_a_higher_layer():
+    upward = upward_imports(import_graph())
+    assert not upward, (
+        f"imports from a higher layer (layers, top to bottom: {', '.join(LAYERS)}):\n  " + "\n  ".join(upward)
+    )
+
+
+def test_the_checks_see_what_they_should(tmp_path):
+    """The parser resolves submodules, relative and function-level imports; the checks report
+    a planted cycle and an upward import."""
+    pkg = tmp_path / "services"
+    (pkg / "core").mkdir(parents=True)
+    for name in ("__init__.py", "core/__init__.py"):
+        (pkg / name).write_text("")
+    (pkg / "core" / "config.py").write_text("def f():\n    from services.core import errors\n")
+    (pkg / "core" / "errors.py").write_text("from . import config\nimport services.cli\n")
+    known = {"services.core.config", "services.core.errors", "services.cli"}
+    config = imported_modules(pkg / "core" / "config.py", "services.core.config", known)
+    errors = imported_modules(pkg / "core" / "errors.py", "services.core.errors", known)
+    assert config == [("services.core.errors", 2)]
+    assert errors == [("services.core.config", 1), ("services.cli", 2)]
+    graph = {"services.core.config": dict(config), "services.core.errors": dict(errors), "services.cli": {}}
+    assert find_cycles(graph) == [["services.core.config", "services.core.errors", "services.core.config"]]
+    assert upward_imports(graph) == ["services.core.errors -> services.cli (layer base -> layer cli, line 2)"]
+    assert layer_of("services.core.new_module") is None and layer_of("services.core") == "base"
