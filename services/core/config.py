@@ -159,7 +159,10 @@ class RolloutConfig(Section):
         return 1e-3 if dtype == "fp32" else 1.0
 
 
-SCORER_FIELDS = {  # what each scorer kind reads; setting another field is an error
+# what each scorer kind reads; setting another field is an error. The kinds themselves are
+# services.reward.scorers.SCORER_KINDS (a layer above this one); a unit test keeps the kinds
+# here, in ScorerConfig.kind and there the same
+SCORER_FIELDS = {
     "toy_gold": {"kind", "name"},
     "toy_noisy_gold": {"kind", "name", "noise_std", "seed"},
     "python": {"kind", "name", "path"},
@@ -202,13 +205,15 @@ class ScorerConfig(Section):
 
     @model_validator(mode="after")
     def _required_fields(self) -> "ScorerConfig":
-        check_used(self, self.kind, SCORER_FIELDS[self.kind], _users(SCORER_FIELDS))
-        if self.kind in ("hf", "python") and not self.path:
+        used = SCORER_FIELDS[self.kind]
+        check_used(self, self.kind, used, _users(SCORER_FIELDS))
+        # path and address have no default: a kind that reads one needs it
+        if "path" in used and not self.path:
             raise ValueError(f"kind '{self.kind}' needs path")
-        if self.kind == "remote":
+        if "address" in used:
             host, _, port = (self.address or "").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"kind 'remote' needs address as host:port (got {self.address!r})")
+                raise ValueError(f"kind '{self.kind}' needs address as host:port (got {self.address!r})")
         return self
 
 

@@ -46,11 +46,15 @@ class Registry(Generic[T]):
         self._discover()
         return sorted(self._entries)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, setting: str | None = None) -> T:
+        """``setting``: the field to name in the error when it is more precise than the
+        registry's own (``reward.scorers.2.kind`` rather than ``reward.scorers[].kind``)."""
         if name not in self._entries:
             self._discover()
         if name not in self._entries:
-            raise UserError(f"{self.setting}: unknown {self.what} '{name}'; registered: {', '.join(self.names())}")
+            raise UserError(
+                f"{setting or self.setting}: unknown {self.what} '{name}'; registered: {', '.join(self.names())}"
+            )
         return self._entries[name]
 
     def __contains__(self, name: str) -> bool:

@@ -102,7 +102,7 @@ class RewardService(ActorGroup):
         self._next = 0
         # actor r * k + i: member i of replica r; a scorer's env (a remote scorer's bearer
         # token) goes in its runtime_env: actors don't see our env
-        envs = [scorer_env(s) for s in resolved]
+        envs = [scorer_env(s, i) for i, s in enumerate(resolved)]
         self.spawn(
             ScorerActor, [f"reward-{r}/{name}" for r in range(cfg.replicas) for name in self.member_names],
             [(s, i, r) for r in range(cfg.replicas) for i, s in enumerate(resolved)],

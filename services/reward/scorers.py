@@ -15,6 +15,13 @@ Kinds (``ScorerConfig.kind``):
 
 Every score is validated (length N, finite) by :meth:`Scorer.score`; a bad output raises
 :class:`ScorerOutputError` naming the scorer and the first bad index.
+
+Each kind is a :class:`Scorer` subclass registered by name in :data:`SCORER_KINDS`
+(``@SCORER_KINDS.register("kind")``); :func:`build_scorer` looks ``ScorerConfig.kind`` up
+there, and the class says how to check its config (``resolve``), build itself
+(``from_config``) and what its actor needs from this process's environment (``actor_env``).
+The settings each kind reads are declared in ``services.core.config.SCORER_FIELDS`` (the
+config layer does not import this one); a unit test keeps the two lists of kinds equal.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 from services.core.config import ScorerConfig
 from services.core.errors import UserError
+from services.core.registry import Registry
 from services.core.toy_world import gold_reward
 
 Columns = dict[str, Sequence[Any]]
@@ -74,12 +82,29 @@ def validate_scores(name: str, scores: Any, n: int) -> list[float]:
 
 
 class Scorer:
-    """Base class: subclasses implement ``compute``; ``score`` checks inputs and outputs."""
+    """Base class: subclasses implement ``compute``; ``score`` checks inputs and outputs.
 
-    kind = "base"
+    The class methods take the member's ``ScorerConfig`` and ``field`` (``reward.scorers.N``,
+    the prefix of every error about it)."""
 
     def __init__(self, name: str):
         self.name = name
+
+    @classmethod
+    def resolve(cls, cfg: ScorerConfig, field: str) -> ScorerConfig:
+        """``cfg`` checked cheaply (nothing heavy loaded, no server contacted), with absolute
+        paths, ready to ship to an actor in another process."""
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: ScorerConfig, name: str, field: str) -> "Scorer":
+        """The scorer named ``name`` for a resolved ``cfg``."""
+        return cls(name)
+
+    @classmethod
+    def actor_env(cls, cfg: ScorerConfig) -> dict[str, str]:
+        """Environment variables its actor needs from this process (Ray actors don't see ours)."""
+        return {}
 
     def compute(self, prompts: list[str], completions: list[str], columns: Columns) -> Any:
         raise NotImplementedError
@@ -101,8 +126,12 @@ class Scorer:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+# kind name -> Scorer subclass; every kind is in this module, so nothing to discover
+SCORER_KINDS: Registry[type[Scorer]] = Registry("reward scorer kind", "reward.scorers[].kind")
+
+
+@SCORER_KINDS.register("toy_gold")
 class ToyGoldScorer(Scorer):
-    kind = "toy_gold"
 
     def compute(self, prompts, completions, columns):
         return gold_reward(prompts, completions)
@@ -114,16 +143,31 @@ def sample_noise(seed: int, prompt: str, completion: str, std: float) -> float:
     return random.Random(int.from_bytes(digest[:8], "little")).gauss(0.0, std)
 
 
+@SCORER_KINDS.register("toy_noisy_gold")
 class ToyNoisyGoldScorer(Scorer):
-    kind = "toy_noisy_gold"
-
     def __init__(self, name: str, noise_std: float, seed: int):
         super().__init__(name)
         self.noise_std, self.seed = noise_std, seed
 
+    @classmethod
+    def from_config(cls, cfg, name, field):
+        return cls(name, cfg.noise_std, cfg.seed)
+
     def compute(self, prompts, completions, columns):
         gold = gold_reward(prompts, completions)
         return [g + sample_noise(self.seed, p, c, self.noise_std) for g, p, c in zip(gold, prompts, completions)]
+
+
+def names_a_file(where: str) -> bool:
+    """Whether the part of a python scorer's ``where:fn`` before the colon is a file path
+    (else a module name)."""
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def required_path(cfg: ScorerConfig, field: str) -> str:
+    if not cfg.path:
+        raise UserError(f"{field}.path: kind '{cfg.kind}' needs a path")
+    return cfg.path
 
 
 def load_python_function(spec: str, field: str) -> Callable[..., Any]:
@@ -131,7 +175,7 @@ def load_python_function(spec: str, field: str) -> Callable[..., Any]:
     where, sep, fn_name = spec.rpartition(":")
     if not sep or not where or not fn_name:
         raise UserError(f"{field}: expected 'path/to/file.py:function' or 'package.module:function', got '{spec}'")
-    if where.endswith(".py") or "/" in where or "\\" in where:
+    if names_a_file(where):
         file = Path(where).expanduser().resolve()
         if not file.is_file():
             raise UserError(f"{field}: no python file '{where}' (from '{spec}')")
@@ -160,12 +204,25 @@ def load_python_function(spec: str, field: str) -> Callable[..., Any]:
     return fn
 
 
+@SCORER_KINDS.register("python")
 class PythonScorer(Scorer):
-    kind = "python"
-
     def __init__(self, name: str, fn: Callable[..., Any]):
         super().__init__(name)
         self.fn = fn
+
+    @classmethod
+    def resolve(cls, cfg, field):
+        """The function must import; a file path becomes absolute."""
+        spec = required_path(cfg, field)
+        load_python_function(spec, f"{field}.path")
+        where, _, fn_name = spec.rpartition(":")
+        if names_a_file(where):
+            return cfg.model_copy(update={"path": f"{Path(where).expanduser().resolve()}:{fn_name}"})
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg, name, field):
+        return cls(name, load_python_function(cfg.path, f"{field}.path"))
 
     def compute(self, prompts, completions, columns):
         return self.fn(prompts, completions, **columns)
@@ -213,10 +270,9 @@ def encode_reward_inputs(tokenizer, prompts: Sequence[str], completions: Sequenc
         tokenizer.truncation_side = side
 
 
+@SCORER_KINDS.register("hf")
 class HFScorer(Scorer):
     """``AutoModelForSequenceClassification`` (num_labels=1) from a local directory, fp32 on CPU."""
-
-    kind = "hf"
 
     def __init__(self, name: str, path: str, field: str, batch_size: int = 32, max_length: int = 1024):
         import torch
@@ -241,6 +297,18 @@ class HFScorer(Scorer):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cpu").eval()
 
+    @classmethod
+    def resolve(cls, cfg, field):
+        """The model directory must exist (it is loaded only in ``from_config``); made absolute."""
+        path = Path(required_path(cfg, field)).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{field}.path: no model directory at '{cfg.path}'")
+        return cfg.model_copy(update={"path": str(path.resolve())})
+
+    @classmethod
+    def from_config(cls, cfg, name, field):
+        return cls(name, cfg.path, f"{field}.path", cfg.batch_size, cfg.max_length)
+
     def compute(self, prompts, completions, columns):
         import torch
 
@@ -254,14 +322,27 @@ class HFScorer(Scorer):
         return out
 
 
+def bearer_token(token_env: str | None, address: str, field: str) -> str | None:
+    """A remote scorer's token, ``os.environ[token_env]`` (None when ``token_env`` is None);
+    UserError when that variable is unset or empty."""
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise UserError(
+            f"{field}.token_env: the environment variable {token_env} (bearer token for the reward "
+            f"server at {address}) is not set or empty"
+        )
+    return token
+
+
+@SCORER_KINDS.register("remote")
 class RemoteScorer(Scorer):
     """A reward server's aggregate score, or one of its members' (``member``), over gRPC.
 
     The channel is opened here but nothing is sent until the first ``score``, so building one
     does not need the server up. The bearer token is read from ``os.environ[token_env]``.
     """
-
-    kind = "remote"
 
     def __init__(
         self, name: str, address: str, timeout_s: float, field: str, retries: int = 4, token_env: str | None = None,
@@ -271,17 +352,28 @@ class RemoteScorer(Scorer):
 
         super().__init__(name)
         self.address, self.member, self.field = address, member, field
-        token = None
-        if token_env:
-            token = os.environ.get(token_env)
-            if not token:
-                raise UserError(
-                    f"{field}.token_env: the environment variable {token_env} (bearer token for the reward "
-                    f"server at {address}) is not set or empty"
-                )
+        token = bearer_token(token_env, address, field)
         self.client = RewardClient(
             address, timeout_s, retries, token=token, max_message_mb=max_message_mb, token_env=token_env
         )
+
+    @classmethod
+    def resolve(cls, cfg, field):
+        """The token variable must be set; the server is not contacted."""
+        bearer_token(cfg.token_env, cfg.address, field)
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg, name, field):
+        return cls(
+            name, cfg.address, cfg.timeout_s, field, retries=cfg.retries, token_env=cfg.token_env,
+            member=cfg.member, max_message_mb=cfg.max_message_mb,
+        )
+
+    @classmethod
+    def actor_env(cls, cfg):
+        """The bearer token's variable, when set here."""
+        return {cfg.token_env: os.environ[cfg.token_env]} if cfg.token_env and os.environ.get(cfg.token_env) else {}
 
     def compute(self, prompts, completions, columns):
         result = self.client.score(prompts, completions, columns)
@@ -295,60 +387,33 @@ class RemoteScorer(Scorer):
         return result.member_scores[result.member_names.index(self.member)]
 
 
+def scorer_class(cfg: ScorerConfig, index: int) -> type[Scorer]:
+    """The registered class of ``reward.scorers[index]``'s kind; a UserError naming the field
+    and the registered kinds otherwise."""
+    return SCORER_KINDS.get(cfg.kind, f"reward.scorers.{index}.kind")
+
+
 def resolve_scorer_config(cfg: ScorerConfig, index: int) -> ScorerConfig:
     """Check a scorer config cheaply (paths exist, the function imports; a remote server is
     not contacted) and return a copy with absolute paths, ready to ship to an actor in
     another process."""
-    field = f"reward.scorers.{index}"
-    if cfg.kind in ("hf", "python") and not cfg.path:
-        raise UserError(f"{field}.path: kind '{cfg.kind}' needs a path")
-    if cfg.kind == "hf":
-        path = Path(cfg.path).expanduser()
-        if not path.is_dir():
-            raise UserError(f"{field}.path: no model directory at '{cfg.path}'")
-        return cfg.model_copy(update={"path": str(path.resolve())})
-    if cfg.kind == "python":
-        load_python_function(cfg.path, f"{field}.path")
-        where, _, fn_name = cfg.path.rpartition(":")
-        if where.endswith(".py") or "/" in where or "\\" in where:
-            return cfg.model_copy(update={"path": f"{Path(where).expanduser().resolve()}:{fn_name}"})
-    if cfg.kind == "remote" and cfg.token_env and not os.environ.get(cfg.token_env):
-        raise UserError(
-            f"{field}.token_env: the environment variable {cfg.token_env} (bearer token for the reward "
-            f"server at {cfg.address}) is not set or empty"
-        )
-    return cfg
+    return scorer_class(cfg, index).resolve(cfg, f"reward.scorers.{index}")
 
 
-def scorer_env(cfg: ScorerConfig) -> dict[str, str]:
+def scorer_env(cfg: ScorerConfig, index: int) -> dict[str, str]:
     """Environment variables a scorer's actor needs from this process (a remote scorer's token)."""
-    if cfg.kind == "remote" and cfg.token_env and os.environ.get(cfg.token_env):
-        return {cfg.token_env: os.environ[cfg.token_env]}
-    return {}
+    return scorer_class(cfg, index).actor_env(cfg)
 
 
 def build_scorer(cfg: ScorerConfig, index: int) -> Scorer:
     """The scorer for ``reward.scorers[index]``; UserError (naming the field) on bad input."""
     cfg = resolve_scorer_config(cfg, index)
-    name, field = scorer_name(cfg, index), f"reward.scorers.{index}"
-    if cfg.kind == "toy_gold":
-        return ToyGoldScorer(name)
-    if cfg.kind == "toy_noisy_gold":
-        return ToyNoisyGoldScorer(name, cfg.noise_std, cfg.seed)
-    if cfg.kind == "python":
-        return PythonScorer(name, load_python_function(cfg.path, f"{field}.path"))
-    if cfg.kind == "hf":
-        return HFScorer(name, cfg.path, f"{field}.path", cfg.batch_size, cfg.max_length)
-    if cfg.kind == "remote":
-        return RemoteScorer(
-            name, cfg.address, cfg.timeout_s, field, retries=cfg.retries, token_env=cfg.token_env,
-            member=cfg.member, max_message_mb=cfg.max_message_mb,
-        )
-    raise UserError(f"{field}.kind: unknown scorer kind '{cfg.kind}'")  # pragma: no cover
+    return scorer_class(cfg, index).from_config(cfg, scorer_name(cfg, index), f"reward.scorers.{index}")
 
 
 __all__ = [
-    "Scorer", "ScorerOutputError", "ScorerError", "scorer_error", "ToyGoldScorer", "ToyNoisyGoldScorer",
-    "PythonScorer", "HFScorer", "RemoteScorer", "build_scorer", "resolve_scorer_config", "load_python_function",
-    "validate_scores", "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs", "scorer_env",
+    "SCORER_KINDS", "Scorer", "ScorerOutputError", "ScorerError", "scorer_error", "ToyGoldScorer",
+    "ToyNoisyGoldScorer", "PythonScorer", "HFScorer", "RemoteScorer", "build_scorer", "scorer_class",
+    "resolve_scorer_config", "scorer_env", "load_python_function", "names_a_file", "required_path",
+    "bearer_token", "validate_scores", "scorer_name", "sample_noise", "reward_model_text", "encode_reward_inputs",
 ]

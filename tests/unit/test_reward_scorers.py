@@ -6,17 +6,18 @@ from __future__ import annotations
 import math
 import statistics
 import textwrap
+import typing
 
 import pytest
 from pydantic import ValidationError
 
 from services.core import toy_world as tw
-from services.core.config import RewardConfig, ScorerConfig
+from services.core.config import SCORER_FIELDS, RewardConfig, ScorerConfig
 from services.core.errors import UserError
 from services.reward.ensemble import RewardEnsemble
 from services.reward.scorers import (
-    HFScorer, PythonScorer, RemoteScorer, ScorerOutputError, build_scorer, resolve_scorer_config, reward_model_text,
-    validate_scores,
+    SCORER_KINDS, HFScorer, PythonScorer, RemoteScorer, ScorerOutputError, ToyGoldScorer, ToyNoisyGoldScorer,
+    build_scorer, resolve_scorer_config, reward_model_text, sample_noise, scorer_env, validate_scores,
 )
 
 PROMPTS = ["list 3 fruits:", "list 2 colors:", "12+7=", "list 4 tools:", "3-1="]
@@ -68,6 +69,73 @@ def fns_file(tmp_path):
 
 def python_cfg(fns_file, fn: str, name: str | None = None) -> ScorerConfig:
     return ScorerConfig(kind="python", path=f"{fns_file}:{fn}", name=name)
+
+
+# --- scorer kinds registry ---------------------------------------------------------------------
+
+
+def test_registered_kinds_are_the_configs_kinds():
+    """A kind added to SCORER_KINDS, SCORER_FIELDS or ScorerConfig.kind alone fails here."""
+    literal = set(typing.get_args(ScorerConfig.model_fields["kind"].annotation))
+    assert set(SCORER_KINDS.names()) == set(SCORER_FIELDS) == literal
+    assert literal == {"hf", "python", "remote", "toy_gold", "toy_noisy_gold"}
+    assert all({"kind", "name"} <= fields for fields in SCORER_FIELDS.values())
+
+
+def minimal_config(kind: str, tmp_path) -> ScorerConfig:
+    """The smallest valid config of each registered kind (files it needs written to tmp_path)."""
+    if kind == "python":
+        (tmp_path / "lengths.py").write_text("def length(prompts, completions):\n    return [len(c) for c in completions]\n")
+        return ScorerConfig(kind="python", path=f"{tmp_path / 'lengths.py'}:length")
+    if kind == "hf":
+        save_tiny_reward_model(tmp_path / "rm")
+        return ScorerConfig(kind="hf", path=str(tmp_path / "rm"))
+    if kind == "remote":
+        return ScorerConfig(kind="remote", address="localhost:50051")
+    return ScorerConfig(kind=kind)
+
+
+@pytest.mark.parametrize("kind", SCORER_KINDS.names())
+def test_every_registered_kind_builds_from_a_minimal_config(kind, tmp_path):
+    scorer = build_scorer(minimal_config(kind, tmp_path), 3)
+    assert isinstance(scorer, SCORER_KINDS.get(kind)) and scorer.name == f"{kind}-3"
+    gold = tw.gold_reward(PROMPTS, COMPLETIONS)
+    if kind == "toy_gold":
+        assert type(scorer) is ToyGoldScorer and scorer.score(PROMPTS, COMPLETIONS) == gold
+    elif kind == "toy_noisy_gold":  # the defaults: noise_std 0.1, seed 0
+        assert type(scorer) is ToyNoisyGoldScorer and (scorer.noise_std, scorer.seed) == (0.1, 0)
+        noisy = scorer.score(PROMPTS, COMPLETIONS)
+        assert noisy == [g + sample_noise(0, p, c, 0.1) for g, p, c in zip(gold, PROMPTS, COMPLETIONS)]
+        assert noisy != gold and all(abs(n - g) < 0.5 for n, g in zip(noisy, gold))  # 5 std
+    elif kind == "python":
+        assert type(scorer) is PythonScorer and scorer.score(PROMPTS, COMPLETIONS) == [17.0, 4.0, 2.0, 31.0, 1.0]
+    elif kind == "hf":
+        assert type(scorer) is HFScorer and all(math.isfinite(x) for x in scorer.score(PROMPTS, COMPLETIONS))
+    elif kind == "remote":  # building does not contact the server (nothing listens there)
+        assert type(scorer) is RemoteScorer and scorer.client.address == "localhost:50051"
+    else:
+        pytest.fail(f"scorer kind '{kind}' has no case here: add its minimal config and expected scores")
+
+
+def test_unknown_kind_names_the_field_and_the_registered_kinds(tmp_path):
+    cfg = ScorerConfig.model_construct(**{**ScorerConfig().model_dump(), "kind": "llm_judge"})  # past the Literal
+    registered = "hf, python, remote, toy_gold, toy_noisy_gold"
+    for call in (build_scorer, resolve_scorer_config, scorer_env):
+        with pytest.raises(UserError) as err:
+            call(cfg, 2)
+        assert str(err.value) == f"reward.scorers.2.kind: unknown reward scorer kind 'llm_judge'; registered: {registered}"
+    with pytest.raises(UserError, match=r"^reward\.scorers\[\]\.kind: unknown reward scorer kind 'nope'"):
+        SCORER_KINDS.get("nope")
+    with pytest.raises(ValidationError, match="kind"):  # the config refuses it before any lookup
+        ScorerConfig(kind="llm_judge")
+
+
+def test_scorer_env_only_for_a_remote_token(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_TEST_RM_TOKEN", "s3cret")
+    remote = ScorerConfig(kind="remote", address="localhost:50051", token_env="FLYWHEEL_TEST_RM_TOKEN")
+    assert scorer_env(remote, 0) == {"FLYWHEEL_TEST_RM_TOKEN": "s3cret"}
+    assert scorer_env(remote.model_copy(update={"token_env": None}), 0) == {}
+    assert scorer_env(ScorerConfig(), 0) == {} and scorer_env(ScorerConfig(kind="toy_noisy_gold"), 1) == {}
 
 
 # --- python scorer -----------------------------------------------------------------------------
