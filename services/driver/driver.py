@@ -78,7 +78,7 @@ class Driver:
         self.restarts()  # the process ids every later count compares against
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx = None
-        if self.spec.ptx_coef:
+        if self.spec.algorithm.ptx_coef:
             self.ptx = PtxBatches(cfg, services.tokenizer)
 
     def metrics_texts(self) -> list[str]:
