@@ -1,11 +1,24 @@
-"""The ``flywheel`` command. Heavy imports (torch, vLLM, DeepSpeed) happen inside subcommands."""
+"""The ``flywheel`` command. Heavy imports (torch, Ray, vLLM, DeepSpeed, gRPC) happen inside
+subcommands: the modules that pull them in are imported there (the allow-list of
+``tests/unit/test_layers.py``); the rest of the project is imported here."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import signal
 import sys
+import threading
 
-from services.core.errors import ServiceFailure, UserError
+from pydantic import ValidationError
+
+from services.core.cluster_check import check_cluster
+from services.core.config import RewardServerConfig
+from services.core.config_loading import dump_config, load_config, preset_names, resolve_config_path
+from services.core.errors import RunStopped, ServiceFailure, UserError
+from services.driver.submit import run_submit
+from services.learner.export import export_checkpoint
+from services.reward.ensemble import RewardEnsemble
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -16,21 +29,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from services.core.config_loading import dump_config, load_config
-
     cfg = load_config(args.config, args.overrides)
     print(dump_config(cfg), end="")
     if args.cluster:
-        from services.core.cluster_check import check_cluster
-
         # as YAML comments, so that stdout stays a loadable config
         print("".join(f"# {line}\n" for line in check_cluster(args.cluster, cfg)), end="")
     return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from services.core.config_loading import preset_names, resolve_config_path
-
     for name in preset_names():
         first = resolve_config_path(name).read_text().splitlines()[0].lstrip("# ")
         print(f"{name:24s} {first}")
@@ -40,22 +47,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def run_config_command(args: argparse.Namespace, module: str, function: str) -> int:
     """Load CONFIG + overrides (config errors before the heavy imports), then call
     ``module.function(cfg, args.out)``: the shape of sft, train, train-rm and eval-rm."""
-    import importlib
-
-    from services.core.config_loading import load_config
-
     cfg = load_config(args.config, args.overrides)
     getattr(importlib.import_module(module), function)(cfg, args.out)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from services.core.config_loading import load_config
-
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after: must be at least 1, got {args.stop_after}")
-    cfg = load_config(args.config, args.overrides)
-    from services.driver.driver import RunStopped
+    cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
     from services.driver.train import run_train
 
     try:
@@ -67,21 +67,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from services.learner.export import export_checkpoint
-
     print(f"exported {export_checkpoint(args.checkpoint, args.out)}")
     return 0
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from pydantic import ValidationError
-
-    from services.core.config import RewardServerConfig
-    from services.core.config_loading import load_config
-
     cfg = load_config(args.config, args.overrides).reward
     flags = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if flags:
@@ -91,7 +81,6 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
             errors = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
             raise UserError(errors) from None
         cfg = cfg.model_copy(update={"server": server_cfg})
-    from services.reward.ensemble import RewardEnsemble
     from services.reward.grpc_server import check_bind_allowed, format_address, serve_reward
 
     check_bind_allowed(cfg)  # before loading any model
@@ -128,8 +117,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from services.driver.submit import run_submit
-
     return run_submit(
         args.config, args.overrides, address=args.address, follow=args.follow, out=args.out,
         submission_id=args.submission_id, working_dir=args.working_dir, runtime_env_json=args.runtime_env_json,

@@ -3,7 +3,9 @@
 - ``UserError``: a mistake in the user's input (exit status 2);
 - ``ServiceFailure``: a service call that failed for good (a dead actor that could not be
   brought back, a call stuck past its timeout with no restart left); exit status 1. The
-  message names the service, the actor and the call, and says how to continue.
+  message names the service, the actor and the call, and says how to continue;
+- ``RunStopped``: a run that stopped early on a signal after saving a checkpoint (its own
+  exit status).
 """
 
 
@@ -29,3 +31,11 @@ class ServiceTimeout(ServiceFailure, TimeoutError):
 
 class ServiceLost(ServiceFailure):
     """An actor died and Ray could not bring it back (restarts used up, or it did not start)."""
+
+
+class RunStopped(Exception):
+    """The run stopped early on a signal, after saving a checkpoint; ``exit_code`` for the CLI."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

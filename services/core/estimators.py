@@ -8,8 +8,9 @@ and put the sequence advantage on every response token; token-level ones (gae) r
 ``x.token_rewards``.
 
 Policy loss: ``fn(logprobs [B, T], old_logprobs [B, T], advantages [B, T], mask [B, T],
-settings: PolicyLossSettings, is_weights [B, T] | None) -> (loss scalar, stats of detached
-scalars)``.
+settings: AlgorithmConfig, is_weights [B, T] | None) -> (loss scalar, stats of detached
+scalars)``; ``settings`` is the algorithm section as the loss applies it (``LossSpec.algorithm``:
+clip_range, clip_range_high, dual_clip, loss_agg_mode, ...).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from services.core import rl_math
+from services.core.config import AlgorithmConfig
 from services.core.registry import Registry
 
 # an algorithm module (services/algorithms/) may register its own estimator or loss
@@ -44,14 +46,6 @@ class AdvantageInputs:
     scale_by_std: bool = True
 
 
-@dataclass(frozen=True)
-class PolicyLossSettings:
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    agg_mode: str = "token-mean"
-
-
 def outcome_on_tokens(sequence_advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """[B] sequence advantages on every response token of [B, T]; returns = advantages."""
     adv = sequence_advantages[:, None].float() * mask.bool()
@@ -75,9 +69,10 @@ def gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-             settings: PolicyLossSettings, is_weights: Tensor | None = None) -> tuple[Tensor, dict]:
+             settings: AlgorithmConfig, is_weights: Tensor | None = None) -> tuple[Tensor, dict]:
     """The clipped surrogate (with optional dual clip), ``rl_math.ppo_policy_loss``."""
     return rl_math.ppo_policy_loss(
-        logprobs, old_logprobs, advantages, mask, clip_low=settings.clip_low, clip_high=settings.clip_high,
-        dual_clip=settings.dual_clip, agg_mode=settings.agg_mode, is_weights=is_weights,
+        logprobs, old_logprobs, advantages, mask, clip_low=settings.clip_range,
+        clip_high=settings.clip_range_high, dual_clip=settings.dual_clip, agg_mode=settings.loss_agg_mode,
+        is_weights=is_weights,
     )

@@ -25,7 +25,7 @@ from services.core import toy_world
 from services.core.batch_types import Trajectory, pad_response_values
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
-from services.core.errors import ServiceFailure, UserError
+from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
 from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
@@ -78,7 +78,7 @@ class Driver:
         self.restarts()  # the process ids every later count compares against
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx = None
-        if self.spec.ptx_coef:
+        if self.spec.algorithm.ptx_coef:
             self.ptx = PtxBatches(cfg, services.tokenizer)
 
     def metrics_texts(self) -> list[str]:
@@ -410,15 +410,6 @@ def complete_groups(trajectories: list[Trajectory], group_size: int) -> list[Tra
     for t in trajectories:
         by_prompt.setdefault(t.prompt_id + f"@{t.policy_version}", []).append(t)
     return [t for group in by_prompt.values() if len(group) == group_size for t in group]
-
-
-
-class RunStopped(Exception):
-    """The run stopped early on a signal, after saving a checkpoint; ``exit_code`` for the CLI."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def done_future(value) -> Future:

@@ -168,7 +168,7 @@ class LearnerGroup(ActorGroup):
     def train_step(self, batch: LearnerBatch, spec: LossSpec) -> dict[str, float]:
         """One train step on every rank over its shard, under the plan of the global batch
         (same minibatches and global denominators on every rank); metrics averaged over ranks."""
-        shards = self._shards(batch, minibatch_count(batch.size, spec.minibatch_size))
+        shards = self._shards(batch, minibatch_count(batch.size, spec.algorithm.ppo_minibatch_size))
         plan = plan_update(shards, spec)
         results = self._all("train_step", [a.train_step.remote(s, spec, plan) for a, s in zip(self.actors, shards)])
         metrics = {key: sum(r[key] for r in results) / len(results) for key in results[0]}

@@ -17,92 +17,62 @@ aggregate exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from services.core import rl_math
 from services.core.batch_types import TokenBatch
+from services.core.config import AlgorithmConfig, FlywheelConfig, LearnerConfig
 from services.core.learner_batches import LearnerBatch, PairBatch, PolicyBatch
-from services.core.estimators import POLICY_LOSSES, PolicyLossSettings
+from services.core.estimators import POLICY_LOSSES
 
 KINDS = ("ppo", "dpo", "sft")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossSpec:
-    """The loss of one train step.
+    """The loss of one train step: the loss family, the registered policy loss, and the
+    validated config sections its terms read (``from_config``), under the config's names and
+    with the config's defaults and checks (``services.core.config``).
 
-    kind: "ppo" (clipped surrogate; PPO and GRPO), "dpo" (DPO / IPO on pairs) or "sft"
-    (negative log-likelihood of the response tokens). kl_coef > 0 adds
-    ``kl_coef * KL(pi || ref)`` as a loss term (needs ``ref_logprobs``); entropy_coef > 0
-    subtracts ``entropy_coef * entropy``; value_clip / vf_coef configure the critic.
-    tis_cap (ppo only) multiplies each token's policy loss by the truncated importance weight
-    min(exp(old_logprobs - sampler_logprobs), tis_cap) (needs ``sampler_logprobs``).
-    epochs / minibatch_size (ppo only): one train step makes ``epochs`` passes over the batch
-    cut into minibatches of about ``minibatch_size`` rows, one optimizer step each (null: one
-    minibatch, the whole batch); see ``plan_update``.
+    kind: "ppo" (clipped surrogate; PPO, GRPO, RLOO), "dpo" (DPO / IPO on pairs) or "sft"
+    (negative log-likelihood of the response tokens); policy_loss (ppo kind): the registered
+    policy loss (``services.core.estimators.POLICY_LOSSES``).
+
+    algorithm: ``algorithm.*`` as this loss applies it. ``kl_coef`` > 0 adds
+    ``kl_coef * KL(pi || ref)`` as a loss term (needs ``ref_logprobs``); it is 0 with
+    ``kl_in_reward`` (the KL is in the reward) and for dpo (beta weighs the KL there). The
+    ppo-only settings (ptx_coef, tis_cap, ppo_epochs, ppo_minibatch_size) are at their neutral
+    values for the other kinds. tis_cap multiplies each token's policy loss by the truncated
+    importance weight min(exp(old_logprobs - sampler_logprobs), tis_cap) (needs
+    ``sampler_logprobs``); ppo_epochs / ppo_minibatch_size: see ``plan_update``.
+    learner: ``learner.*``, of which the loss reads entropy_coef (subtracts
+    ``entropy_coef * entropy``) and vf_coef (the critic's weight).
     """
 
-    kind: str = "ppo"
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    agg_mode: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
-    dpo_beta: float = 0.1
-    dpo_loss_type: str = "sigmoid"
-    ptx_coef: float = 0.0
-    tis_cap: float | None = None
-    epochs: int = 1
-    minibatch_size: int | None = None
-    policy_loss: str = "ppo_clip"  # ppo kind: the registered policy loss (services.core.estimators)
+    kind: str
+    algorithm: AlgorithmConfig
+    learner: LearnerConfig
+    policy_loss: str = "ppo_clip"
 
     def __post_init__(self) -> None:
-        allowed = {
-            "kind": KINDS, "agg_mode": rl_math.AGG_MODES,
-            "kl_estimator": rl_math.KL_KINDS, "dpo_loss_type": rl_math.DPO_LOSS_TYPES,
-        }
-        for name, options in allowed.items():
-            if getattr(self, name) not in options:
-                raise ValueError(f"LossSpec.{name}={getattr(self, name)!r}; allowed: {', '.join(options)}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"LossSpec.dual_clip must be > 1, got {self.dual_clip}")
-        if self.ptx_coef < 0:
-            raise ValueError(f"LossSpec.ptx_coef must be >= 0, got {self.ptx_coef}")
-        if self.ptx_coef and self.kind != "ppo":
-            raise ValueError("LossSpec.ptx_coef: the pretraining-mix term goes with ppo/grpo updates only")
-        if self.tis_cap is not None and (self.kind != "ppo" or not self.tis_cap > 0):
-            raise ValueError(f"LossSpec.tis_cap must be > 0 and goes with ppo/grpo updates only, got {self.tis_cap}")
-        if self.epochs < 1 or (self.minibatch_size is not None and self.minibatch_size < 1):
-            raise ValueError(f"LossSpec.epochs and minibatch_size must be >= 1, got {self.epochs}, {self.minibatch_size}")
-        if (self.epochs > 1 or self.minibatch_size is not None) and self.kind != "ppo":
-            raise ValueError("LossSpec.epochs / minibatch_size: PPO minibatches go with ppo/grpo updates only")
+        if self.kind not in KINDS:
+            raise ValueError(f"LossSpec.kind={self.kind!r}; allowed: {', '.join(KINDS)}")
 
     @classmethod
-    def from_config(cls, cfg, kind: str, policy_loss: str = "ppo_clip") -> "LossSpec":
+    def from_config(cls, cfg: FlywheelConfig, kind: str, policy_loss: str = "ppo_clip") -> "LossSpec":
         """From a FlywheelConfig, the algorithm's loss family ``kind`` and its policy loss
-        (``Algorithm.loss_kind`` / ``policy_loss``):
-        the algorithm section plus learner.entropy_coef / vf_coef. With
-        ``algorithm.kl_in_reward`` the KL goes into the reward, not the loss."""
-        alg, learner = cfg.algorithm, cfg.learner
-        return cls(
-            kind=kind, clip_low=alg.clip_range, clip_high=alg.clip_range_high, dual_clip=alg.dual_clip,
-            agg_mode=alg.loss_agg_mode, kl_coef=0.0 if alg.kl_in_reward or kind == "dpo" else alg.kl_coef,
-            kl_estimator=alg.kl_estimator, entropy_coef=learner.entropy_coef, value_clip=alg.value_clip,
-            vf_coef=learner.vf_coef, dpo_beta=alg.dpo_beta, dpo_loss_type=alg.dpo_loss,
-            ptx_coef=alg.ptx_coef if kind == "ppo" else 0.0, tis_cap=alg.tis_cap if kind == "ppo" else None,
-            epochs=alg.ppo_epochs if kind == "ppo" else 1,
-            minibatch_size=alg.ppo_minibatch_size if kind == "ppo" else None, policy_loss=policy_loss,
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        (``Algorithm.loss_kind`` / ``policy_loss``): copies of its algorithm and learner
+        sections, with the settings ``kind`` does not apply set to their neutral values."""
+        applied: dict[str, Any] = {}
+        if cfg.algorithm.kl_in_reward or kind == "dpo":
+            applied["kl_coef"] = 0.0
+        if kind != "ppo":
+            applied.update(ptx_coef=0.0, tis_cap=None, ppo_epochs=1, ppo_minibatch_size=None)
+        return cls(kind, cfg.algorithm.model_copy(update=applied, deep=True), cfg.learner.model_copy(deep=True),
+                   policy_loss)
 
 
 # ---------------------------------------------------------------------------
@@ -175,15 +145,15 @@ def minibatch_count(rows: int, minibatch_size: int | None) -> int:
 def plan_update(shards: list[LearnerBatch], spec: LossSpec) -> UpdatePlan:
     """The ``UpdatePlan`` for the rank batches ``shards`` (equal row counts; one shard: a
     learner that holds the whole batch). The shards' ``ptx`` rows are cut likewise."""
-    rows = shards[0].size
-    count = minibatch_count(rows * len(shards), spec.minibatch_size)
+    rows, alg = shards[0].size, spec.algorithm
+    count = minibatch_count(rows * len(shards), alg.ppo_minibatch_size)
     if count > rows:
         raise ValueError(
-            f"minibatches of {spec.minibatch_size} rows make {count} minibatches, but each of the {len(shards)} "
+            f"minibatches of {alg.ppo_minibatch_size} rows make {count} minibatches, but each of the {len(shards)} "
             f"learner rank(s) holds only {rows} rows: raise algorithm.ppo_minibatch_size"
         )
     bounds = minibatch_bounds(rows, count)
-    denominators = tuple(sum(s.rows(*b).loss_count(spec.agg_mode) for s in shards) for b in bounds)
+    denominators = tuple(sum(s.rows(*b).loss_count(alg.loss_agg_mode) for s in shards) for b in bounds)
     ptx_bounds: tuple = ()
     ptx_denominators: tuple = ()
     if getattr(shards[0], "ptx", None) is not None:
@@ -191,14 +161,14 @@ def plan_update(shards: list[LearnerBatch], spec: LossSpec) -> UpdatePlan:
         ptx_denominators = tuple(
             float(sum(s.ptx.response_mask[start:stop].sum() for s in shards)) for start, stop in ptx_bounds
         )
-    return UpdatePlan(spec.epochs, tuple(bounds), denominators, float(len(shards)), ptx_bounds, ptx_denominators)
+    return UpdatePlan(alg.ppo_epochs, tuple(bounds), denominators, float(len(shards)), ptx_bounds, ptx_denominators)
 
 
 def micro_weight(micro: LearnerBatch, spec: LossSpec, denominator: float) -> float:
     """Weight of a micro-batch's aggregated loss so that the weighted sum is the batch's."""
     if denominator <= 0:
         return 0.0
-    return micro.loss_count(spec.agg_mode) / denominator
+    return micro.loss_count(spec.algorithm.loss_agg_mode) / denominator
 
 
 # ---------------------------------------------------------------------------
@@ -214,7 +184,8 @@ def policy_terms(logits: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tu
     tokens = micro.tokens
     ids = tokens.input_ids.to(logits.device)
     mask = tokens.response_mask.to(logits.device).bool()
-    mode = spec.agg_mode
+    alg = spec.algorithm
+    mode = alg.loss_agg_mode
     logprobs = per_token_logprobs(logits, ids)
     stats: dict[str, torch.Tensor] = {}
     if spec.kind == "sft":
@@ -223,22 +194,21 @@ def policy_terms(logits: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tu
     elif spec.kind == "ppo":
         old = _device(micro.old_logprobs, logits)
         weights = None
-        if spec.tis_cap is not None:
+        if alg.tis_cap is not None:
             if micro.sampler_logprobs is None:
-                raise ValueError("LossSpec.tis_cap needs the batch's sampler_logprobs")
-            weights = rl_math.truncated_is_weights(old, _device(micro.sampler_logprobs, logits), spec.tis_cap)
+                raise ValueError("algorithm.tis_cap needs the batch's sampler_logprobs")
+            weights = rl_math.truncated_is_weights(old, _device(micro.sampler_logprobs, logits), alg.tis_cap)
             stats["tis_weight_mean"] = rl_math.masked_mean(weights, mask)
-        settings = PolicyLossSettings(spec.clip_low, spec.clip_high, spec.dual_clip, mode)
         loss, ppo_stats = POLICY_LOSSES.get(spec.policy_loss)(
-            logprobs, old, _device(micro.advantages, logits), mask, settings, weights
+            logprobs, old, _device(micro.advantages, logits), mask, alg, weights
         )
         stats["pg_loss"] = loss.detach()
         stats.update(ppo_stats)
     else:
         raise ValueError(f"policy_terms handles ppo and sft, not {spec.kind!r}")
-    if spec.entropy_coef:
+    if spec.learner.entropy_coef:
         entropy = rl_math.aggregate_loss(per_token_entropy(logits), mask, mode)
-        loss = loss - spec.entropy_coef * entropy
+        loss = loss - spec.learner.entropy_coef * entropy
     else:
         with torch.no_grad():
             entropy = rl_math.aggregate_loss(per_token_entropy(logits.detach()), mask, mode)
@@ -248,10 +218,10 @@ def policy_terms(logits: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tu
         ref = _device(ref, logits)
         # masked positions: logprobs := ref, so they give KL 0 and no NaN gradients
         kl = rl_math.aggregate_loss(
-            rl_math.kl_estimate(torch.where(mask, logprobs, ref), ref, spec.kl_estimator), mask, mode
+            rl_math.kl_estimate(torch.where(mask, logprobs, ref), ref, alg.kl_estimator), mask, mode
         )
-        if spec.kl_coef:
-            loss = loss + spec.kl_coef * kl
+        if alg.kl_coef:
+            loss = loss + alg.kl_coef * kl
         stats["kl"] = kl.detach()
     stats["loss"] = loss.detach()
     return loss, stats
@@ -271,7 +241,7 @@ def dpo_terms(
     rejected = sequence_logps(rejected_logits, micro.rejected)
     loss, st = rl_math.dpo_loss(
         chosen, rejected, _device(micro.ref_chosen_logps, chosen), _device(micro.ref_rejected_logps, chosen),
-        beta=spec.dpo_beta, loss_type=spec.dpo_loss_type,
+        beta=spec.algorithm.dpo_beta, loss_type=spec.algorithm.dpo_loss,
     )
     stats = {
         "loss": loss.detach(), "dpo_loss": loss.detach(), "dpo_acc": st["accuracy"],
@@ -294,11 +264,11 @@ def critic_terms(scores: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tu
     values = per_token_values(scores)
     returns = _device(micro.returns, values)
     old = micro.old_values
-    clip = spec.value_clip if old is not None else None
+    clip = spec.algorithm.value_clip if old is not None else None
     old = _device(old, values) if old is not None else values.detach()
-    loss, st = rl_math.value_loss(values, old, returns, mask, clip_range=clip, agg_mode=spec.agg_mode)
+    loss, st = rl_math.value_loss(values, old, returns, mask, clip_range=clip, agg_mode=spec.algorithm.loss_agg_mode)
     stats = {
         "value_loss": loss.detach(), "value_clip_frac": st["clip_frac"],
         "values_mean": rl_math.masked_mean(values.detach(), mask),
     }
-    return spec.vf_coef * loss, stats
+    return spec.learner.vf_coef * loss, stats

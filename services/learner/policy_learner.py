@@ -193,7 +193,7 @@ class PolicyLearner:
 
     def train_step(self, batch: LearnerBatch, spec: LossSpec, plan: UpdatePlan | None = None) -> dict[str, float]:
         """One train step of the policy (and of the critic when the batch has ``returns``):
-        ``plan.optimizer_steps`` optimizer steps, ``spec.epochs`` passes over the batch's
+        ``plan.optimizer_steps`` optimizer steps, ``spec.algorithm.ppo_epochs`` passes over the batch's
         minibatches (one step over the whole batch by default). Returns ``train/*`` metrics,
         each the mean over the optimizer steps, and ``policy_version`` (+1 per train step).
 
@@ -218,7 +218,7 @@ class PolicyLearner:
                 for k, (start, stop) in enumerate(plan.bounds):
                     minibatch = rows.rows(start, stop)
                     ptx_part = None
-                    if ptx is not None and spec.ptx_coef:
+                    if ptx is not None and spec.algorithm.ptx_coef:
                         ptx_part = (tokens_rows(ptx, slice(*plan.ptx_bounds[k])), plan.ptx_denominators[k])
                     metrics = self._step(self.engine, minibatch, spec, plan.denominators[k], plan.scale,
                                          critic=False, ptx=ptx_part)
@@ -268,7 +268,7 @@ class PolicyLearner:
             for start in range(0, rows.size, step):
                 micro_ptx = trim_tokens(tokens_rows(rows, slice(start, start + step)))
                 nll = ptx_nll_sum(self._forward(engine, micro_ptx), micro_ptx) / max(float(ptx_denominator), 1.0)
-                engine.backward(spec.ptx_coef * nll * scale, scale_wrt_gas=False)
+                engine.backward(spec.algorithm.ptx_coef * nll * scale, scale_wrt_gas=False)
                 sums["ptx_nll"] += float(nll.detach()) * scale
         engine.step()
         metrics = {f"train/{key}": value for key, value in sums.items()}

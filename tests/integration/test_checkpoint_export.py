@@ -13,7 +13,6 @@ from services.core.config import FlywheelConfig, LearnerConfig
 from services.core.config_loading import dump_config
 from services.driver.checkpoint import CheckpointStore, copy_policy_files
 from services.learner.export import export_checkpoint
-from services.learner.losses import LossSpec
 from services.learner.policy_learner import PolicyLearner
 from tests.conftest import run_flywheel
 from tests.integration.test_learner import direct, hf_model, make_tokens, model_dir, ppo_batch  # noqa: F401
@@ -35,7 +34,7 @@ def trained_learner(model_dir, zero_stage: int) -> PolicyLearner:
     learner = PolicyLearner(str(model_dir), LearnerConfig(lr=1e-2, warmup_steps=0, micro_batch_size=2, zero_stage=zero_stage))
     tokens = make_tokens([3, 5, 2, 4], [4, 2, 6, 3])
     for seed in (1, 2):
-        learner.train_step(ppo_batch(learner, tokens, seed=seed), LossSpec(kind="ppo"))
+        learner.train_step(ppo_batch(learner, tokens, seed=seed), loss_spec("ppo"))
     return learner
 
 
@@ -57,7 +56,7 @@ def test_export_loads_in_transformers_with_the_learners_logprobs(model_dir, tmp_
 def test_export_of_the_checkpoints_folder_takes_the_latest(model_dir, tmp_path):
     learner = trained_learner(model_dir, 0)
     save_run_checkpoint(learner, model_dir, tmp_path / "checkpoints", step=1)
-    learner.train_step(ppo_batch(learner, make_tokens([3, 5], [4, 2])), LossSpec(kind="ppo"))
+    learner.train_step(ppo_batch(learner, make_tokens([3, 5], [4, 2])), loss_spec("ppo"))
     save_run_checkpoint(learner, model_dir, tmp_path / "checkpoints", step=2)
     out = export_checkpoint(tmp_path / "checkpoints", tmp_path / "export")
     tokens = make_tokens([3, 4], [5, 3], seed=9)

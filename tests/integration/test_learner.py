@@ -13,9 +13,9 @@ from services.core.batch_types import pack_sequences
 from services.core.config import LearnerConfig, Resources
 from services.core.errors import UserError
 from services.core.learner_batches import PairBatch, PolicyBatch
-from services.learner.losses import LossSpec
 from services.learner.policy_learner import PolicyLearner
 from tests.conftest import save_tiny_llama
+from tests.loss_specs import loss_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 LR = 1e-3
@@ -94,7 +94,7 @@ def test_ppo_step_moves_policy_and_critic(model_dir):
     tokens = make_tokens([3, 5, 2, 4], [4, 2, 6, 3])
     before, values_before = learner.export_weights(), learner.values(tokens)
     batch = ppo_batch(learner, tokens, ref_shift=-0.1)
-    metrics = learner.train_step(batch, LossSpec(kind="ppo", kl_coef=0.1, entropy_coef=0.01))
+    metrics = learner.train_step(batch, loss_spec("ppo", kl_coef=0.1, entropy_coef=0.01))
     assert metrics["policy_version"] == learner.policy_version == 1
     for key in ("train/loss", "train/pg_loss", "train/kl", "train/clip_frac", "train/entropy",
                 "train/grad_norm", "train/lr", "train/value_loss", "train/critic_grad_norm"):
@@ -115,7 +115,7 @@ def test_dpo_and_sft_steps(model_dir):
     ref_c = (learner.logprobs(chosen) * chosen.response_mask).sum(-1)
     ref_r = (learner.logprobs(rejected) * rejected.response_mask).sum(-1)
     batch = PairBatch(chosen, rejected, ref_c, ref_r)
-    metrics = learner.train_step(batch, LossSpec(kind="dpo", dpo_beta=0.5))
+    metrics = learner.train_step(batch, loss_spec("dpo", dpo_beta=0.5))
     assert metrics["train/loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)  # at pi = ref
     assert metrics["train/dpo_acc"] == 0.0
     margin = ((learner.logprobs(chosen) * chosen.response_mask).sum(-1) - ref_c) - (
@@ -123,8 +123,8 @@ def test_dpo_and_sft_steps(model_dir):
     )
     assert (margin > 0).all()  # one step already prefers the chosen responses
     sft = PolicyBatch(tokens=chosen)
-    first = learner.train_step(sft, LossSpec(kind="sft"))["train/loss"]
-    assert learner.train_step(sft, LossSpec(kind="sft"))["train/loss"] < first
+    first = learner.train_step(sft, loss_spec("sft"))["train/loss"]
+    assert learner.train_step(sft, loss_spec("sft"))["train/loss"] < first
     assert learner.policy_version == 3
 
 
@@ -143,7 +143,7 @@ def test_zero3_logprobs_and_export(model_dir):
         assert exported[name].shape == tensor.shape and exported[name].dtype == torch.float32
         assert exported[name].is_contiguous()
     assert max_diff(exported, saved) == 0.0
-    learner.train_step(ppo_batch(learner, tokens), LossSpec(kind="ppo"))
+    learner.train_step(ppo_batch(learner, tokens), loss_spec("ppo"))
     assert learner.values(tokens).shape == tokens.input_ids.shape
     trained = learner.export_weights()
     assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in saved.items()}
@@ -153,7 +153,7 @@ def test_zero3_logprobs_and_export(model_dir):
 def test_checkpoint_continuity(model_dir, tmp_path):
     learner = PolicyLearner(str(model_dir), config(zero_stage=2, critic=True))
     tokens = make_tokens([3, 5, 2, 4], [4, 2, 6, 3])
-    spec = LossSpec(kind="ppo", kl_coef=0.05)
+    spec = loss_spec("ppo", kl_coef=0.05)
     learner.train_step(ppo_batch(learner, tokens, seed=1), spec)  # non-trivial optimizer state
     learner.save_checkpoint(tmp_path / "ckpt")
     batch = ppo_batch(learner, tokens, seed=2)
@@ -189,8 +189,8 @@ def test_two_ranks_make_the_same_update_as_one(model_dir, ray_session):
         torch.testing.assert_close(two.logprobs(odd), one.logprobs(odd), atol=1e-6, rtol=0)
         with pytest.raises(ValueError, match="divisible"):
             two.train_step(PolicyBatch(tokens=odd, old_logprobs=odd.response_mask, advantages=odd.response_mask),
-                           LossSpec())
-        spec = LossSpec(kind="ppo", kl_coef=0.1, entropy_coef=0.01)
+                           loss_spec())
+        spec = loss_spec("ppo", kl_coef=0.1, entropy_coef=0.01)
         # equal lengths, then unequal lengths (the global token-mean is kept either way)
         equal = make_tokens([4] * 8, [5] * 8, seed=7)
         unequal = make_tokens([2, 6, 3, 5, 4, 2, 7, 3], [6, 1, 5, 2, 3, 7, 2, 4], seed=8)
@@ -207,14 +207,14 @@ def test_two_ranks_make_the_same_update_as_one(model_dir, ray_session):
                 assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
         # PPO-ptx: the SFT rows are split over the ranks on their own and normalised by the
         # global token count, so 2 ranks still make the 1-rank update
-        ptx_spec = LossSpec(kind="ppo", kl_coef=0.1, entropy_coef=0.01, ptx_coef=0.5)
+        ptx_spec = loss_spec("ppo", kl_coef=0.1, entropy_coef=0.01, ptx_coef=0.5)
         batch = dataclasses.replace(ppo_batch(one, unequal), ptx=make_tokens([2, 5, 3, 4, 2, 6], [5, 1, 4, 2, 6, 3], seed=10))
         m2, m1 = two.train_step(batch, ptx_spec), one.train_step(batch, ptx_spec)
         assert max_diff(two.export_weights(), one.export_weights()) < 1e-5
         assert m2["train/ptx_nll"] == pytest.approx(m1["train/ptx_nll"], rel=1e-4)
         # PPO minibatches and epochs: the ranks cut their shards alike and normalise by the
         # global minibatch's token count, so 2 ranks still make the 1-rank update
-        mini_spec = LossSpec(kind="ppo", kl_coef=0.1, epochs=2, minibatch_size=4)
+        mini_spec = loss_spec("ppo", kl_coef=0.1, ppo_epochs=2, ppo_minibatch_size=4)
         batch = ppo_batch(one, unequal)
         m2, m1 = two.train_step(batch, mini_spec), one.train_step(batch, mini_spec)
         assert m2["train/optimizer_steps"] == m1["train/optimizer_steps"] == 4
@@ -234,17 +234,18 @@ def test_ppo_minibatches_and_epochs(model_dir):
     exactly two optimizer steps on the halves (old log-probs and advantages fixed) and the
     second one clips; a second epoch over one minibatch clips too."""
     tokens = make_tokens([3, 5, 2, 4, 3, 6], [4, 2, 6, 3, 5, 2], seed=4)
-    spec = LossSpec(kind="ppo", clip_low=0.05, kl_coef=0.1)
+    settings = {"clip_range": 0.05, "kl_coef": 0.1}
+    spec = loss_spec("ppo", **settings)
     fast = config(lr=2e-2, critic=True)
     default, whole = PolicyLearner(str(model_dir), fast), PolicyLearner(str(model_dir), fast)
     batch = ppo_batch(default, tokens, ref_shift=-0.1)
     m_default = default.train_step(batch, spec)
-    m_whole = whole.train_step(batch, LossSpec(**{**spec.as_dict(), "minibatch_size": 6}))
+    m_whole = whole.train_step(batch, loss_spec("ppo", **settings, ppo_minibatch_size=6))
     assert m_whole == m_default and m_default["train/clip_frac"] == 0.0  # on-policy: the ratio is 1
     assert max_diff(whole.export_weights(), default.export_weights()) == 0.0
 
     halves, stepwise = PolicyLearner(str(model_dir), fast), PolicyLearner(str(model_dir), fast)
-    m_halves = halves.train_step(batch, LossSpec(**{**spec.as_dict(), "minibatch_size": 3}))
+    m_halves = halves.train_step(batch, loss_spec("ppo", **settings, ppo_minibatch_size=3))
     first = stepwise.train_step(batch.rows(0, 3), spec)
     second = stepwise.train_step(batch.rows(3, 6), spec)
     assert max_diff(halves.export_weights(), stepwise.export_weights()) < 1e-7
@@ -254,7 +255,7 @@ def test_ppo_minibatches_and_epochs(model_dir):
     assert m_halves["train/pg_loss"] == pytest.approx((first["train/pg_loss"] + second["train/pg_loss"]) / 2)
 
     epochs = PolicyLearner(str(model_dir), fast)
-    m_epochs = epochs.train_step(batch, LossSpec(**{**spec.as_dict(), "epochs": 2}))
+    m_epochs = epochs.train_step(batch, loss_spec("ppo", **settings, ppo_epochs=2))
     assert m_epochs["train/optimizer_steps"] == 2 and m_epochs["train/clip_frac"] > 0
     assert m_epochs["train/value_clip_frac"] > 0  # the critic's second pass clips against old_values
 
@@ -268,14 +269,14 @@ def test_ptx_term_with_zero_advantages_is_an_sft_step(model_dir):
     tokens = make_tokens([3, 5, 2, 4], [4, 2, 6, 3])
     batch = PolicyBatch(tokens=tokens, old_logprobs=mixed.logprobs(tokens), advantages=torch.zeros(tokens.input_ids.shape),
                         ptx=ptx_rows)
-    m = mixed.train_step(batch, LossSpec(kind="ppo", ptx_coef=1.0))
-    s = plain.train_step(PolicyBatch(tokens=ptx_rows), LossSpec(kind="sft"))
+    m = mixed.train_step(batch, loss_spec("ppo", ptx_coef=1.0))
+    s = plain.train_step(PolicyBatch(tokens=ptx_rows), loss_spec("sft"))
     assert m["train/ptx_nll"] == pytest.approx(s["train/nll"], rel=1e-5)
     assert max_diff(mixed.export_weights(), plain.export_weights()) < 1e-6
     # and with ptx_coef 0 the rows are ignored
     again = PolicyLearner(str(model_dir), config())
     before = again.export_weights()
-    again.train_step(dataclasses.replace(batch, old_logprobs=again.logprobs(tokens)), LossSpec(kind="ppo"))
+    again.train_step(dataclasses.replace(batch, old_logprobs=again.logprobs(tokens)), loss_spec("ppo"))
     assert max_diff(again.export_weights(), before) < 1e-7
 
 

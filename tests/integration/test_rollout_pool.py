@@ -79,7 +79,7 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
     from services.core.config import LearnerConfig, Resources
     from services.learner.group import LearnerGroup
     from services.core.learner_batches import PolicyBatch
-    from services.learner.losses import LossSpec
+    from tests.loss_specs import loss_spec
     from services.rollout.worker import SamplingSpec
 
     trajectories = pool.generate(_prompts(4), SamplingSpec(n=2, max_tokens=8))
@@ -101,7 +101,7 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
             old_logprobs=learner.logprobs(tokens),
             advantages=advantages[:, None] * tokens.response_mask,
         )
-        metrics = learner.train_step(batch, LossSpec(kind="ppo"))
+        metrics = learner.train_step(batch, loss_spec("ppo"))
         assert metrics["policy_version"] == 1
         after_step = learner_logprobs()
         stale = engine_logprobs(0)

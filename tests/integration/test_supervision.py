@@ -189,14 +189,14 @@ def test_dead_learner_rank_is_named_at_once(two_ranks):
     import ray
 
     from services.learner.group import LearnerFailed
-    from services.learner.losses import LossSpec
+    from tests.loss_specs import loss_spec
 
-    two_ranks.train_step(_batch(), LossSpec(kind="ppo"))  # both ranks up
+    two_ranks.train_step(_batch(), loss_spec("ppo"))  # both ranks up
     pid = ray.get(two_ranks.actors[1].process_id.remote())
     os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
     with pytest.raises(LearnerFailed) as err:
-        two_ranks.train_step(_batch(), LossSpec(kind="ppo"))
+        two_ranks.train_step(_batch(), loss_spec("ppo"))
     elapsed = time.monotonic() - started
     print(f"dead rank reported after {elapsed:.1f}s: {err.value}")
     assert "learner rank 1" in str(err.value) and "train_step" in str(err.value)
@@ -207,14 +207,14 @@ def test_stuck_learner_rank_is_a_named_timeout(two_ranks):
     import ray
 
     from services.learner.group import LearnerFailed
-    from services.learner.losses import LossSpec
+    from tests.loss_specs import loss_spec
 
     pid = ray.get(two_ranks.actors[1].process_id.remote())
     os.kill(pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
         with pytest.raises(LearnerFailed) as err:
-            two_ranks.train_step(_batch(), LossSpec(kind="ppo"))
+            two_ranks.train_step(_batch(), loss_spec("ppo"))
         elapsed = time.monotonic() - started
     finally:
         os.kill(pid, signal.SIGKILL)

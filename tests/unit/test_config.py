@@ -300,7 +300,7 @@ def test_ppo_minibatch_settings():
                                    "algorithm.ppo_minibatch_size=12", "algorithm.total_steps=10"])
     assert optimizer_steps_per_step(cfg) == 2 * 3  # 32 rows in minibatches of 12: 3 per epoch
     spec = LossSpec.from_config(cfg, "ppo")
-    assert (spec.epochs, spec.minibatch_size) == (2, 12)
+    assert (spec.algorithm.ppo_epochs, spec.algorithm.ppo_minibatch_size) == (2, 12)
     check_rl_settings(cfg)
     assert optimizer_steps_per_step(load_config("grpo-toy", [])) == 1
     too_small = load_config("grpo-toy", ["rollout.prompts_per_step=2", "rollout.n_samples=2",

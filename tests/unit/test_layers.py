@@ -10,6 +10,11 @@ A module may import only from its own layer or a layer below it. LAYER_OF maps a
 prefix (whole dotted components; the longest matching prefix wins) to its layer; the entries
 in PACKAGE_ONLY name a package's own ``__init__`` only, so that each module of ``services.core``
 is placed on its own (a new one there fails ``test_every_module_has_a_layer`` until it is).
+
+Imports of ``services.*`` stand at module top, but for those in FUNCTION_LEVEL_IMPORTS: a
+module imported inside a function is one that pulls in a heavy optional dependency (torch,
+Ray, gRPC) that the importing module's other uses do without. An entry that no longer
+matches an import fails too, so the list stays true.
 """
 
 from __future__ import annotations
@@ -69,6 +74,16 @@ LAYER_OF: dict[str, str] = {
 }
 PACKAGE_ONLY = {"services", "services.core"}
 
+# (module, the services module it imports inside a function): why the import waits
+FUNCTION_LEVEL_IMPORTS: dict[tuple[str, str], str] = {
+    ("services.cli", "services.driver.train"): "cli: torch and Ray load after `flywheel train` checked the config",
+    ("services.cli", "services.driver.overopt_study"): "cli: torch and Ray only for `flywheel study`",
+    ("services.cli", "services.demo"): "cli: torch and Ray only for `flywheel demo`",
+    ("services.cli", "services.reward.grpc_server"): "cli: gRPC only for `flywheel serve-reward`",
+    ("services.reward.aggregate", "services.core.rl_math"): "the ensemble and its gRPC client import without torch",
+    ("services.reward.scorers", "services.reward.grpc_client"): "scorers: gRPC only for a remote scorer",
+}
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
@@ -95,24 +110,57 @@ def layer_of(name: str) -> str | None:
     return None
 
 
+def import_targets(node: ast.Import | ast.ImportFrom, name: str, is_package: bool, known: set[str]) -> list[str]:
+    """The services modules one import statement of module ``name`` imports."""
+    if isinstance(node, ast.Import):
+        found = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: from the module's own package upwards
+            package = name.split(".") if is_package else name.split(".")[:-1]
+            package = package[: len(package) - node.level + 1]
+            base = ".".join(package + ([base] if base else []))
+        found = []
+        for alias in node.names:  # `from a import b`: a.b when that is a module, else a
+            sub = f"{base}.{alias.name}"
+            found.append(sub if sub in known or in_package(sub, SKIPPED) else base)
+    return [target for target in found if in_package(target, ("services",))]
+
+
+def imports_in(path: Path, name: str, known: set[str], nodes) -> list[tuple[str, int]]:
+    """(imported services module, line) for the import statements among ``nodes`` (ast nodes
+    of ``path``, module ``name``), in line order."""
+    imports = {id(n): n for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))}
+    is_package = path.name == "__init__.py"
+    found = [(t, node.lineno) for node in imports.values() for t in import_targets(node, name, is_package, known)]
+    return sorted(found, key=lambda item: item[1])
+
+
+def parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
 def imported_modules(path: Path, name: str, known: set[str]) -> list[tuple[str, int]]:
     """(imported services module, line) for every import of ``services.*`` in ``path``."""
-    is_package = path.name == "__init__.py"
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: from the module's own package upwards
-                package = name.split(".") if is_package else name.split(".")[:-1]
-                package = package[: len(package) - node.level + 1]
-                base = ".".join(package + ([base] if base else []))
-            for alias in node.names:  # `from a import b`: a.b when that is a module, else a
-                sub = f"{base}.{alias.name}"
-                target = sub if sub in known or in_package(sub, SKIPPED) else base
-                found.append((target, node.lineno))
-    return [(target, line) for target, line in found if in_package(target, ("services",))]
+    return imports_in(path, name, known, ast.walk(parse(path)))
+
+
+def function_level_imports(path: Path, name: str, known: set[str]) -> list[tuple[str, int]]:
+    """(imported services module, line) for the imports of ``services.*`` inside a function
+    (or lambda) body of ``path``."""
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+    bodies = [n for fn in ast.walk(parse(path)) if isinstance(fn, functions) for n in ast.walk(fn)]
+    return imports_in(path, name, known, bodies)
+
+
+def all_function_level_imports() -> dict[tuple[str, str], int]:
+    """(module, imported services module) -> first line, over every services module."""
+    mods = modules()
+    found: dict[tuple[str, str], int] = {}
+    for name, path in mods.items():
+        for target, line in function_level_imports(path, name, set(mods)):
+            found.setdefault((name, target), line)
+    return found
 
 
 def import_graph() -> dict[str, dict[str, int]]:
@@ -221,9 +269,30 @@ def test_no_import_from_a_higher_layer():
     )
 
 
+def test_imports_inside_functions_are_only_the_allowed_ones():
+    unlisted = sorted(f"{name} -> {target} (line {line})"
+                      for (name, target), line in all_function_level_imports().items()
+                      if (name, target) not in FUNCTION_LEVEL_IMPORTS)
+    assert not unlisted, (
+        "imports of services modules inside functions: move them to the module top, or (a module that pulls in "
+        "torch, Ray or gRPC) add them with a reason to FUNCTION_LEVEL_IMPORTS in tests/unit/test_layers.py:\n  "
+        + "\n  ".join(unlisted)
+    )
+
+
+def test_every_allowed_function_level_import_exists():
+    found = all_function_level_imports()
+    stale = sorted(f"{name} -> {target}" for name, target in FUNCTION_LEVEL_IMPORTS if (name, target) not in found)
+    assert not stale, (
+        "FUNCTION_LEVEL_IMPORTS entries with no such import inside a function: remove them from "
+        "tests/unit/test_layers.py:\n  " + "\n  ".join(stale)
+    )
+    assert all(reason.strip() for reason in FUNCTION_LEVEL_IMPORTS.values())
+
+
 def test_the_checks_see_what_they_should(tmp_path):
-    """The parser resolves submodules, relative and function-level imports; the checks report
-    a planted cycle and an upward import."""
+    """The parser resolves submodules, relative and function-level imports (and tells the
+    latter apart); the checks report a planted cycle and an upward import."""
     pkg = tmp_path / "services"
     (pkg / "core").mkdir(parents=True)
     for name in ("__init__.py", "core/__init__.py"):
@@ -235,6 +304,8 @@ def test_the_checks_see_what_they_should(tmp_path):
     errors = imported_modules(pkg / "core" / "errors.py", "services.core.errors", known)
     assert config == [("services.core.errors", 2)]
     assert errors == [("services.core.config", 1), ("services.cli", 2)]
+    assert function_level_imports(pkg / "core" / "config.py", "services.core.config", known) == config
+    assert function_level_imports(pkg / "core" / "errors.py", "services.core.errors", known) == []
     graph = {"services.core.config": dict(config), "services.core.errors": dict(errors), "services.cli": {}}
     assert find_cycles(graph) == [["services.core.config", "services.core.errors", "services.core.config"]]
     assert upward_imports(graph) == ["services.core.errors -> services.cli (layer base -> layer cli, line 2)"]

@@ -1,14 +1,18 @@
 """Loss assembly of the RL learner: micro-batch weighting reproduces the whole-batch loss,
-per-token alignment, batch slicing, LossSpec validation."""
+per-token alignment, batch slicing, LossSpec from the config."""
 
 from __future__ import annotations
+
+import dataclasses
+import pickle
+import typing
 
 import pytest
 import torch
 
 from services.core import rl_math
 from services.core.batch_types import TokenBatch, pack_sequences
-from services.core.config import FlywheelConfig
+from services.core.config import AlgorithmConfig, FlywheelConfig
 from services.core.learner_batches import PairBatch, PolicyBatch
 from services.learner.losses import (
     LossSpec,
@@ -19,6 +23,7 @@ from services.learner.losses import (
     per_token_values,
     policy_terms,
 )
+from tests.loss_specs import loss_spec
 
 V = 11
 
@@ -63,11 +68,11 @@ def test_per_token_alignment():
 @pytest.mark.parametrize("kind", ["ppo", "sft"])
 def test_micro_batches_sum_to_the_whole_batch_loss(mode, kind):
     batch = ppo_batch()
-    spec = LossSpec(kind=kind, agg_mode=mode, kl_coef=0.1, entropy_coef=0.01)
+    spec = loss_spec(kind=kind, loss_agg_mode=mode, kl_coef=0.1, entropy_coef=0.01)
     logits = logits_for(batch.tokens)
     whole, stats = policy_terms(logits, batch, spec)
     (grad_whole,) = torch.autograd.grad(whole, logits)
-    denominator = batch.loss_count(spec.agg_mode)
+    denominator = batch.loss_count(spec.algorithm.loss_agg_mode)
     total, grad_sum, kl = 0.0, torch.zeros_like(logits), 0.0
     for start in range(0, 5, 2):
         micro = batch.rows(start, start + 2).trim()
@@ -88,7 +93,7 @@ def test_kl_term_ignores_masked_positions():
     batch = ppo_batch()
     batch.ref_logprobs = torch.where(batch.tokens.response_mask.bool(), batch.ref_logprobs, -1e4)
     logits = logits_for(batch.tokens)
-    loss, stats = policy_terms(logits, batch, LossSpec(kl_coef=1.0))
+    loss, stats = policy_terms(logits, batch, loss_spec(kl_coef=1.0))
     (grad,) = torch.autograd.grad(loss, logits)
     assert torch.isfinite(grad).all() and torch.isfinite(stats["kl"])
 
@@ -99,12 +104,12 @@ def test_dpo_and_critic_terms():
     pc = rl_math.masked_sum(per_token_logprobs(lc, chosen.input_ids), chosen.response_mask, dim=-1).detach()
     pr = rl_math.masked_sum(per_token_logprobs(lr, rejected.input_ids), rejected.response_mask, dim=-1).detach()
     micro = PairBatch(chosen, rejected, pc, pr)
-    loss, stats = dpo_terms(lc, lr, micro, LossSpec(kind="dpo"))
+    loss, stats = dpo_terms(lc, lr, micro, loss_spec("dpo"))
     assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())  # policy == reference
-    assert micro.loss_count(LossSpec(kind="dpo").agg_mode) == 5
+    assert micro.loss_count(loss_spec("dpo").algorithm.loss_agg_mode) == 5
     batch = ppo_batch()
     scores = torch.zeros(*batch.tokens.input_ids.shape, 1, requires_grad=True)
-    loss, stats = critic_terms(scores, batch, LossSpec(vf_coef=0.5, value_clip=None))
+    loss, stats = critic_terms(scores, batch, loss_spec(vf_coef=0.5, value_clip=None))
     mask = batch.tokens.response_mask
     want = 0.5 * rl_math.masked_mean(0.5 * batch.returns ** 2, mask)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
@@ -112,23 +117,43 @@ def test_dpo_and_critic_terms():
 
 def test_loss_spec_validation_and_config():
     with pytest.raises(ValueError, match="kind"):
-        LossSpec(kind="reinforce")
-    with pytest.raises(ValueError, match="agg_mode"):
-        LossSpec(agg_mode="sum")
+        loss_spec("reinforce")
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        loss_spec(loss_agg_mode="sum")
     with pytest.raises(ValueError, match="ptx_coef"):
-        LossSpec(kind="dpo", ptx_coef=0.1)  # the ptx term goes with policy-gradient updates
+        loss_spec("dpo", ptx_coef=0.1)  # the ptx term goes with policy-gradient updates
     with pytest.raises(ValueError, match="ptx_coef"):
-        LossSpec(ptx_coef=-0.1)
-    assert LossSpec(ptx_coef=0.1).ptx_coef == 0.1
+        loss_spec(ptx_coef=-0.1)
+    assert loss_spec(ptx_coef=0.1).algorithm.ptx_coef == 0.1
     cfg = FlywheelConfig()
     cfg.algorithm.name = "grpo"
     cfg.algorithm.kl_coef = 0.02
     cfg.learner.entropy_coef = 0.01
     spec = LossSpec.from_config(cfg, "ppo")
-    assert (spec.kind, spec.kl_coef, spec.entropy_coef) == ("ppo", 0.02, 0.01)
+    assert (spec.kind, spec.algorithm.kl_coef, spec.learner.entropy_coef) == ("ppo", 0.02, 0.01)
     cfg = FlywheelConfig.model_validate({"algorithm": {"name": "online_dpo"}})
     spec = LossSpec.from_config(cfg, "dpo")
-    assert (spec.kind, spec.kl_coef) == ("dpo", 0.0)
+    assert (spec.kind, spec.algorithm.kl_coef) == ("dpo", 0.0)
+    cfg = FlywheelConfig.model_validate({"algorithm": {"name": "ppo", "kl_coef": 0.3, "kl_in_reward": True}})
+    assert LossSpec.from_config(cfg, "ppo").algorithm.kl_coef == 0.0  # the KL is in the reward
+
+
+def test_loss_spec_is_the_config_sections_it_reads():
+    """The spec declares no setting of its own: its fields are the loss family, the policy
+    loss and copies of the algorithm and learner sections (so later edits of the config do
+    not reach it), and it pickles small for the learner actors."""
+    assert [f.name for f in dataclasses.fields(LossSpec)] == ["kind", "algorithm", "learner", "policy_loss"]
+    cfg = FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "clip_range": 0.1}})
+    spec = LossSpec.from_config(cfg, "ppo")
+    cfg.algorithm.clip_range = 0.3
+    assert spec.algorithm.clip_range == 0.1 and cfg.algorithm.clip_range == 0.3
+    data = pickle.dumps(spec)
+    assert pickle.loads(data) == spec and len(data) < 4096
+    # the config's choices are the ones the loss formulas accept
+    alg = AlgorithmConfig.model_fields
+    assert typing.get_args(alg["loss_agg_mode"].annotation) == rl_math.AGG_MODES
+    assert typing.get_args(alg["kl_estimator"].annotation) == rl_math.KL_KINDS
+    assert typing.get_args(alg["dpo_loss"].annotation) == rl_math.DPO_LOSS_TYPES
 
 
 def test_tis_cap_weights_each_tokens_policy_loss():
@@ -139,7 +164,7 @@ def test_tis_cap_weights_each_tokens_policy_loss():
     batch.sampler_logprobs = batch.old_logprobs + 0.6 * torch.randn(batch.old_logprobs.shape, generator=g)
     tb = batch.tokens
     logits = logits_for(tb, seed=4)
-    spec = LossSpec(kind="ppo", tis_cap=1.5)
+    spec = loss_spec("ppo", tis_cap=1.5)
     loss, stats = policy_terms(logits, batch, spec)
     lp = per_token_logprobs(logits, tb.input_ids)
     total, count, weights = 0.0, 0, []
@@ -156,7 +181,7 @@ def test_tis_cap_weights_each_tokens_policy_loss():
     assert stats["pg_loss"].item() == pytest.approx(total / count, rel=1e-5)
     assert stats["tis_weight_mean"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-5)
     assert min(weights) < 1 and max(weights) == 1.5  # the cap acted and some weights are below 1
-    unweighted, _ = policy_terms(logits, batch, LossSpec(kind="ppo"))
+    unweighted, _ = policy_terms(logits, batch, loss_spec("ppo"))
     assert abs(unweighted.item() - loss.item()) > 1e-3
     batch.sampler_logprobs = None
     with pytest.raises(ValueError, match="sampler_logprobs"):
@@ -165,14 +190,14 @@ def test_tis_cap_weights_each_tokens_policy_loss():
 
 def test_tis_cap_config():
     with pytest.raises(ValueError, match="tis_cap"):
-        LossSpec(kind="dpo", tis_cap=2.0)
+        loss_spec("dpo", tis_cap=2.0)
     with pytest.raises(ValueError, match="tis_cap"):
-        LossSpec(tis_cap=0.0)
+        loss_spec(tis_cap=0.0)
     cfg = FlywheelConfig()
     cfg.algorithm.name = "grpo"
     cfg.algorithm.tis_cap = 2.0
-    assert LossSpec.from_config(cfg, "ppo").tis_cap == 2.0
-    assert LossSpec.from_config(FlywheelConfig(), "ppo").tis_cap is None
+    assert LossSpec.from_config(cfg, "ppo").algorithm.tis_cap == 2.0
+    assert LossSpec.from_config(FlywheelConfig(), "ppo").algorithm.tis_cap is None
 
 
 def test_minibatch_bounds_and_update_plan():
@@ -189,13 +214,13 @@ def test_minibatch_bounds_and_update_plan():
         shards.append(PolicyBatch(tokens=TokenBatch(torch.ones_like(mask), torch.ones_like(mask), mask),
                                   ptx=TokenBatch(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
                                                  torch.tensor([[0, 1], [1, 1], [0, 0]]))))
-    plan = plan_update(shards, LossSpec(kind="ppo", epochs=3, minibatch_size=4))
+    plan = plan_update(shards, loss_spec("ppo", ppo_epochs=3, ppo_minibatch_size=4))
     assert plan.bounds == ((0, 2), (2, 4)) and plan.scale == 2.0 and plan.optimizer_steps == 6
     assert plan.denominators == (3 + 4, 3 + 1)  # response tokens of rows 0-1 / 2-3 on both ranks
     assert plan.ptx_bounds == ((0, 2), (2, 3)) and plan.ptx_denominators == (6.0, 0.0)
-    seq = plan_update(shards, LossSpec(kind="ppo", agg_mode="seq-mean-token-mean", minibatch_size=4))
+    seq = plan_update(shards, loss_spec("ppo", loss_agg_mode="seq-mean-token-mean", ppo_minibatch_size=4))
     assert seq.denominators == (4, 3)  # sequences with a response token (rank 1's row 2 has none)
     with pytest.raises(ValueError, match="raise algorithm.ppo_minibatch_size"):
-        plan_update(shards, LossSpec(kind="ppo", minibatch_size=1))  # 8 minibatches, 4 rows per rank
-    with pytest.raises(ValueError, match="ppo/grpo updates only"):
-        LossSpec(kind="dpo", epochs=2)
+        plan_update(shards, loss_spec("ppo", ppo_minibatch_size=1))  # 8 minibatches, 4 rows per rank
+    with pytest.raises(ValueError, match="'online_dpo' does not use ppo_epochs"):
+        loss_spec("dpo", ppo_epochs=2)
