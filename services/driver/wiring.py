@@ -103,19 +103,22 @@ def build_services(cfg: FlywheelConfig, policy_dir: str, needs_critic: bool, opt
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started: list = []
-    try:
-        learner = LearnerGroup(
+    try:  # every service starts at once (the rollout engines, the slowest, first); then each is waited for
+        rollout = RolloutPool(policy_dir, cfg, placement=placement["rollout"], wait=False)
+        started.append(rollout)
+        reference = ReferencePool(policy_dir, cfg.reference, dtype=cfg.model.dtype, placement=placement["reference"],
+                                  wait=False)
+        started.append(reference)
+        reward = RewardService(cfg.reward, placement=placement["reward"], wait=False)
+        started.append(reward)
+        learner = LearnerGroup(  # returns once its ranks are up (DeepSpeed's rendezvous needs them all)
             policy_dir, cfg.learner.model_copy(update={"critic": needs_critic}), dtype=cfg.model.dtype,
             total_steps=optimizer_steps, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
             placement=placement["learner"],
         )
         started.append(learner)
-        reference = ReferencePool(policy_dir, cfg.reference, dtype=cfg.model.dtype, placement=placement["reference"])
-        started.append(reference)
-        reward = RewardService(cfg.reward, placement=placement["reward"])
-        started.append(reward)
-        rollout = RolloutPool(policy_dir, cfg, placement=placement["rollout"])
-        started.append(rollout)
+        for service in (reward, reference, rollout):
+            service.wait_ready()
     except BaseException:
         for service in reversed(started):  # nothing half-started is left behind
             service.shutdown()

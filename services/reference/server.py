@@ -90,13 +90,13 @@ class ReferencePool(ActorGroup):
     (``reference.max_restarts``) and its chunk is sent again."""
 
     def __init__(self, model_dir: str, reference: ReferenceConfig, *, dtype: str | None = None,
-                 trust_remote_code: bool = False, placement: list[dict] | None = None):
+                 trust_remote_code: bool = False, placement: list[dict] | None = None, wait: bool = True):
         super().__init__(max_restarts=reference.max_restarts, restarts_setting="reference.max_restarts")
         self.cfg = reference
         r = reference.replicas
         self.spawn(ReferenceServer, [f"reference-{i}" for i in range(r)], [(str(model_dir), reference)] * r,
                    kwargs=[{"dtype": dtype, "trust_remote_code": trust_remote_code, "replica": i} for i in range(r)],
-                   resources=reference.resources.ray_options(), placement=placement)  # returns once loaded
+                   resources=reference.resources.ray_options(), placement=placement, wait=wait)
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         if len(prompt_ids) != len(response_ids):

@@ -93,7 +93,7 @@ class RewardService(ActorGroup):
     Needs ``ray.init`` to have run.
     """
 
-    def __init__(self, cfg: RewardConfig, placement: list[dict] | None = None):
+    def __init__(self, cfg: RewardConfig, placement: list[dict] | None = None, wait: bool = True):
         super().__init__(max_restarts=cfg.max_restarts, restarts_setting="reward.max_restarts")
         self.cfg = cfg
         resolved = [resolve_scorer_config(s, i) for i, s in enumerate(cfg.scorers)]
@@ -108,6 +108,7 @@ class RewardService(ActorGroup):
             [(s, i, r) for r in range(cfg.replicas) for i, s in enumerate(resolved)],
             resources=cfg.resources.ray_options(), placement=placement,
             options=[{"runtime_env": {"env_vars": env}} if env else {} for _ in range(cfg.replicas) for env in envs],
+            wait=wait,
         )
         self.replicas = [self.actors[r * k : (r + 1) * k] for r in range(cfg.replicas)]
 

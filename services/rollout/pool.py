@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 class RolloutPool(ActorGroup):
     def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = START_TIMEOUT_S,
-                 placement: list[dict] | None = None):
+                 placement: list[dict] | None = None, wait: bool = True):
         # Ray restarts a dead worker (same bundle, __init__ again: base weights, version 0);
         # after_restart then pushes the current weights before it takes work
         super().__init__(max_restarts=cfg.rollout.max_restarts, restarts_setting="rollout.max_restarts",
@@ -42,7 +42,7 @@ class RolloutPool(ActorGroup):
         self._weights = None  # object ref of the latest published weights, for restarted workers
         n = cfg.rollout.num_workers
         self.spawn(RolloutWorkerActor, [f"rollout-{i}" for i in range(n)], [(str(model_dir), cfg, i) for i in range(n)],
-                   resources=cfg.rollout.resources.ray_options(), placement=placement, max_concurrency=2)
+                   resources=cfg.rollout.resources.ray_options(), placement=placement, max_concurrency=2, wait=wait)
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec | None = None) -> list[Trajectory]:
         """Trajectories for all prompts (``sampling.n`` each), in prompt order."""

@@ -7,6 +7,7 @@ transport differs (see weight_sync.py). ``RolloutWorkerActor`` is the thin Ray a
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -150,7 +151,11 @@ class RolloutWorker:
         return self.version
 
     def engine_process_ids(self) -> list[int]:
-        """PIDs of the engine processes vLLM spawned (for operators and fault tests)."""
+        """PIDs of the processes the engine runs in (for operators and fault tests): this one
+        (the engine core runs in-process), or those vLLM spawned with
+        VLLM_ENABLE_V1_MULTIPROCESSING=1."""
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            return [os.getpid()]
         import psutil
 
         return [child.pid for child in psutil.Process().children(recursive=True)]
