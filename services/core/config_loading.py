@@ -182,7 +182,6 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Flywhe
     """Read YAML (file or preset name), apply dotted overrides, validate. Raises UserError."""
     path = resolve_config_path(name_or_path)
     text = read_utf8(path)
-    source = str(path) if Path(name_or_path).is_file() else f"preset {name_or_path} ({path})"
     try:
         root = yaml.compose(text)
         tree = yaml.safe_load(text)

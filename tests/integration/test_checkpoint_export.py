@@ -15,6 +15,7 @@ from services.driver.checkpoint import CheckpointStore, copy_policy_files
 from services.learner.export import export_checkpoint
 from services.learner.policy_learner import PolicyLearner
 from tests.conftest import run_flywheel
+from tests.loss_specs import loss_spec
 from tests.integration.test_learner import direct, hf_model, make_tokens, model_dir, ppo_batch  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]

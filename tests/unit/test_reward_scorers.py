@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import textwrap
 import typing
 
 import pytest
