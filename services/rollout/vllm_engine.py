@@ -22,8 +22,10 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
     # of 8, and a killed rollout actor would leave them behind); one engine per actor, no TP
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kvcache_gb))  # ignored on CUDA
+    import torch
     from vllm import LLM
 
+    threads = torch.get_num_threads()
     kwargs = dict(
         model=str(model_dir),
         dtype=VLLM_DTYPES[cfg.model.dtype],
@@ -34,7 +36,11 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
         trust_remote_code=cfg.model.trust_remote_code,
     )
     kwargs.update(overrides)
-    return LLM(**kwargs)
+    llm = LLM(**kwargs)
+    # the in-process engine core sets torch to 1 thread "for serving" (unless OMP_NUM_THREADS
+    # is set, as Ray sets it in actors); the rest of this process keeps its own setting
+    torch.set_num_threads(threads)
+    return llm
 
 
 def sample_texts(llm, prompts: list[str], cfg: FlywheelConfig) -> list[str]:

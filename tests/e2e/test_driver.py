@@ -26,19 +26,34 @@ def train(preset, out, sft_dir, *overrides):
     return run_train(cfg, out, progress=False)
 
 
-# PPO runs with minibatches and epochs: 64 rows in minibatches of 32, 2 epochs = 4 optimizer steps per step;
-# RLOO is the algorithm added as one file (services/algorithms/rloo.py), run on the GRPO preset
-EXTRA = {"ppo-toy": ["algorithm.ppo_epochs=2", "algorithm.ppo_minibatch_size=32"], "rloo": ["algorithm.name=rloo"]}
+# One run per algorithm, each checking what its preset's run must show plus the features that
+# run exercises (several checks on one run, one stack start each):
+# - ppo-toy runs with minibatches and epochs: 64 rows in minibatches of 32, 2 epochs = 4
+#   optimizer steps per step;
+# - grpo-toy: 8 prompts, 4 per step: steps 1-2 explore every prompt, later steps draw by reward
+#   variance; the PPO-ptx term mixes the toy SFT rows into every update; the truncated-IS
+#   weights (algorithm.tis_cap) are 1 up to float noise, since engine and learner agree in fp32;
+# - dpo-toy with the CHES filter dropping the most-alike quarter of the pairs;
+# - RLOO, the algorithm added as one file (services/algorithms/rloo.py), on the GRPO preset.
+CASES = {
+    "ppo-toy": ("ppo-toy", 3, ["algorithm.ppo_epochs=2", "algorithm.ppo_minibatch_size=32"]),
+    "grpo-toy": ("grpo-toy", 5, [
+        "data.toy_size=8", "rollout.prompts_per_step=4", "data.selection=reward_variance", "data.selection_floor=0.2",
+        "algorithm.ptx_coef=0.1", "algorithm.ptx_batch_size=8", "algorithm.tis_cap=2.0",
+    ]),
+    "dpo-toy": ("dpo-toy", 4, ["algorithm.ches_filter_top=0.25", "algorithm.displacement_patience=2"]),
+    "rloo": ("grpo-toy", 3, ["algorithm.name=rloo"]),
+}
 
 
-@pytest.mark.parametrize("case", ["ppo-toy", "grpo-toy", "dpo-toy", "rloo"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_session, tmp_path):
-    preset = "grpo-toy" if case == "rloo" else case
-    records = train(preset, tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=3", "metrics.dump_rollouts=true",
-                    *EXTRA.get(case, []))
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert [r["policy_version"] for r in records] == [1, 2, 3]
+    preset, steps, extra = CASES[case]
+    records = train(preset, tmp_path, toy_sft_run["out"] / "model", f"algorithm.total_steps={steps}",
+                    "metrics.dump_rollouts=true", *extra)
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == steps
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["policy_version"] for r in records] == list(range(1, steps + 1))
     for record in read_metrics(tmp_path / "metrics.jsonl"):
         for key in REQUIRED:
             assert key in record, (preset, key)
@@ -52,6 +67,10 @@ def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_sess
         clip = [r["train/clip_frac"] for r in records]
         print(f"ppo-toy, 2 epochs x 2 minibatches: clip fraction per step {clip}")
         assert max(clip) > 0  # measured: 0.074, 0.004, 0.0 (the ratio stays near 1 as lr x |grad| shrinks)
+    if case == "grpo-toy":
+        check_selection_ptx_and_tis(records)
+    if case == "dpo-toy":
+        check_ches_filter(records)
     assert (tmp_path / "report" / "index.html").is_file()
     assert (tmp_path / "report" / "gold.png").is_file()
     assert (tmp_path / "policy" / "model.safetensors").is_file()
@@ -69,24 +88,7 @@ def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_sess
                    for d in rows)
 
 
-def test_grpo_raises_gold_reward(toy_sft_run, ray_session, tmp_path):
-    """Short form of the demo's check: GRPO against the WCO ensemble lifts the hidden gold reward."""
-    records = train("grpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=40")
-    first, last = gold_gain(records)
-    print(f"GRPO gold reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f} ({last - first:+.3f})")
-    assert last > first + 0.05
-
-
-def test_grpo_with_reward_variance_selection_ptx_and_tis(toy_sft_run, ray_session, tmp_path):
-    """8 prompts, 4 per step: steps 1-2 explore every prompt, later steps draw by variance;
-    the PPO-ptx term mixes the toy SFT rows into every update; the truncated-IS weights
-    (algorithm.tis_cap) are 1 up to float noise, since engine and learner agree in fp32."""
-    records = train(
-        "grpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=5", "data.toy_size=8",
-        "rollout.prompts_per_step=4", "data.selection=reward_variance", "data.selection_floor=0.2",
-        "algorithm.ptx_coef=0.1", "algorithm.ptx_batch_size=8", "algorithm.tis_cap=2.0",
-    )
-    assert len(records) == 5
+def check_selection_ptx_and_tis(records: list[dict]) -> None:
     for record in records:
         assert record["train/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4), record
         assert math.isfinite(record["train/ptx_nll"]) and record["train/ptx_nll"] > 0
@@ -97,12 +99,7 @@ def test_grpo_with_reward_variance_selection_ptx_and_tis(toy_sft_run, ray_sessio
     assert records[-1]["data/prompts_seen"] == 8 and records[0]["data/prompts_seen"] == 4
 
 
-def test_online_dpo_with_ches_filter(toy_sft_run, ray_session, tmp_path):
-    records = train(
-        "dpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=4",
-        "algorithm.ches_filter_top=0.25", "algorithm.displacement_patience=2",
-    )
-    assert len(records) == 4
+def check_ches_filter(records: list[dict]) -> None:
     for record in records:
         pairs, dropped = record["train/pairs"], record["dpo/ches_dropped"]
         assert dropped == math.ceil(0.25 * (pairs + dropped) - 1e-9) and dropped >= 1
@@ -110,3 +107,11 @@ def test_online_dpo_with_ches_filter(toy_sft_run, ray_session, tmp_path):
         assert record["dpo/ches_max"] >= record["dpo/ches_mean"]
         assert math.isfinite(record["dpo/chosen_logp_delta"])
         assert record["dpo/displacement_alarm"] == float(record["dpo/displacement_streak"] >= 2)
+
+
+def test_grpo_raises_gold_reward(toy_sft_run, ray_session, tmp_path):
+    """Short form of the demo's check: GRPO against the WCO ensemble lifts the hidden gold reward."""
+    records = train("grpo-toy", tmp_path, toy_sft_run["out"] / "model", "algorithm.total_steps=40")
+    first, last = gold_gain(records)
+    print(f"GRPO gold reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f} ({last - first:+.3f})")
+    assert last > first + 0.05

