@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, transformers, vllm, deepspeed, ray, pydantic, prometheus_client; print('flywheel venv ready: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
 	@touch $(STAMP)
 
+# The venv's bin first on PATH, as for the Ray heads the e2e tests start: every process then
+# builds DeepSpeed's shm op with the same ninja (the venv has its own; two ninja versions
+# take turns rebuilding it, a minute of both cores each time)
 test: install
-	$(BIN)/python -m pytest -q -rs --durations=15
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests/unit
