@@ -17,10 +17,8 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
     """An ``LLM`` sized for prompt + response lengths of ``cfg.data``; fp32 on CPU."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kvcache_gb))  # ignored on CUDA
-    import torch
     from vllm import LLM
 
-    threads = torch.get_num_threads()
     kwargs = dict(
         model=str(model_dir),
         dtype=VLLM_DTYPES[cfg.model.dtype],
@@ -31,11 +29,7 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
         trust_remote_code=cfg.model.trust_remote_code,
     )
     kwargs.update(overrides)
-    llm = LLM(**kwargs)
-    # an in-process engine core sets torch to 1 thread "for serving" (unless OMP_NUM_THREADS
-    # is set, as Ray sets it in actors); the rest of the process keeps its own setting
-    torch.set_num_threads(threads)
-    return llm
+    return LLM(**kwargs)
 
 
 def sample_texts(llm, prompts: list[str], cfg: FlywheelConfig) -> list[str]:
