@@ -105,7 +105,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     if args.steps < 20:
         raise UserError(f"--steps: the study needs at least 20 steps to show a trend, got {args.steps}")
-    run_overopt_study(args.out, steps=args.steps, kl_coef=args.kl_coef)
+    run_overopt_study(args.out, steps=args.steps, kl_coef=args.kl_coef, rl_overrides=args.overrides)
     return 0
 
 
@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/overopt", help="output directory (default: runs/overopt)")
     p.add_argument("--steps", type=int, default=120, help="GRPO steps per proxy (default: 120)")
     p.add_argument("--kl-coef", type=float, default=0.01, help="KL coefficient, weak on purpose (default: 0.01)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="overrides for every GRPO run of the study, e.g. rollout.prompts_per_step=8",
+    )
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")

@@ -33,6 +33,12 @@ def train(preset, out, sft_dir, *overrides):
 # - grpo-toy: 8 prompts, 4 per step: steps 1-2 explore every prompt, later steps draw by reward
 #   variance; the PPO-ptx term mixes the toy SFT rows into every update; the truncated-IS
 #   weights (algorithm.tis_cap) are 1 up to float noise, since engine and learner agree in fp32;
+#   and the sync invariant on a tied-embedding policy with ``lm_head.weight`` in its checkpoint
+#   (the toy SFT policy, like many hub models: vLLM builds these untied and re-ties them),
+#   ZeRO 0, on-policy: every dumped sampler log-prob of every version against a transformers
+#   forward pass of that version's checkpoint (tests/sync_check.py; before the fix of issue
+#   #14 versions >= 1 differed by up to ~0.1). The untied ZeRO-3 streaming case is in
+#   test_sync_invariant.py;
 # - dpo-toy with the CHES filter dropping the most-alike quarter of the pairs;
 # - RLOO, the algorithm added as one file (services/algorithms/rloo.py), on the GRPO preset.
 CASES = {
@@ -40,6 +46,7 @@ CASES = {
     "grpo-toy": ("grpo-toy", 5, [
         "data.toy_size=8", "rollout.prompts_per_step=4", "data.selection=reward_variance", "data.selection_floor=0.2",
         "algorithm.ptx_coef=0.1", "algorithm.ptx_batch_size=8", "algorithm.tis_cap=2.0",
+        "learner.zero_stage=0", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
     ]),
     "dpo-toy": ("dpo-toy", 4, ["algorithm.ches_filter_top=0.25", "algorithm.displacement_patience=2"]),
     "rloo": ("grpo-toy", 3, ["algorithm.name=rloo"]),
@@ -69,6 +76,7 @@ def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_sess
         assert max(clip) > 0  # measured: 0.074, 0.004, 0.0 (the ratio stays near 1 as lr x |grad| shrinks)
     if case == "grpo-toy":
         check_selection_ptx_and_tis(records)
+        check_tied_sync_invariant(tmp_path, toy_sft_run["out"] / "model", steps)
     if case == "dpo-toy":
         check_ches_filter(records)
     assert (tmp_path / "report" / "index.html").is_file()
@@ -97,6 +105,27 @@ def check_selection_ptx_and_tis(records: list[dict]) -> None:
         assert record["reward/var_p10"] <= record["reward/var_p50"]
         assert 0.0 <= record["reward/var_frac_below"] <= 1.0
     assert records[-1]["data/prompts_seen"] == 8 and records[0]["data/prompts_seen"] == 4
+
+
+def check_tied_sync_invariant(out, policy, steps: int) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from tests.sync_check import TOLERANCE, sampler_gap_by_version
+
+    config = json.loads((policy / "config.json").read_text())
+    with safe_open(str(policy / "model.safetensors"), "pt") as weights:
+        assert config["tie_word_embeddings"] and "lm_head.weight" in weights.keys()  # the case that broke
+    gaps = sampler_gap_by_version(out, policy)
+    print(f"tied ZeRO-0 on-policy: sampler vs transformers per version: {json.dumps(gaps)}")
+    assert sorted(gaps) == list(range(steps))
+    for version, gap in gaps.items():
+        assert gap["max"] <= TOLERANCE, (version, gap)
+    measured = [r for r in read_metrics(out / "metrics.jsonl") if "rollout/logprob_gap_max" in r]
+    assert [r["step"] for r in measured] == list(range(1, steps + 1))  # on-policy: every step, at no extra cost
+    for record in measured:
+        assert record["rollout/logprob_gap_alarm"] == 0.0 and record["rollout/logprob_gap_ratio_outside"] == 0.0
 
 
 def check_ches_filter(records: list[dict]) -> None:

@@ -140,19 +140,22 @@ def test_demo_runs_grpo_against_the_trained_ensemble(toy_sft_run, toy_rm_run, ra
 
 
 def test_overopt_study_writes_plot_and_table(toy_sft_run, toy_rm_run, tmp_path):
-    """`flywheel study overopt` end to end, short: four GRPO runs (single, mean, wco, uwo)
-    against the session's trained ensemble, then the plot, table and JSON."""
+    """`flywheel study overopt` end to end, short: four GRPO runs (single, mean, wco, uwo) of
+    4 prompts per step against the session's trained ensemble, then the plot, table and JSON."""
     import shutil
 
     shutil.copytree(toy_sft_run["out"], tmp_path / "sft")
     shutil.copytree(toy_rm_run["out"], tmp_path / "rm")
-    proc = run_flywheel("study", "overopt", "--out", str(tmp_path), "--steps", "20", timeout=1200)
+    proc = run_flywheel("study", "overopt", "--out", str(tmp_path), "--steps", "20",
+                        "rollout.prompts_per_step=4", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "overopt.json").read_text())
     assert list(result["summaries"]) == ["single", "mean", "wco", "uwo"] and result["steps"] == 20
+    assert result["overrides"] == ["rollout.prompts_per_step=4"]
     for proxy, s in result["summaries"].items():
         assert s["gold_peak"] >= s["gold_final"] and 1 <= s["gold_peak_step"] <= 20, proxy
         assert len(json.loads((tmp_path / proxy / "metrics.jsonl").read_text().splitlines()[-1])) > 5
+        assert "prompts_per_step: 4" in (tmp_path / proxy / "config.yaml").read_text()
     used = {p: yaml_reward(tmp_path / p) for p in result["summaries"]}
     assert used["single"] == (["rm-0"], "mean") and used["wco"] == (["rm-0", "rm-1", "rm-2"], "wco")
     assert (tmp_path / "overopt.png").stat().st_size > 20_000

@@ -86,6 +86,8 @@ def test_validate_invalid_yaml(tmp_path):
         (["validate", "missing.yaml"], "config file not found: missing.yaml"),
         (["validate", "sft-toy", "learner.lr"], "must look like section.key=value"),
         (["sft", "no-such-preset", "--out", "unused"], "unknown preset"),
+        # the study's GRPO overrides are checked before its SFT and reward models start
+        (["study", "overopt", "--out", "unused", "algorithm.bogus=1"], "algorithm.bogus: unknown key"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(args, expected):
