@@ -69,3 +69,22 @@ def sampler_gap_by_version(out: Path, initial_policy: Path, steps: set[int] | No
         result[version] = {"max": float(gap.max()), "mean": float(gap.mean()), "tokens": int(gap.numel()),
                            "trajectories": len(trajectories)}
     return result
+
+
+def check_sync_invariant(out: Path, policy: Path, versions: list[int]) -> list[dict]:
+    """Every dumped sampler log-prob of each of ``versions`` (exactly those were sampled) within
+    TOLERANCE of a transformers forward pass of that version's policy, and the run's own gap
+    monitor agreeing, without alarm; returns the metrics records that carry a gap measurement."""
+    from services.core.metrics import read_metrics
+
+    gaps = sampler_gap_by_version(out, policy)
+    print(f"{out.name}: sampler vs transformers per version: {json.dumps(gaps)}")
+    assert sorted(gaps) == versions
+    for version, gap in gaps.items():
+        assert gap["max"] <= TOLERANCE, (version, gap)
+    measured = [r for r in read_metrics(out / "metrics.jsonl") if "rollout/logprob_gap_max" in r]
+    assert measured, "the run logged no train-inference gap"
+    for record in measured:
+        assert record["rollout/logprob_gap_max"] < TOLERANCE, record
+        assert record["rollout/logprob_gap_alarm"] == 0.0 and record["rollout/logprob_gap_ratio_outside"] == 0.0
+    return measured

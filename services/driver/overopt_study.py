@@ -104,8 +104,8 @@ def run_overopt_study(out_dir: str | Path, steps: int = STUDY_STEPS, kl_coef: fl
     from rich.console import Console
     from rich.table import Table
 
-    console, out = Console(), Path(out_dir)
-    load_config("grpo-toy", rl_overrides or [])  # a bad override fails now, not after SFT and reward models
+    console, out, rl_overrides = Console(), Path(out_dir), list(rl_overrides or [])
+    load_config("grpo-toy", rl_overrides)  # a bad override fails now, not after SFT and reward models
     out.mkdir(parents=True, exist_ok=True)
     sft_cfg = load_config("sft-toy")
     console.rule("[bold]overoptimization study[/]: SFT policy and reward ensemble (reused when present)")
@@ -116,14 +116,14 @@ def run_overopt_study(out_dir: str | Path, steps: int = STUDY_STEPS, kl_coef: fl
         console.rule(f"[bold]GRPO against {proxy}[/] ({steps} steps, kl_coef {kl_coef})")
         cfg = load_config("grpo-toy", [
             f"model.path={policy}", f"algorithm.total_steps={steps}", f"algorithm.kl_coef={kl_coef}",
-            *proxy_overrides(proxy, reward["scorers"]), *(rl_overrides or []),
+            *proxy_overrides(proxy, reward["scorers"]), *rl_overrides,
         ])
         runs[proxy] = run_train(cfg, out / proxy, overwrite=True)  # a re-run of the study redoes its GRPO runs
     summaries = {proxy: summarize(records) for proxy, records in runs.items()}
     png = plot(runs, out / "overopt.png")
     write_table(summaries, out / "overopt.md")
     result = {
-        "steps": steps, "kl_coef": kl_coef, "smooth": SMOOTH, "overrides": list(rl_overrides or []),
+        "steps": steps, "kl_coef": kl_coef, "smooth": SMOOTH, "overrides": rl_overrides,
         "summaries": summaries,
         "reward_models": {k: rm[k] for k in ("label_noise_rate", "train_pairs")} | {
             "heldout_gold_accuracy": {k: v.get("gold_accuracy") for k, v in rm["eval"]["pairs"]["accuracy"].items()}

@@ -6,21 +6,20 @@ monitor (rollout/logprob_gap_*) agrees.
 
 Here: an untied copy of the toy SFT policy, ZeRO 3, streaming (max_staleness 1). The tied
 case (``lm_head.weight`` in the checkpoint, ZeRO 0, on-policy, the one that broke) is checked
-on the grpo-toy run of tests/e2e/test_driver.py. A step right after a rollout worker restart is checked in test_fault_tolerance.py, a resumed
-run's engines by the gap metrics in test_resume.py.
+on the grpo-toy run of tests/e2e/test_driver.py. A step right after a rollout worker restart
+is checked in test_fault_tolerance.py, a resumed run's engines by the gap metrics in
+test_resume.py.
 
 Before the fix of issue #14, the tied run failed: versions >= 1 differed by up to ~0.1.
 """
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from services.core.config_loading import load_config
-from services.core.metrics import read_metrics
-from tests.sync_check import TOLERANCE, make_untied_copy, sampler_gap_by_version
+from tests.sync_check import check_sync_invariant, make_untied_copy
 
 pytestmark = pytest.mark.slow
 SHORT = ["rollout.prompts_per_step=8", "checkpoint.every_steps=1", "checkpoint.keep_last=4", "metrics.dump_rollouts=true"]
@@ -33,25 +32,11 @@ def train(out, policy, *overrides):
     return run_train(cfg, out, progress=False)
 
 
-def check(out, policy, records, versions):
-    gaps = sampler_gap_by_version(out, policy)
-    print(f"{out.name}: sampler vs transformers per version: {json.dumps(gaps)}")
-    assert sorted(gaps) == versions
-    for version, gap in gaps.items():
-        assert gap["max"] <= TOLERANCE, (version, gap)
-    measured = [r for r in read_metrics(out / "metrics.jsonl") if "rollout/logprob_gap_max" in r]
-    assert measured, "the run logged no train-inference gap"
-    for record in measured:
-        assert record["rollout/logprob_gap_max"] < TOLERANCE, record
-        assert record["rollout/logprob_gap_alarm"] == 0.0 and record["rollout/logprob_gap_ratio_outside"] == 0.0
-    return measured
-
-
 def test_untied_zero3_streaming(toy_sft_run, ray_session, tmp_path):
     policy = make_untied_copy(toy_sft_run["out"] / "model", tmp_path / "untied")
     out = tmp_path / "run"
     records = train(out, policy, "algorithm.total_steps=4", "learner.zero_stage=3", "algorithm.max_staleness=1",
                     "rollout.logprob_gap_every=2")
     assert [r["rollout/staleness_max"] for r in records] == [0, 1, 1, 1]
-    measured = check(out, policy, records, versions=[0, 1, 2])
+    measured = check_sync_invariant(out, policy, versions=[0, 1, 2])
     assert [r["step"] for r in measured] == [1, 3]  # streaming: step 1, then every rollout.logprob_gap_every
