@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,test]'
 	$(BIN)/pip uninstall -q -y $(CUDA_ONLY_EXTRAS) 2>/dev/null || true
-	$(BIN)/python -c "import torch, transformers, vllm, deepspeed, ray, pydantic, prometheus_client; print('flywheel venv ready: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
+	$(BIN)/python -c "import torch, transformers, vllm, deepspeed, ray, pydantic, prometheus_client, math_verify; print('flywheel venv ready: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| ray', ray.__version__)"
 	@touch $(STAMP)
 
 # The venv's bin first on PATH, as for the Ray heads the e2e tests start: every process then

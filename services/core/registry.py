@@ -18,20 +18,25 @@ class Registry(Generic[T]):
     """``what`` names the entries in messages ("advantage estimator"); ``setting`` is the
     config field that picks one ("algorithm.name")."""
 
-    def __init__(self, what: str, setting: str, package: str | None = None):
+    def __init__(self, what: str, setting: str, package: str | None = None, modules: tuple[str, ...] = ()):
         """``package``: a package whose modules register entries when imported; they are
-        imported on the first lookup, so a new entry is one new module and nothing else."""
-        self.what, self.setting, self.package = what, setting, package
+        imported on the first lookup, so a new entry is one new module and nothing else.
+        ``modules``: more modules imported on the first lookup (entries defined next to the
+        registry's own module, which cannot import them without a cycle)."""
+        self.what, self.setting, self.package, self.modules = what, setting, package, modules
         self._entries: dict[str, T] = {}
-        self._discovered = package is None
+        self._discovered = package is None and not modules
 
     def _discover(self) -> None:
         if self._discovered:
             return
         self._discovered = True
-        package = importlib.import_module(self.package)
-        for module in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{self.package}.{module.name}")
+        names = list(self.modules)
+        if self.package is not None:
+            package = importlib.import_module(self.package)
+            names += [f"{self.package}.{module.name}" for module in pkgutil.iter_modules(package.__path__)]
+        for name in names:
+            importlib.import_module(name)
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(entry: T) -> T:

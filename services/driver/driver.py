@@ -31,6 +31,7 @@ from services.core.metrics import MetricsWriter
 from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
 from services.driver.exporter import MetricsExporter, RunMetrics
+from services.driver.held_out_eval import HeldOutEval
 from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, toy_prompt_source
@@ -38,23 +39,31 @@ from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
 from services.driver.wiring import Services, build_services
 from services.learner.losses import LossSpec
+from services.reward.aggregate import soft_overlong_penalty
 from services.reward.stats import summarize_variances, variance_by_prompt
 from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
 
 
 class Driver:
-    def __init__(self, cfg: FlywheelConfig, out_dir: str | Path, policy_dir: str | Path):
+    def __init__(self, cfg: FlywheelConfig, out_dir: str | Path, policy_dir: str | Path, prompts: list | None = None,
+                 eval_prompts: list | None = None):
+        """``prompts``, ``eval_prompts``: the run's RL and held-out prompts (``prompt_data.rl_prompts``,
+        what `flywheel train` passes); None draws the toy world's, unrendered (the in-process
+        tests), and evaluates on none."""
         self.cfg, self.out, self.policy_dir = cfg, Path(out_dir), str(policy_dir)
         self.algorithm = cfg.algorithm.name
         self.algo = get_algorithm(self.algorithm)
         self.displacement = LikelihoodDisplacementMonitor(cfg.algorithm.displacement_patience)
         self.logprob_gap = LogprobGapMonitor(cfg.rollout.gap_alarm(cfg.model.dtype))
         check_rl_settings(cfg)  # also run by `flywheel train` before the toy policy's SFT
-        self.prompts: PromptSource = toy_prompt_source(cfg)
+        self.prompts: PromptSource = (
+            toy_prompt_source(cfg) if prompts is None else PromptSource(prompts, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        )
         if cfg.data.selection == "reward_variance":
             self.prompts = VarianceSelectedPrompts(
                 self.prompts.items, seed=cfg.seed, shuffle=cfg.data.shuffle, floor=cfg.data.selection_floor
             )
+        self.held_out = HeldOutEval(cfg, eval_prompts) if eval_prompts else None
         self.executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flywheel-driver")
         self.services: list = []
         self.placement_group = None
@@ -188,6 +197,12 @@ class Driver:
         score_started = time.perf_counter()
         ensemble, tokens, ref, values, sampler, old = self._score(kept)
         scores = ensemble.scores
+        r = self.cfg.reward
+        if r.overlong_buffer:  # DAPO's soft overlong penalty on every trained-on reward
+            penalties = [soft_overlong_penalty(len(t.response_ids), self.cfg.rollout.max_tokens, r.overlong_buffer,
+                                               r.overlong_factor) for t in kept]
+            scores = [s + p for s, p in zip(scores, penalties)]
+            record["reward/overlong_penalty_mean"] = mean(penalties)
         record["timing/score_s"] = time.perf_counter() - score_started
         if self.cfg.algorithm.max_staleness == 0:  # old: the learner's, under the version that sampled
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
@@ -209,6 +224,7 @@ class Driver:
         record["timing/train_s"] = time.perf_counter() - train_started
         record.update(train_metrics)
         record.update(ensemble.summary())
+        record["reward/mean"] = mean(scores)  # what was trained on: the aggregate plus any overlong penalty
         if self.cfg.metrics.dump_rollouts:
             write_trajectories(
                 self.out / "rollouts.pb", kept, scores,
@@ -223,6 +239,7 @@ class Driver:
         record["rollout/response_length_mean"] = mean(len(t.response_ids) for t in kept)
         record["rollout/staleness_max"] = max(staleness)
         record["rollout/stop_fraction"] = mean(t.finish_reason == "stop" for t in kept)
+        record["rollout/truncated_fraction"] = mean(t.finish_reason == "length" for t in kept)  # hit max_tokens
         record["timing/rollout_s"] = rollout_s
         record["timing/learn_s"] = time.perf_counter() - started
         return record
@@ -272,6 +289,8 @@ class Driver:
                         sync_s = self._sync()
                         trajectories, rollout_s, rollout_stats = self._rollout()
                     record = self.step(step, trajectories, rollout_s)
+                    if self.held_out is not None and self.held_out.due(step):
+                        record.update(self._evaluate(in_flight))
                     record.update(gap)
                     record.update(rollout_stats)
                     record["policy_version"] = self.learner.policy_version
@@ -286,11 +305,8 @@ class Driver:
                     run_metrics.update(record)
                     records.append(record)
                     completed = step
-                    bar.set_postfix(
-                        reward=f"{record.get('reward/mean', float('nan')):.3f}",
-                        gold=f"{record.get('gold/mean', float('nan')):.3f}",
-                        refresh=False,
-                    )
+                    shown = {"reward": "reward/mean", "gold": "gold/mean"}  # gold: the toy world only
+                    bar.set_postfix({k: f"{record[v]:.3f}" for k, v in shown.items() if v in record}, refresh=False)
                     bar.update(1)
                     stopping = self.stop_signal is not None or step == last
                     if stopping or (every and step % every == 0):
@@ -315,6 +331,18 @@ class Driver:
         report = write_report(self.out)
         print(f"report: {report}")
         return records
+
+    def _evaluate(self, in_flight: Future | None) -> dict:
+        """The held-out evaluation of the weights the learner has now: the engines take them
+        first (after a streaming rollout in flight has finished, as a sync needs idle engines;
+        the next step's sync is then a no-op, so the run trains on what it would without it)."""
+        started = time.perf_counter()
+        if in_flight is not None:
+            in_flight.result()
+        self._sync()
+        record = self.held_out.run(self.rollout, self.reward)
+        record["timing/eval_s"] = time.perf_counter() - started
+        return record
 
     def _probe_due(self, step: int) -> bool:
         """Streaming: measure the log-prob gap on step 1 and every ``rollout.logprob_gap_every``

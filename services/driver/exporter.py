@@ -30,6 +30,12 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "reward/mean": ("flywheel_reward_mean", "Mean (ensemble) proxy reward of the last step's batch"),
     "reward/std": ("flywheel_reward_std", "Std of the proxy reward over the last step's batch"),
     "gold/mean": ("flywheel_gold_reward_mean", "Mean gold reward of the last step's batch"),
+    "eval/reward_mean": ("flywheel_eval_reward_mean", "Mean reward on the held-out prompts at the last evaluation"),
+    "eval/pass@1": ("flywheel_eval_pass_at_1", "pass@1 of the verifiable scorer on the held-out prompts at the last evaluation"),
+    "eval/gold_mean": ("flywheel_eval_gold_reward_mean", "Toy world: mean gold reward on the held-out prompts"),
+    "rollout/truncated_fraction": (
+        "flywheel_truncated_fraction", "Share of the last step's responses cut at rollout.max_tokens"
+    ),
     "train/kl": ("flywheel_kl", "KL to the reference policy at the last step"),
     "rollout/response_length_mean": ("flywheel_response_length_mean", "Mean response length (tokens)"),
     "dpo/ches_mean": ("flywheel_dpo_ches_mean", "Mean CHES score of the step's DPO pairs (before filtering)"),

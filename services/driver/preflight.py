@@ -9,9 +9,11 @@ seconds, not the minute it takes to start vLLM, DeepSpeed and the reward actors:
 - ``check_ports``: the Prometheus exporter's port (and Ray's metrics port) must be free;
 - ``check_context_length``: prompt + response budget within the model's context;
 - ``check_resume``: the checkpoint was trained from this model (config.json) and algorithm;
-- ``check_prompt_lengths``: RL prompts are never truncated (the reward would score a prompt
-  the policy never saw), so a prompt over ``data.max_prompt_tokens`` is an error;
 - ``check_ptx_data``: the PPO-ptx rows load.
+
+The RL prompts themselves are checked as they load (``prompt_data.rl_prompt_items``): bad
+rows, and prompts over ``data.max_prompt_tokens``, which RL never truncates (the reward
+would score a prompt the policy never saw).
 
 ``actor_user_error`` turns a user's mistake raised inside a Ray actor (a reward function
 that raises or returns NaN / the wrong number of scores) into a UserError without Ray's
@@ -177,24 +179,6 @@ def check_resume(checkpoint: Path | None, policy: Path, algorithm: str) -> dict 
     return state
 
 
-def check_prompt_lengths(prompts: list, policy: Path, cfg: FlywheelConfig) -> None:
-    """Every RL prompt within data.max_prompt_tokens, counted as vLLM counts (special tokens
-    included). RL never truncates a prompt: the reward would score text the policy never saw."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(policy), trust_remote_code=cfg.model.trust_remote_code)
-    limit = cfg.data.max_prompt_tokens
-    lengths = [len(ids) for ids in tokenizer([p.prompt for p in prompts]).input_ids]
-    over = [(n, p) for n, p in zip(lengths, prompts) if n > limit]
-    if over:
-        n, first = max(over, key=lambda pair: pair[0])
-        raise UserError(
-            f"data.max_prompt_tokens: {len(over)} of {len(prompts)} prompts are longer than {limit} tokens "
-            f"(the longest, '{first.id}', has {n}); RL does not truncate prompts: raise data.max_prompt_tokens "
-            "or shorten the prompts"
-        )
-
-
 def check_ptx_data(cfg: FlywheelConfig) -> None:
     """The PPO-ptx rows load (the learner reads them again when the actors are up)."""
     if not cfg.algorithm.ptx_coef or cfg.data.ptx_source == "toy":
@@ -242,6 +226,6 @@ def actor_user_error(exc: BaseException, metrics: Path | None) -> UserError | No
 
 __all__ = [
     "check_fresh_out", "check_rl_settings", "check_ports", "model_context", "check_context_length",
-    "check_toy_context_length", "read_model_config", "check_resume", "check_prompt_lengths", "check_ptx_data",
+    "check_toy_context_length", "read_model_config", "check_resume", "check_ptx_data",
     "last_logged_step", "actor_user_error",
 ]

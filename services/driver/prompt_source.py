@@ -14,19 +14,20 @@ import random
 from typing import Any, Iterable
 
 from services.core.errors import UserError
-from services.core.toy_world import TASKS
+from services.driver.prompt_data import toy_rows
 from services.rollout.worker import PromptItem
 
 
 def _as_item(raw: Any, index: int):
-    """A PromptItem from a PromptItem, any object with id/prompt(/columns), or a dict."""
+    """A PromptItem from a PromptItem, any object with id/prompt(/columns, prompt_ids), or a dict."""
     get = raw.get if isinstance(raw, dict) else (lambda key, default=None: getattr(raw, key, default))
-    item_id, prompt, columns = get("id"), get("prompt"), get("columns")
+    item_id, prompt, columns, prompt_ids = get("id"), get("prompt"), get("columns"), get("prompt_ids")
     if item_id is None or prompt is None:
         raise ValueError(f"prompt item {index} needs 'id' and 'prompt', got {raw!r}")
     if columns is not None and not isinstance(columns, dict):
         raise ValueError(f"prompt item {index} ({item_id!r}): columns must be a dict, got {type(columns).__name__}")
-    return PromptItem(id=str(item_id), prompt=str(prompt), columns=dict(columns) if columns else None)
+    return PromptItem(id=str(item_id), prompt=str(prompt), columns=dict(columns) if columns else None,
+                      prompt_ids=list(prompt_ids) if prompt_ids is not None else None)
 
 
 def _fingerprint(ids: list[str]) -> str:
@@ -128,18 +129,7 @@ class PromptSource:
 
 
 def toy_prompt_source(cfg) -> PromptSource:
-    """Prompts of the toy tasks in ``cfg.data.toy_tasks``: ``cfg.data.toy_size`` per task
-    (``task.prompts(n, seed=cfg.seed)``), column ``task`` = the task's name."""
-    data = cfg.data
-    if data.source != "toy":
-        raise UserError(
-            f"data.source: RL prompts come only from the toy world for now (data.source: toy), "
-            f"got {data.source!r}; file-based RL prompt datasets come later"
-        )
-    items = []
-    for name in dict.fromkeys(data.toy_tasks):  # a task listed twice would repeat its ids
-        for row in TASKS[name].prompts(data.toy_size, seed=cfg.seed):
-            items.append({"id": row.id, "prompt": row.prompt, "columns": {"task": name}})
-    if not items:
-        raise UserError("data.toy_tasks: no toy task selected; name at least one of " + ", ".join(TASKS))
-    return PromptSource(items, seed=cfg.seed, shuffle=data.shuffle)
+    """The toy world's prompts (``prompt_data.toy_rows``), as text: the engine tokenizes them."""
+    if cfg.data.source != "toy":
+        raise UserError(f"data.source: toy_prompt_source serves the toy world only, got {cfg.data.source!r}")
+    return PromptSource(toy_rows(cfg), seed=cfg.seed, shuffle=cfg.data.shuffle)

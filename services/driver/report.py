@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 PANELS: list[tuple[str, str, list[str], tuple[str, str] | None]] = [
     ("reward", "Reward (proxy, ±std)", ["reward/mean"], ("reward/mean", "reward/std")),
     ("gold", "Gold reward", ["gold/mean"], None),
+    ("eval", "Held-out evaluation", ["eval/reward_mean", "eval/gold_mean", "eval/pass@*"], None),
     ("kl", "KL to reference", ["train/kl"], None),
     ("response_length", "Response length (tokens)", ["rollout/response_length_mean"], None),
     ("timing", "Time per step (s)", ["timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
@@ -145,7 +146,11 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     images = []
+    logged = sorted({k for r in records for k in r})
     for stem, title, keys, band in PANELS:
+        # "prefix*": every logged key with that prefix and no further "/" (eval/pass@1, eval/pass@4)
+        keys = [m for k in keys for m in ([k] if not k.endswith("*") else
+                [x for x in logged if x.startswith(k[:-1]) and "/" not in x[len(k) - 1:]])]
         png = out / f"{stem}.png"
         png.unlink(missing_ok=True)  # no stale panel from an earlier report of this run
         if _plot_panel(records, title, keys, band, png):

@@ -10,6 +10,7 @@ from services.driver import preflight
 from services.driver.bootstrap import policy_dir
 from services.driver.checkpoint import resolve_resume
 from services.driver.driver import Driver
+from services.driver.prompt_data import rl_prompts
 
 
 def run_train(
@@ -34,8 +35,8 @@ def run_train(
     policy = policy_dir(cfg, out)
     preflight.check_context_length(cfg, preflight.read_model_config(policy), str(policy / "config.json"))
     preflight.check_resume(checkpoint, policy, cfg.algorithm.name)
-    driver = Driver(cfg, out, policy)
-    preflight.check_prompt_lengths(driver.prompts.items, policy, cfg)
+    prompts, held_out = rl_prompts(cfg, policy)
+    driver = Driver(cfg, out, policy, prompts=prompts, eval_prompts=held_out)
     init_ray(cfg)
     running = False
     try:

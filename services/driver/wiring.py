@@ -31,9 +31,10 @@ class Rollout(Protocol):
 
     version: int
 
-    def generate_with_stats(self, prompts: list) -> tuple[list[Trajectory], dict[str, float]]:
-        """``rollout.n_samples`` trajectories per PromptItem, in prompt order, each with the
-        sampler's log-probs and the policy version that produced it; rollout figures."""
+    def generate_with_stats(self, prompts: list, sampling: Any = None) -> tuple[list[Trajectory], dict[str, float]]:
+        """``rollout.n_samples`` trajectories per PromptItem (``sampling.n`` with a SamplingSpec),
+        in prompt order, each with the sampler's log-probs and the policy version that produced
+        it; rollout figures."""
 
     def sync_weights(self, weights: dict[str, Tensor], version: int) -> dict[str, float]:
         """Load ``weights`` as policy ``version`` into every worker; ``sync/seconds`` etc."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
 from services.core.metrics import MetricsWriter
+from services.core.prompts import prompt_text, resolve_chat_template
 from services.core.rl_math import TORCH_DTYPES
 from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.core.toy_eval import evaluate_toy
@@ -72,11 +73,15 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = sft_rows(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg, [r["prompt"] + r["response"] for r in rows])
+    model, tokenizer = load_model_and_tokenizer(cfg, [prompt_text(r["prompt"]) + r["response"] for r in rows])
+    template = resolve_chat_template(tokenizer, cfg.model.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template  # saved with the model: RL and vLLM then prompt it the same way
     truncated = {"prompt": 0, "response": 0}
     examples = [
         encode_example(
-            tokenizer, r["prompt"], r["response"], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, truncated
+            tokenizer, r["prompt"], r["response"], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, truncated,
+            template=template, system_prompt=cfg.data.system_prompt,
         )
         for r in rows
     ]

@@ -7,27 +7,27 @@ from __future__ import annotations
 from services.core import toy_world
 from services.core.config import FlywheelConfig
 from services.core.data import load_rows
+from services.core.prompts import render_exchange, render_prompt
 
 IGNORE = -100
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_prompt: int, max_response: int,
-                   truncated: dict[str, int] | None = None):
-    """Token ids and labels (IGNORE on the prompt) for one prompt/response pair. A prompt
-    over ``max_prompt`` tokens keeps its last ones, a response over ``max_response`` its
+def encode_example(tokenizer, prompt: str | list, response: str, max_prompt: int, max_response: int,
+                   truncated: dict[str, int] | None = None, template: str | None = None,
+                   system_prompt: str | None = None):
+    """Token ids and labels (IGNORE on the prompt) for one prompt/response pair, rendered as
+    RL prompts are (``services.core.prompts``; ``template``: the resolved chat template). A
+    prompt over ``max_prompt`` tokens keeps its last ones, a response over ``max_response`` its
     first ones; ``truncated`` (``{"prompt": 0, "response": 0}``) counts them."""
-    if getattr(tokenizer, "chat_template", None):
-        prompt_text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        full_text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
-        )
-        if full_text.startswith(prompt_text):
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-            response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False).input_ids
-            return _truncate(prompt_ids, response_ids, max_prompt, max_response, truncated)
-    prompt_ids = tokenizer(prompt).input_ids
+    if template is not None:
+        exchange = render_exchange(tokenizer, prompt, response, template, system_prompt)
+        if exchange is not None:
+            return _truncate(*exchange, max_prompt, max_response, truncated)
+        if not isinstance(prompt, str):
+            raise ValueError("the chat template's rendering of prompt + response does not start with the prompt's")
+        prompt_ids = tokenizer(prompt).input_ids
+    else:
+        _, prompt_ids = render_prompt(tokenizer, prompt, None)
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return _truncate(prompt_ids, response_ids, max_prompt, max_response, truncated)
 
@@ -72,7 +72,8 @@ def collate(examples, pad_id: int):
     return input_ids, attention, labels
 
 
-def sft_rows(cfg: FlywheelConfig) -> list[dict[str, str]]:
+def sft_rows(cfg: FlywheelConfig) -> list[dict]:
+    """``prompt`` (a string or a chat messages list) and ``response`` of every SFT row."""
     if cfg.data.source == "toy":
         return toy_world.sft_corpus(cfg.data.toy_tasks, cfg.data.toy_size, cfg.seed)
     keys = [cfg.data.prompt_key, cfg.data.response_key]
@@ -81,5 +82,6 @@ def sft_rows(cfg: FlywheelConfig) -> list[dict[str, str]]:
         keys,
         split=cfg.data.split,
         key_fields={cfg.data.prompt_key: "data.prompt_key", cfg.data.response_key: "data.response_key"},
+        chat_keys=(cfg.data.prompt_key,),
     )
     return [{"prompt": r[keys[0]], "response": r[keys[1]]} for r in rows]

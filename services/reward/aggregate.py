@@ -32,9 +32,12 @@ class EnsembleScores:
 
 
 def aggregate_scores(
-    member_scores: Sequence[Sequence[float]], member_names: Sequence[str], mode: str, uwo_lambda: float
+    member_scores: Sequence[Sequence[float]], member_names: Sequence[str], mode: str, uwo_lambda: float,
+    weights: Sequence[float] | None = None,
 ) -> EnsembleScores:
-    """Combine member scores [K][N] with ``rl_math.aggregate_ensemble`` (float64)."""
+    """Combine member scores [K][N] with ``rl_math.aggregate_ensemble`` (float64), each member's
+    scores first multiplied by its weight (``reward.scorers[].weight``); the member scores kept
+    for metrics are the unweighted ones."""
     import torch
 
     from services.core.rl_math import aggregate_ensemble
@@ -47,8 +50,24 @@ def aggregate_scores(
         raise ValueError(f"members returned different lengths: {[len(m) for m in member_scores]}")
     if n == 0:
         return EnsembleScores([], [[] for _ in member_scores], [], list(member_names))
-    scores, std = aggregate_ensemble(torch.tensor(member_scores, dtype=torch.float64), mode, uwo_lambda)
+    scaled = torch.tensor(member_scores, dtype=torch.float64)
+    if weights is not None:
+        if len(weights) != len(member_scores):
+            raise ValueError(f"{len(weights)} weights for {len(member_scores)} members")
+        scaled = scaled * torch.tensor(list(weights), dtype=torch.float64)[:, None]
+    scores, std = aggregate_ensemble(scaled, mode, uwo_lambda)
     return EnsembleScores(scores.tolist(), member_scores, std.tolist(), list(member_names))
 
 
-__all__ = ["EnsembleScores", "aggregate_scores"]
+def soft_overlong_penalty(length: int, max_tokens: int, buffer: int, factor: float) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to ``max_tokens - buffer``
+    tokens, then falling linearly to ``-factor`` at ``max_tokens`` (and below it past that)."""
+    if buffer <= 0:
+        return 0.0
+    start = max_tokens - buffer
+    if length <= start:
+        return 0.0
+    return -factor * min(length - start, buffer) / buffer if length <= max_tokens else -factor
+
+
+__all__ = ["EnsembleScores", "aggregate_scores", "soft_overlong_penalty"]

@@ -40,7 +40,8 @@ class RewardEnsemble:
         self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None
     ) -> EnsembleScores:
         member = [s.score(prompts, completions, columns) for s in self.scorers]
-        return aggregate_scores(member, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda)
+        return aggregate_scores(member, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda,
+                                [s.weight for s in self.cfg.scorers])
 
 
 class ScorerActor(ServiceActor):
@@ -80,7 +81,8 @@ class PendingScores:
             range(self.replica * k, (self.replica + 1) * k), lambda index: service.actors[index].score.remote(*self.args),
             "score", timeout_s, "reward.timeout_s", refs=self.refs,
         )
-        return aggregate_scores(member_scores, service.member_names, service.cfg.aggregate, service.cfg.uwo_lambda)
+        return aggregate_scores(member_scores, service.member_names, service.cfg.aggregate, service.cfg.uwo_lambda,
+                                [s.weight for s in service.cfg.scorers])
 
 
 class RewardService(ActorGroup):

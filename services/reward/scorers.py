@@ -9,6 +9,8 @@ Kinds (``ScorerConfig.kind``):
 - ``remote``: a gRPC reward server (``flywheel serve-reward``, protos/flywheel/reward/v1) at
   ``address``: its aggregate, or the member named by ``member``; bearer token from the
   environment variable ``token_env`` (see :mod:`services.reward.grpc_client`);
+- ``math_verify``, ``exact_match``, ``regex``: verifiable rewards against a prompt column
+  (services/reward/verifiable.py);
 - ``toy_gold``: the toy world's hidden gold reward;
 - ``toy_noisy_gold``: gold + N(0, noise_std²) noise fixed per (seed, prompt, completion), a
   stand-in for imperfect learned reward models in an ensemble.
@@ -87,6 +89,8 @@ class Scorer:
     The class methods take the member's ``ScorerConfig`` and ``field`` (``reward.scorers.N``,
     the prefix of every error about it)."""
 
+    verifiable = False  # scores a correct answer >= 1 (pass@k during evaluation counts those)
+
     def __init__(self, name: str):
         self.name = name
 
@@ -100,6 +104,11 @@ class Scorer:
     def from_config(cls, cfg: ScorerConfig, name: str, field: str) -> "Scorer":
         """The scorer named ``name`` for a resolved ``cfg``."""
         return cls(name)
+
+    @classmethod
+    def columns_needed(cls, cfg: ScorerConfig) -> list[str]:
+        """Prompt columns it reads, which every RL prompt must have (checked when they load)."""
+        return []
 
     @classmethod
     def actor_env(cls, cfg: ScorerConfig) -> dict[str, str]:
@@ -126,8 +135,11 @@ class Scorer:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-# kind name -> Scorer subclass; every kind is in this module, so nothing to discover
-SCORER_KINDS: Registry[type[Scorer]] = Registry("reward scorer kind", "reward.scorers[].kind")
+# kind name -> Scorer subclass: the kinds of this module, and the verifiable ones
+# (services/reward/verifiable.py, imported on the first lookup)
+SCORER_KINDS: Registry[type[Scorer]] = Registry(
+    "reward scorer kind", "reward.scorers[].kind", modules=("services.reward.verifiable",)
+)
 
 
 @SCORER_KINDS.register("toy_gold")

@@ -3,7 +3,7 @@
 Pairwise accuracy against labels and against the gold order, disagreement between ensemble
 members, and per-prompt reward variance (Razin et al. 2025). Used by the reward-model
 evaluation (services/reward/evaluation.py) and by the driver (reward variance per step,
-variance-based prompt selection).
+variance-based prompt selection), and pass@k of verifiable rewards.
 """
 
 from __future__ import annotations
@@ -107,7 +107,24 @@ def variance_summary(scores: list[float], n: int, threshold: float) -> dict[str,
     }
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k of the n samples, drawn without replacement,
+    hold at least one correct one; computed as a product, without large binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mean_pass_at_k(correct_by_prompt: Sequence[Sequence[bool]], k: int) -> float:
+    """pass@k averaged over prompts, each with its own n samples (their correctness)."""
+    return fmean(pass_at_k(len(flags), sum(map(bool, flags)), k) for flags in correct_by_prompt)
+
+
 __all__ = [
+    "pass_at_k", "mean_pass_at_k",
     "pairwise_accuracy", "gold_order_accuracy", "order_disagreement", "pearson", "mean_pairwise_correlation",
     "centered_member_std", "variance_by_prompt", "per_prompt_variance", "quantile", "summarize_variances",
     "variance_summary",

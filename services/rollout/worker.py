@@ -31,6 +31,7 @@ class PromptItem:
     prompt: str
     columns: dict[str, Any] | None = None
     seed: int | None = None
+    prompt_ids: list[int] | None = None  # what the engine is prompted with; None: it tokenizes ``prompt``
 
 
 @dataclass
@@ -39,11 +40,15 @@ class SamplingSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 32
+    top_k: int = 0
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: FlywheelConfig, **overrides) -> "SamplingSpec":
         r = cfg.rollout
-        spec = cls(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
+        spec = cls(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, top_k=r.top_k,
+                   min_tokens=r.min_tokens, stop=tuple(r.stop))
         for key, value in overrides.items():
             setattr(spec, key, value)
         return spec
@@ -64,13 +69,17 @@ class RolloutWorker:
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec) -> list[Trajectory]:
         """``sampling.n`` trajectories per prompt, each tagged with this worker's version."""
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         params = [
             SamplingParams(
                 n=sampling.n,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                top_k=sampling.top_k,
                 max_tokens=sampling.max_tokens,
+                min_tokens=sampling.min_tokens,
+                stop=list(sampling.stop) or None,
                 logprobs=0,  # the sampled token's log-prob, for importance correction
                 seed=p.seed,
             )
@@ -78,7 +87,8 @@ class RolloutWorker:
         ]
         version = self.version
         with self.metrics.track("generate"):
-            outputs = self.llm.generate([p.prompt for p in prompts], params, use_tqdm=False)
+            inputs = [p.prompt if p.prompt_ids is None else TokensPrompt(prompt_token_ids=p.prompt_ids) for p in prompts]
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         trajectories = []
         for item, out in zip(prompts, outputs, strict=True):
             for k, completion in enumerate(out.outputs):

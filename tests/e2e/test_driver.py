@@ -40,7 +40,10 @@ def train(preset, out, sft_dir, *overrides):
 #   #14 versions >= 1 differed by up to ~0.1). The untied ZeRO-3 streaming case is in
 #   test_sync_invariant.py;
 # - dpo-toy with the CHES filter dropping the most-alike quarter of the pairs;
-# - RLOO, the algorithm added as one file (services/algorithms/rloo.py), on the GRPO preset.
+# - RLOO, the algorithm added as one file (services/algorithms/rloo.py), on the GRPO preset,
+#   with its prompts from a jsonl file (the toy world's arithmetic problems, an `answer` column
+#   and one more), scored by math_verify against that column and the toy gold reward, mean
+#   with weights 2 and 1; no gold/mean (not the toy world's prompts).
 CASES = {
     "ppo-toy": ("ppo-toy", 3, ["algorithm.ppo_epochs=2", "algorithm.ppo_minibatch_size=32"]),
     "grpo-toy": ("grpo-toy", 5, [
@@ -49,13 +52,31 @@ CASES = {
         "learner.zero_stage=0", "checkpoint.every_steps=1", "checkpoint.keep_last=5",
     ]),
     "dpo-toy": ("dpo-toy", 4, ["algorithm.ches_filter_top=0.25", "algorithm.displacement_patience=2"]),
-    "rloo": ("grpo-toy", 3, ["algorithm.name=rloo"]),
+    "rloo": ("grpo-toy", 3, [
+        "algorithm.name=rloo", "data.prompt_key=question", "rollout.prompts_per_step=8",
+        "reward.scorers=[{kind: math_verify, name: verifier, weight: 2.0}, {kind: toy_gold, name: gold}]",
+        "reward.aggregate=mean",
+    ]),
 }
+
+
+def write_arithmetic_prompts(path, n: int = 32) -> list[dict]:
+    from services.core.data import write_jsonl
+    from services.core.toy_world import TASKS, arithmetic_answer
+
+    rows = [{"question": r.prompt, "answer": str(arithmetic_answer(r.prompt)), "set": "toy-arithmetic"}
+            for r in TASKS["arithmetic"].prompts(n, seed=11)]
+    write_jsonl(path, rows)
+    return rows
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_session, tmp_path):
     preset, steps, extra = CASES[case]
+    on_file = case == "rloo"
+    if on_file:
+        rows = write_arithmetic_prompts(tmp_path / "arith.jsonl")
+        extra = [*extra, f"data.source={tmp_path / 'arith.jsonl'}"]
     records = train(preset, tmp_path, toy_sft_run["out"] / "model", f"algorithm.total_steps={steps}",
                     "metrics.dump_rollouts=true", *extra)
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == steps
@@ -63,12 +84,16 @@ def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_sess
     assert [r["policy_version"] for r in records] == list(range(1, steps + 1))
     for record in read_metrics(tmp_path / "metrics.jsonl"):
         for key in REQUIRED:
+            if on_file and key == "gold/mean":
+                assert key not in record
+                continue
             assert key in record, (preset, key)
             assert math.isfinite(record[key]), (preset, key, record[key])
         assert record["rollout/logprob_gap_max"] < 1e-4, (preset, record)  # engines hold the learner's weights
     if case == "rloo":
         assert "name: rloo" in (tmp_path / "config.yaml").read_text()  # the run itself was RLOO
         assert all(r["train/groups_kept"] > 0 and math.isfinite(r["train/pg_loss"]) for r in records)
+        check_file_prompts_and_verifier(tmp_path, toy_sft_run["out"] / "model", rows, records)
     if case == "ppo-toy":  # after the first optimizer step of a batch the ratio leaves 1 and clipping acts
         assert all(r["train/optimizer_steps"] == 4 for r in records)
         clip = [r["train/clip_frac"] for r in records]
@@ -80,14 +105,14 @@ def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_sess
     if case == "dpo-toy":
         check_ches_filter(records)
     assert (tmp_path / "report" / "index.html").is_file()
-    assert (tmp_path / "report" / "gold.png").is_file()
+    assert (tmp_path / "report" / "gold.png").is_file() or on_file
     assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "policy" / "tokenizer.json").is_file()
     # the rollout dump holds every trained-on trajectory with the rewards the step logged
     from services.rpc.trajectory_io import read_trajectories
 
     dumped = list(read_trajectories(tmp_path / "rollouts.pb"))
-    members = {s.name for s in load_config(preset).reward.scorers}
+    members = {s.name for s in load_config(preset, [o for o in extra if o.startswith("reward.")]).reward.scorers}
     for record in records:
         rows = [d for d in dumped if d.step == record["step"]]
         assert rows and all(set(d.member_scores) == members for d in rows)
@@ -119,6 +144,45 @@ def check_tied_sync_invariant(out, policy, steps: int) -> None:
         assert config["tie_word_embeddings"] and "lm_head.weight" in weights.keys()  # the case that broke
     measured = check_sync_invariant(out, policy, versions=list(range(steps)))
     assert [r["step"] for r in measured] == list(range(1, steps + 1))  # on-policy: every step, at no extra cost
+
+
+def check_file_prompts_and_verifier(out, policy, rows: list[dict], records: list[dict]) -> None:
+    """The jsonl's columns reached the verifier: every dumped trajectory carries its row's
+    columns, its verifier score is math-verify's verdict on its response against the row's
+    answer (for a plain integer response: whether it is that integer), and its reward is the
+    weighted mean (2 * verifier + gold) / 2; each row was drawn once (8 per step, 32 rows),
+    prompted with exactly its question's tokens."""
+    from transformers import AutoTokenizer
+
+    from services.core.toy_world import arithmetic_reward
+    from services.reward.verifiable import math_verify_correct
+    from services.rpc.trajectory_io import read_trajectories
+
+    by_question = {r["question"]: r for r in rows}
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    dumped = list(read_trajectories(out / "rollouts.pb"))
+    plain = 0
+    for d in dumped:
+        t = d.trajectory
+        row = by_question[t.prompt]
+        assert t.columns == {"answer": row["answer"], "set": "toy-arithmetic"}
+        assert t.prompt_ids == tokenizer(row["question"]).input_ids
+        verdict = d.member_scores["verifier"]
+        assert verdict == float(math_verify_correct(t.response, row["answer"]))
+        if t.response.strip().lstrip("-").isdigit():
+            plain += 1
+            assert verdict == float(int(t.response.strip()) == int(row["answer"]))
+        assert d.member_scores["gold"] == pytest.approx(arithmetic_reward(t.prompt, t.response))
+        assert d.reward == pytest.approx((2 * verdict + d.member_scores["gold"]) / 2)
+    assert plain >= len(dumped) // 2  # most answers are plain integers, checked without math-verify
+    groups = {}
+    for d in dumped:
+        groups.setdefault(d.trajectory.prompt_id, set()).add(d.step)
+    assert len(groups) == 3 * 8 and all(len(steps) == 1 for steps in groups.values())  # once each, in one step
+    for record in records:
+        step_rows = [d for d in dumped if d.step == record["step"]]
+        mean = sum(d.member_scores["verifier"] for d in step_rows) / len(step_rows)
+        assert record["reward/member/verifier"] == pytest.approx(mean)
 
 
 def check_ches_filter(records: list[dict]) -> None:

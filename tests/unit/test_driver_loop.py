@@ -11,10 +11,12 @@ import math
 
 import pytest
 
+from services.core import toy_world
 from services.core.config_loading import load_config
 from services.core.metrics import read_metrics
 from services.driver.checkpoint import CheckpointStore
 from services.driver.driver import Driver
+from services.driver.prompt_data import toy_eval_rows
 from tests.fakes import FakeRollout, fake_policy_dir, fake_services, token_logprob
 
 REQUIRED = [
@@ -24,11 +26,12 @@ REQUIRED = [
 ]
 
 
-def run(tmp_path, *overrides, out="run", make=None, stop_after=None, resume=None):
+def run(tmp_path, *overrides, out="run", make=None, stop_after=None, resume=None, held_out=False):
+    """``held_out``: evaluate on the toy world's held-out prompts (4 of them)."""
     policy = fake_policy_dir(tmp_path / "policy")
     cfg = load_config("grpo-toy", [f"model.path={policy}", "rollout.prompts_per_step=4", "data.toy_size=8",
                                    "rollout.n_samples=2", *overrides])
-    driver = Driver(cfg, tmp_path / out, policy)
+    driver = Driver(cfg, tmp_path / out, policy, eval_prompts=toy_eval_rows(cfg)[:4] if held_out else None)
     make = make or fake_services()
     driver.build(make)
     try:
@@ -129,3 +132,26 @@ def test_stopped_and_resumed_run_repeats_the_same_steps(staleness, tmp_path):
         assert samples(resumed_batches) == samples(whole_made.rollout.generated[4:])
     else:
         assert samples(resumed_batches) == samples(whole_made.rollout.generated[3:])
+
+
+@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "streaming"])
+def test_held_out_evaluation_runs_on_the_latest_weights_and_changes_no_training(tmp_path, staleness):
+    common = ["algorithm.total_steps=5", f"algorithm.max_staleness={staleness}", "eval.n_samples=3"]
+    records, made = run(tmp_path, *common, "algorithm.eval_every=2", out="eval", held_out=True)
+    plain, plain_made = run(tmp_path, *common, out="plain")
+    evaluated = [r["step"] for r in records if "eval/reward_mean" in r]
+    assert evaluated == [2, 4, 5]  # every 2 steps and after the last
+    for record, samples in zip([r for r in records if r["step"] in evaluated], made.rollout.evaluated):
+        assert len(samples) == 4 * 3  # 4 held-out prompts x eval.n_samples
+        assert {t.policy_version for t in samples} == {record["policy_version"]}  # the learner's latest weights
+        gold = toy_world.gold_reward([t.prompt for t in samples], [t.response for t in samples])
+        assert record["eval/gold_mean"] == pytest.approx(sum(gold) / len(gold))
+        assert record["eval/member/gold"] == pytest.approx(record["eval/gold_mean"])  # the fake's gold member
+        assert record["eval/prompts"] == 4 and math.isfinite(record["eval/reward_mean"])
+    first = [(t.prompt_id, t.response) for t in made.rollout.evaluated[0]]
+    assert all([(t.prompt_id, t.response) for t in later] == first for later in made.rollout.evaluated[1:])  # same seeds
+    assert {t.prompt_id for t in made.rollout.evaluated[0]}.isdisjoint(
+        {t.prompt_id for batch in made.rollout.generated for t in batch})  # held out: never trained on
+    train_view = lambda m: [[(t.prompt_id, t.response, t.policy_version) for t in b] for b in m.rollout.generated]  # noqa: E731
+    assert train_view(made) == train_view(plain_made)  # the same batches as without evaluation
+    assert [r["reward/mean"] for r in records] == [r["reward/mean"] for r in plain]

@@ -120,7 +120,7 @@ def test_wrong_types_and_unknown_keys_name_every_field_path(good_run, tmp_path):
         "algorithm:\n  name: grpo\n"
         "rollout:\n  n_samples: four\n  temprature: 0.7\n"
         "learner:\n  micro_batch_size: [32]\n"
-        "reward:\n  scorers:\n    - {kind: python, path: r.py:fn, weight: 2}\n"
+        "reward:\n  scorers:\n    - {kind: python, path: r.py:fn, wieght: 2}\n"
         "metrics:\n  prometheus_port: http\n"
     )
     train_fails(good_run, str(config), "learner.lr=fast", expected=[
@@ -130,7 +130,7 @@ def test_wrong_types_and_unknown_keys_name_every_field_path(good_run, tmp_path):
         "(got 'four')",
         "bad.yaml:5: rollout.temprature: unknown key",
         "bad.yaml:7: learner.micro_batch_size: Input should be a valid integer",
-        "bad.yaml:10: reward.scorers.0.weight: unknown key",
+        "bad.yaml:10: reward.scorers.0.wieght: unknown key",
         "bad.yaml:12: metrics.prometheus_port: Input should be a valid integer",
     ])
     assert_user_error(flywheel("validate", "grpo-toy", "learner.lr=fast", "algorithm.nmae=grpo"),

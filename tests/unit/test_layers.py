@@ -65,6 +65,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.errors": "base",
     "services.core.estimators": "base",
     "services.core.learner_batches": "base",
+    "services.core.prompts": "base",  # a prompt (string or chat messages) as text and token ids
     "services.core.registry": "base",
     "services.core.rl_math": "base",
     "services.core.tiny_model": "base",

@@ -121,5 +121,5 @@ def _arith_prompts(n, seed):
 
 def test_toy_prompt_source_rejects_non_toy_source():
     cfg = FlywheelConfig(data={"source": "rows.jsonl"})
-    with pytest.raises(UserError, match="file-based RL prompt datasets come later"):
+    with pytest.raises(UserError, match="serves the toy world only"):
         toy_prompt_source(cfg)

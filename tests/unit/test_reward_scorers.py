@@ -77,7 +77,7 @@ def test_registered_kinds_are_the_configs_kinds():
     """A kind added to SCORER_KINDS, SCORER_FIELDS or ScorerConfig.kind alone fails here."""
     literal = set(typing.get_args(ScorerConfig.model_fields["kind"].annotation))
     assert set(SCORER_KINDS.names()) == set(SCORER_FIELDS) == literal
-    assert literal == {"hf", "python", "remote", "toy_gold", "toy_noisy_gold"}
+    assert literal == {"hf", "python", "remote", "toy_gold", "toy_noisy_gold", "math_verify", "exact_match", "regex"}
     assert all({"kind", "name"} <= fields for fields in SCORER_FIELDS.values())
 
 
@@ -91,6 +91,8 @@ def minimal_config(kind: str, tmp_path) -> ScorerConfig:
         return ScorerConfig(kind="hf", path=str(tmp_path / "rm"))
     if kind == "remote":
         return ScorerConfig(kind="remote", address="localhost:50051")
+    if kind == "regex":
+        return ScorerConfig(kind="regex", pattern=r"(-?\d+)")
     return ScorerConfig(kind=kind)
 
 
@@ -112,13 +114,17 @@ def test_every_registered_kind_builds_from_a_minimal_config(kind, tmp_path):
         assert type(scorer) is HFScorer and all(math.isfinite(x) for x in scorer.score(PROMPTS, COMPLETIONS))
     elif kind == "remote":  # building does not contact the server (nothing listens there)
         assert type(scorer) is RemoteScorer and scorer.client.address == "localhost:50051"
+    elif kind in ("math_verify", "exact_match", "regex"):  # against the default answer_key column 'answer'
+        answers = {"answer": ["3", "1", "19", "4", "2"]}
+        assert scorer.score(PROMPTS, COMPLETIONS, answers) == [0.0, 0.0, 1.0, 0.0, 0.0]
+        assert type(scorer).columns_needed(minimal_config(kind, tmp_path)) == ["answer"]
     else:
         pytest.fail(f"scorer kind '{kind}' has no case here: add its minimal config and expected scores")
 
 
 def test_unknown_kind_names_the_field_and_the_registered_kinds(tmp_path):
     cfg = ScorerConfig.model_construct(**{**ScorerConfig().model_dump(), "kind": "llm_judge"})  # past the Literal
-    registered = "hf, python, remote, toy_gold, toy_noisy_gold"
+    registered = "exact_match, hf, math_verify, python, regex, remote, toy_gold, toy_noisy_gold"
     for call in (build_scorer, resolve_scorer_config, scorer_env):
         with pytest.raises(UserError) as err:
             call(cfg, 2)
