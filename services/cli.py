@@ -9,6 +9,7 @@ import importlib
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -17,6 +18,7 @@ from services.core.config import RewardServerConfig
 from services.core.config_loading import dump_config, load_config, preset_names, resolve_config_path
 from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.driver.submit import run_submit
+from services.example import write_example
 from services.learner.export import export_checkpoint
 from services.reward.ensemble import RewardEnsemble
 
@@ -63,6 +65,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     except RunStopped as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    if args.train < 1 or args.test < 1:
+        raise UserError(f"--train and --test: at least 1 problem each, got {args.train} and {args.test}")
+    target = Path(args.dir)
+    if (target / "model").exists() or (target / "train.jsonl").exists():
+        raise UserError(f"{target}: already holds an example (model/ or train.jsonl); choose another directory")
+    summary = write_example(target, seed=args.seed, train=args.train, test=args.test)
+    print(f"wrote {summary['train']} and {summary['test']} (GSM8K format: question, answer '... #### N'), "
+          f"and {summary['model']} ({summary['parameters']:,} parameters, random init, ChatML chat template)")
     return 0
 
 
@@ -196,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="overrides for every GRPO run of the study, e.g. rollout.prompts_per_step=8",
     )
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("example", help="write a local chat test model (Qwen2) and GSM8K-format word problems to DIR")
+    p.add_argument("dir", help="output directory: DIR/model, DIR/train.jsonl, DIR/test.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="generator and model seed (default: 0)")
+    p.add_argument("--train", type=int, default=4000, help="training problems (default: 4000)")
+    p.add_argument("--test", type=int, default=200, help="held-out problems (default: 200)")
+    p.set_defaults(func=cmd_example)
 
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

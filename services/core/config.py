@@ -476,6 +476,9 @@ class EvalConfig(Section):
     n_samples: int = Field(4, ge=1, description="responses per held-out prompt (pass@1 and pass@n_samples)")
     temperature: float = Field(1.0, ge=0, description="0: greedy")
     max_prompts: int | None = Field(None, ge=1, description="evaluate on the first N held-out prompts; null: all")
+    before_training: bool = Field(
+        True, description="also evaluate the policy before the first step, as metrics.jsonl's step 0 line"
+    )
 
 
 class EnsembleConfig(Section):

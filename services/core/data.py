@@ -139,8 +139,9 @@ def _load_datasets(
             raise UserError(f"{field}: could not load dataset directory '{source}': {exc}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
+                split_field = "data.eval_split" if field == "data.eval_source" else "data.split"
                 raise UserError(
-                    f"data.split: split '{split}' not in {source}; splits: {', '.join(ds) or 'none'}"
+                    f"{split_field}: split '{split}' not in {source}; splits: {', '.join(ds) or 'none'}"
                 )
             ds = ds[split]
     else:

@@ -272,6 +272,10 @@ class Driver:
             with MetricsWriter(self.out / "metrics.jsonl", append=resume is not None) as writer, tqdm(
                 total=total, initial=self.start_step, desc=self.algorithm, unit="step", disable=not progress
             ) as bar:
+                if self.held_out is not None and self.start_step == 0 and self.cfg.eval.before_training:
+                    baseline = {"step": 0, "policy_version": self.learner.policy_version, **self._evaluate(None)}
+                    writer.write(baseline)  # the policy before RL: what the later evaluations compare with
+                    run_metrics.update(baseline)
                 in_flight = None
                 if stream:
                     in_flight = done_future(pending) if pending else self.executor.submit(self._rollout)

@@ -1,4 +1,5 @@
-"""Evaluation during RL: every ``algorithm.eval_every`` steps and after the last one, the
+"""Evaluation during RL: before the first step (``eval.before_training``: metrics.jsonl's
+step 0 line), every ``algorithm.eval_every`` steps and after the last one, the
 engines (synced to the learner's latest weights) sample ``eval.n_samples`` responses for
 each held-out prompt, the run's reward ensemble scores them with the prompts' columns, and
 the step's metrics.jsonl line gets:

@@ -31,11 +31,13 @@ def run_train(
         preflight.check_toy_context_length(cfg)  # before the toy policy's SFT
     if not overwrite:
         preflight.check_fresh_out(out, checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.path is None:  # the toy policy's SFT writes into OUT
+        out.mkdir(parents=True, exist_ok=True)
     policy = policy_dir(cfg, out)
     preflight.check_context_length(cfg, preflight.read_model_config(policy), str(policy / "config.json"))
     preflight.check_resume(checkpoint, policy, cfg.algorithm.name)
-    prompts, held_out = rl_prompts(cfg, policy)
+    prompts, held_out = rl_prompts(cfg, policy)  # every bad row is refused before OUT is written
+    out.mkdir(parents=True, exist_ok=True)
     driver = Driver(cfg, out, policy, prompts=prompts, eval_prompts=held_out)
     init_ray(cfg)
     running = False

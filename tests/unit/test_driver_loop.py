@@ -141,7 +141,13 @@ def test_held_out_evaluation_runs_on_the_latest_weights_and_changes_no_training(
     plain, plain_made = run(tmp_path, *common, out="plain")
     evaluated = [r["step"] for r in records if "eval/reward_mean" in r]
     assert evaluated == [2, 4, 5]  # every 2 steps and after the last
-    for record, samples in zip([r for r in records if r["step"] in evaluated], made.rollout.evaluated):
+    logged = read_metrics(tmp_path / "eval" / "metrics.jsonl")
+    baseline = logged[0]  # and before the first step, as step 0
+    assert baseline["step"] == 0 and baseline["policy_version"] == 0 and "eval/gold_mean" in baseline
+    assert [r["step"] for r in logged[1:]] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert len(made.rollout.evaluated) == 4
+    for record, samples in zip([baseline] + [r for r in records if r["step"] in evaluated], made.rollout.evaluated):
         assert len(samples) == 4 * 3  # 4 held-out prompts x eval.n_samples
         assert {t.policy_version for t in samples} == {record["policy_version"]}  # the learner's latest weights
         gold = toy_world.gold_reward([t.prompt for t in samples], [t.response for t in samples])

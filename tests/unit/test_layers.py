@@ -32,6 +32,7 @@ LAYER_OF: dict[str, str] = {
     "services.cli": "cli",
     # one module per `flywheel` subcommand (validate is the CLI itself over core)
     "services.demo": "stages",  # demo
+    "services.example": "stages",  # example
     "services.driver.overopt_study": "stages",  # study
     "services.driver.submit": "stages",  # submit
     "services.driver.train": "stages",  # train
@@ -71,6 +72,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.tiny_model": "base",
     "services.core.toy_eval": "base",  # sampling and scoring a saved policy on the toy world (transformers on call)
     "services.core.toy_world": "base",
+    "services.core.word_problems": "base",  # the GSM8K-format generator of `flywheel example`
     "services.presets": "base",
 }
 PACKAGE_ONLY = {"services", "services.core"}

@@ -140,3 +140,54 @@ def test_parquet_rows_are_named_by_row(tmp_path, policies):
     kept, overlong = render_items(toy_reward, tokenizer, file_rows(toy_reward, tokenizer, str(source)))
     assert [it["prompt"] for it in kept] == ["a", "b"] and [it["columns"] for it in kept] == [
         {"answer": "1"}, {"answer": None}] and overlong == []
+
+
+def test_flywheel_train_exits_2_on_a_bad_row_before_writing_anything(tmp_path, policies):
+    """The path users run: `flywheel train` names the file, line and key, exit 2, no traceback,
+    and OUT is not created (nothing to clean up, nothing lost)."""
+    from tests.conftest import run_flywheel
+
+    _, chat = policies
+    (chat / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 128}')
+    write_jsonl(tmp_path / "p.jsonl", [{"question": "a", "answer": "1"}, {"question": [{"role": "bot", "content": "b"}]}])
+    out = tmp_path / "out"
+    proc = run_flywheel("train", "grpo-math", "--out", str(out), f"model.path={chat}", f"data.source={tmp_path / 'p.jsonl'}",
+                        "data.eval_source=null", "algorithm.eval_every=0", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {tmp_path / 'p.jsonl'}:2: key 'question' (set by data.prompt_key" in proc.stderr
+    assert "message 0 has role 'bot'" in proc.stderr
+    assert not out.exists()
+
+
+def test_datasets_directories_and_the_held_out_prompts(tmp_path, policies):
+    import datasets
+
+    from services.driver.prompt_data import rl_prompts
+
+    plain, _ = policies
+    rows = [{"prompt": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(10)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:8]), "test": datasets.Dataset.from_list(rows[8:])}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    cfg = config(tmp_path / "ds", eval_source=str(tmp_path / "ds"))
+    cfg.algorithm.eval_every = 5
+    train, held = rl_prompts(cfg, plain)
+    assert [it["columns"]["answer"] for it in train] == [str(i + 1) for i in range(8)]  # data.split: train
+    assert [it["columns"]["answer"] for it in held] == ["9", "10"]  # data.eval_split: test
+    cfg.data.eval_split = "dev"
+    with pytest.raises(UserError, match="data.eval_split: split 'dev' not in"):
+        rl_prompts(cfg, plain)
+
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = config(tmp_path / "p.jsonl", eval_fraction=0.2)
+    cfg.algorithm.eval_every = 5
+    train, held = rl_prompts(cfg, plain)
+    assert len(train) == 8 and len(held) == 2 and not {t["id"] for t in train} & {h["id"] for h in held}
+    assert [h["id"] for h in rl_prompts(cfg, plain)[1]] == [h["id"] for h in held]  # the same split every time
+    assert rl_prompts(config(tmp_path / "p.jsonl", eval_fraction=0.2), plain)[1] == []  # no eval_every: no split
+
+    write_jsonl(tmp_path / "long.jsonl", [{"prompt": "What " * 40, "answer": "1"}])
+    cfg = config(tmp_path / "p.jsonl", eval_source=str(tmp_path / "long.jsonl"), max_prompt_tokens=20,
+                 overlong_prompts="skip")
+    cfg.algorithm.eval_every = 5
+    with pytest.raises(UserError, match=r"all 1 prompts are longer than 20 tokens.*\(the held-out prompts\)"):
+        rl_prompts(cfg, plain)  # an eval set that is empty after filtering

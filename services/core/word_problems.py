@@ -1,0 +1,65 @@
+"""A GSM8K-format dataset of small word problems, written by this project's own generator.
+
+Each row has ``question`` (one or two sentences and a question) and ``answer`` in GSM8K's
+form: a worked solution, then ``#### N`` with the final number. One operation per problem:
+addition, subtraction (never below zero) or multiplication of small numbers. ``flywheel
+example`` writes train and test splits as jsonl: SFT reads question -> answer, RL prompts
+with ``question`` and a ``math_verify`` scorer checks the ``answer`` column.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from services.core.data import write_jsonl
+
+NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia", "Noor"]
+THINGS = ["apples", "pens", "books", "shells", "coins", "stamps", "cards", "cups", "eggs", "rocks"]
+ADD = [
+    "{n} has {a} {t}. {n} gets {b} more. How many {t} does {n} have now?",
+    "{n} picks {a} {t} in the morning and {b} {t} in the afternoon. How many {t} did {n} pick?",
+]
+SUB = [
+    "{n} has {a} {t} and gives {b} away. How many {t} does {n} have left?",
+    "There are {a} {t} in a box. {n} takes out {b}. How many {t} are still in the box?",
+]
+MUL = [
+    "{n} has {a} bags with {b} {t} in each. How many {t} does {n} have?",
+]
+
+
+def word_problem(rng: random.Random) -> dict[str, str]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    kind = rng.choice(["add", "add", "sub", "sub", "mul"])
+    if kind == "add":
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        text, work, result = rng.choice(ADD), f"{a} + {b} = {a + b}", a + b
+    elif kind == "sub":
+        a = rng.randint(2, 30)
+        b = rng.randint(1, a)
+        text, work, result = rng.choice(SUB), f"{a} - {b} = {a - b}", a - b
+    else:
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
+        text, work, result = rng.choice(MUL), f"{a} * {b} = {a * b}", a * b
+    question = text.format(n=name, t=thing, a=a, b=b)
+    return {"question": question, "answer": f"{work}\n#### {result}"}
+
+
+def word_problems(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(f"word-problems-{seed}")
+    return [word_problem(rng) for _ in range(n)]
+
+
+def write_splits(directory: str | Path, train: int, test: int, seed: int) -> dict[str, Path]:
+    """DIR/train.jsonl and DIR/test.jsonl; no test question is also a train question."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = word_problems(train + test + test, seed)  # spare rows for the test questions that repeat
+    train_rows = rows[:train]
+    seen = {r["question"] for r in train_rows}
+    test_rows = [r for r in rows[train:] if r["question"] not in seen][:test]
+    paths = {"train": directory / "train.jsonl", "test": directory / "test.jsonl"}
+    write_jsonl(paths["train"], train_rows)
+    write_jsonl(paths["test"], test_rows)
+    return paths

@@ -1,0 +1,28 @@
+"""The GSM8K-format generator of `flywheel example` (services/core/word_problems.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from services.core.word_problems import word_problems, write_splits
+from services.reward.verifiable import math_verify_correct, reference_text
+
+
+def test_rows_are_gsm8k_format_with_the_right_answer():
+    rows = word_problems(300, seed=3)
+    assert rows == word_problems(300, seed=3) and rows != word_problems(300, seed=4)  # seeded
+    for row in rows:
+        work, final = row["answer"].split("\n#### ")
+        a, op, b, result = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", work).groups()
+        assert int(result) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(final)
+        assert int(result) >= 0 and row["question"].endswith("?")
+        assert reference_text(row["answer"]) == final and math_verify_correct(f"#### {final}", row["answer"])
+    assert {re.search(r"[-+*]", r["answer"]).group() for r in rows} == {"+", "-", "*"}
+
+
+def test_splits_do_not_share_a_question(tmp_path):
+    paths = write_splits(tmp_path, train=500, test=50, seed=0)
+    train, test = ([json.loads(line) for line in paths[k].read_text().splitlines()] for k in ("train", "test"))
+    assert len(train) == 500 and len(test) == 50
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
