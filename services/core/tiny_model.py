@@ -21,23 +21,29 @@ CHATML_TEMPLATE = (
 )
 
 
-def train_toy_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer (no BOS; EOS ends every response; PAD for batching)."""
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` (no BOS, no post-processor)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def train_toy_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer (no BOS; EOS ends every response; PAD for batching)."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=4096
+        tokenizer_object=train_bpe(texts, vocab_size, [EOS, PAD]), eos_token=EOS, pad_token=PAD, model_max_length=4096
     )
 
 
@@ -70,20 +76,11 @@ def build_toy_llama(cfg: ToyModelConfig, tokenizer, seed: int):
 
 def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer with ChatML special tokens and template (EOS = <|im_end|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[IM_END, PAD, IM_START],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, additional_special_tokens=[IM_START],
-        model_max_length=4096,
+        tokenizer_object=train_bpe(texts, vocab_size, [IM_END, PAD, IM_START]), eos_token=IM_END, pad_token=PAD,
+        additional_special_tokens=[IM_START], model_max_length=4096,
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
