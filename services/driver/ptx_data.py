@@ -12,7 +12,6 @@ import random
 
 from services.core.batch_types import TokenBatch
 from services.core.config import FlywheelConfig
-from services.core.prompts import resolve_chat_template
 from services.learner.sft_data import IGNORE, collate, encode_example, sft_rows
 
 
@@ -20,10 +19,9 @@ class PtxBatches:
     def __init__(self, cfg: FlywheelConfig, tokenizer):
         data = cfg.data.model_copy(update={"source": cfg.data.ptx_source})
         rows = sft_rows(cfg.model_copy(update={"data": data}))
-        template = resolve_chat_template(tokenizer, cfg.model.chat_template)
         self.examples = [
             encode_example(tokenizer, r["prompt"], r["response"], data.max_prompt_tokens, data.max_response_tokens,
-                           template=template, system_prompt=data.system_prompt)
+                           chat_template=cfg.model.chat_template, system_prompt=data.system_prompt)
             for r in rows
         ]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

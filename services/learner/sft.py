@@ -81,7 +81,7 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     examples = [
         encode_example(
             tokenizer, r["prompt"], r["response"], cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, truncated,
-            template=template, system_prompt=cfg.data.system_prompt,
+            chat_template=template, system_prompt=cfg.data.system_prompt,
         )
         for r in rows
     ]

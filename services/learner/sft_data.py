@@ -7,18 +7,20 @@ from __future__ import annotations
 from services.core import toy_world
 from services.core.config import FlywheelConfig
 from services.core.data import load_rows
-from services.core.prompts import render_exchange, render_prompt
+from services.core.prompts import render_exchange, render_prompt, resolve_chat_template
 
 IGNORE = -100
 
 
 def encode_example(tokenizer, prompt: str | list, response: str, max_prompt: int, max_response: int,
-                   truncated: dict[str, int] | None = None, template: str | None = None,
+                   truncated: dict[str, int] | None = None, chat_template: str | None = None,
                    system_prompt: str | None = None):
     """Token ids and labels (IGNORE on the prompt) for one prompt/response pair, rendered as
-    RL prompts are (``services.core.prompts``; ``template``: the resolved chat template). A
-    prompt over ``max_prompt`` tokens keeps its last ones, a response over ``max_response`` its
-    first ones; ``truncated`` (``{"prompt": 0, "response": 0}``) counts them."""
+    RL prompts are (``services.core.prompts``: through ``chat_template``, i.e. model.chat_template,
+    else the tokenizer's own template, if any). A prompt over ``max_prompt`` tokens keeps its
+    last ones, a response over ``max_response`` its first ones; ``truncated``
+    (``{"prompt": 0, "response": 0}``) counts them."""
+    template = resolve_chat_template(tokenizer, chat_template)
     if template is not None:
         exchange = render_exchange(tokenizer, prompt, response, template, system_prompt)
         if exchange is not None:
