@@ -29,6 +29,14 @@ class Trajectory:
     columns: dict[str, Any] = field(default_factory=dict)  # extra dataset columns for rewards
 
 
+def trajectory_columns(trajectories: list[Trajectory]) -> dict[str, list[Any]]:
+    """The prompts' extra columns as reward scorers take them: ``{name: [value per trajectory]}``
+    (the names of the first trajectory's columns)."""
+    if not trajectories:
+        return {}
+    return {key: [t.columns.get(key) for t in trajectories] for key in trajectories[0].columns}
+
+
 @dataclass
 class TokenBatch:
     """Right-padded prompt+response sequences. Tensors are [B, T] (torch.long / float)."""

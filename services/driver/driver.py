@@ -10,7 +10,6 @@ older than the bound is dropped, never trained on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ from statistics import mean, pstdev
 from services.algorithms import batches as alg
 from services.algorithms.base import StepInputs, get_algorithm
 from services.core import toy_world
-from services.core.batch_types import Trajectory, pad_response_values
+from services.core.batch_types import Trajectory, pad_response_values, trajectory_columns
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
 from services.core.errors import RunStopped, ServiceFailure, UserError
@@ -34,7 +33,7 @@ from services.driver.exporter import MetricsExporter, RunMetrics
 from services.driver.held_out_eval import HeldOutEval
 from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
 from services.driver.prompt_selection import VarianceSelectedPrompts
-from services.driver.prompt_source import PromptSource, toy_prompt_source
+from services.driver.prompt_source import PromptSource, sampling_seed, toy_prompt_source
 from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
 from services.driver.wiring import Services, build_services
@@ -128,8 +127,7 @@ class Driver:
         """Reward ensemble, reference log-probs and (PPO) critic values, concurrently."""
         prompts = [t.prompt for t in trajectories]
         completions = [t.response for t in trajectories]
-        columns = {key: [t.columns.get(key) for t in trajectories] for key in trajectories[0].columns}
-        pending = self.reward.submit(prompts, completions, columns)
+        pending = self.reward.submit(prompts, completions, trajectory_columns(trajectories))
         tokens = alg.build_tokens(trajectories, self.pad_id)
         ref_future = self.executor.submit(
             self.reference.logprobs, [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
@@ -449,8 +447,3 @@ def done_future(value) -> Future:
     future.set_result(value)
     return future
 
-
-def sampling_seed(run_seed: int, draw: int, prompt_id: str) -> int:
-    """vLLM seed of one prompt's samples in rollout batch ``draw`` (sample k gets seed + k)."""
-    digest = hashlib.sha256(f"{run_seed}\x00{draw}\x00{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") >> 2  # < 2**30: seed + k stays a valid int32

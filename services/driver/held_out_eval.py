@@ -17,19 +17,19 @@ evaluation and in a resumed run, so two evaluations differ by the policy only.
 
 from __future__ import annotations
 
-import hashlib
 from statistics import fmean
 
 from services.core import toy_world
+from services.core.batch_types import trajectory_columns
 from services.core.config import FlywheelConfig
+from services.driver.prompt_source import sample_seed
 from services.reward.scorers import scorer_class, scorer_name
 from services.reward.stats import mean_pass_at_k
 from services.rollout.worker import PromptItem, SamplingSpec
 
 
 def eval_seed(run_seed: int, prompt_id: str) -> int:
-    digest = hashlib.sha256(f"eval\x00{run_seed}\x00{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") >> 2  # < 2**30: seed + k stays a valid int32
+    return sample_seed("eval", run_seed, prompt_id)
 
 
 def verifiable_members(cfg: FlywheelConfig) -> list[str]:
@@ -61,9 +61,7 @@ class HeldOutEval:
         trajectories, _ = rollout.generate_with_stats(self.items, self.sampling)
         prompts = [t.prompt for t in trajectories]
         completions = [t.response for t in trajectories]
-        keys = sorted({k for item in self.items for k in (item.columns or {})})
-        columns = {k: [t.columns.get(k) for t in trajectories] for k in keys}
-        scores = reward.submit(prompts, completions, columns).result()
+        scores = reward.submit(prompts, completions, trajectory_columns(trajectories)).result()
         record = {"eval/reward_mean": fmean(scores.scores), "eval/prompts": float(len(self.items))}
         members = dict(zip(scores.member_names, scores.member_scores))
         for name, values in members.items():

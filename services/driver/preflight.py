@@ -11,7 +11,7 @@ seconds, not the minute it takes to start vLLM, DeepSpeed and the reward actors:
 - ``check_resume``: the checkpoint was trained from this model (config.json) and algorithm;
 - ``check_ptx_data``: the PPO-ptx rows load.
 
-The RL prompts themselves are checked as they load (``prompt_data.rl_prompt_items``): bad
+The RL prompts themselves are checked as they load (``prompt_data.rl_prompts``): bad
 rows, and prompts over ``data.max_prompt_tokens``, which RL never truncates (the reward
 would score a prompt the policy never saw).
 

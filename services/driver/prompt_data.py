@@ -180,8 +180,3 @@ def rl_prompts(cfg: FlywheelConfig, policy: str | Path) -> tuple[list[dict], lis
     if held_over:
         print(f"data.overlong_prompts: skip: left out {len(held_over)} of {len(held)} held-out prompts")
     return kept, held_kept
-
-
-def rl_prompt_items(cfg: FlywheelConfig, policy: str | Path) -> list[dict]:
-    """The run's training prompts (``rl_prompts`` without the held-out ones)."""
-    return rl_prompts(cfg, policy)[0]

@@ -30,6 +30,18 @@ def _as_item(raw: Any, index: int):
                       prompt_ids=list(prompt_ids) if prompt_ids is not None else None)
 
 
+def sample_seed(*parts) -> int:
+    """A vLLM seed fixed by ``parts`` (joined by NUL, hashed), below 2**30 so that sample k's
+    seed + k stays a valid int32."""
+    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 2
+
+
+def sampling_seed(run_seed: int, draw: int, prompt_id: str) -> int:
+    """vLLM seed of one prompt's samples in rollout batch ``draw`` (sample k gets seed + k)."""
+    return sample_seed(run_seed, draw, prompt_id)
+
+
 def _fingerprint(ids: list[str]) -> str:
     digest = hashlib.sha256()
     for item_id in ids:

@@ -12,7 +12,12 @@ from services.core.config import FlywheelConfig
 from services.core.data import write_jsonl
 from services.core.errors import UserError
 from services.core.tiny_model import train_toy_tokenizer
-from services.driver.prompt_data import file_rows, render_items, rl_prompt_items
+from services.driver.prompt_data import file_rows, render_items, rl_prompts
+
+def rl_prompt_items(cfg, policy) -> list[dict]:
+    """The run's training prompts, as `flywheel train` loads them."""
+    return rl_prompts(cfg, policy)[0]
+
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -161,8 +166,6 @@ def test_flywheel_train_exits_2_on_a_bad_row_before_writing_anything(tmp_path, p
 
 def test_datasets_directories_and_the_held_out_prompts(tmp_path, policies):
     import datasets
-
-    from services.driver.prompt_data import rl_prompts
 
     plain, _ = policies
     rows = [{"prompt": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(10)]
