@@ -52,7 +52,7 @@ class StateApi:
     def _list(self, resource: str, filters: list) -> list:
         from ray.util.state.common import ListApiOptions, StateResource
 
-        return self.client.list(StateResource(resource), options=ListApiOptions(filters=filters),
+        return self.client.list(StateResource(resource), options=ListApiOptions(filters=filters, limit=10_000),
                                 raise_on_missing_output=False)
 
     def actors(self, *filters) -> list:
@@ -126,14 +126,42 @@ def kill_while_running(head, actor: str, task: str, proc: subprocess.Popen, time
     raise AssertionError(f"{actor}.{task} was never seen RUNNING")
 
 
-def grpo_config(path: Path, head, toy_sft_run, prompts: int, steps: int, workers: int, extra: str) -> Path:
+def kill_while_busy(head, actor: str, task: str, proc: subprocess.Popen, busy_s: float = 0.3,
+                    timeout_s: float = 300) -> tuple[int, float]:
+    """SIGKILL the process of actor ``actor`` once it has been busy on the CPU (over a third of
+    a core in every 50 ms) for ``busy_s`` in a row; its pid is that of its ``task`` calls so far.
+    For calls shorter than the state API's delay: a rollout worker's generate calls (~0.7 s here)
+    were never seen RUNNING there while both cores were busy. A stretch that long is a generate
+    call (a weight sync of the toy model takes ~0.06 s); the test's requeue count confirms it."""
+    import psutil
+
+    pids = {t.worker_pid for t in StateApi(head).tasks() if t.name == f"{actor}.{task}" and t.worker_pid}
+    assert len(pids) == 1, f"{actor}.{task}: worker pids {pids}"
+    worker = psutil.Process(pids.pop())
+    deadline = time.monotonic() + timeout_s
+    busy_since, last = None, sum(worker.cpu_times()[:2])
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill"
+        time.sleep(0.05)
+        used = sum(worker.cpu_times()[:2])
+        busy, last = used - last > 0.05 / 3, used
+        busy_since = (busy_since or time.monotonic()) if busy else None
+        if busy_since is not None and time.monotonic() - busy_since >= busy_s:
+            worker.kill()
+            return worker.pid, time.time()
+    raise AssertionError(f"{actor} was never busy for {busy_s}s")
+
+
+def grpo_config(path: Path, head, toy_sft_run, prompts: int, steps: int, workers: int, extra: str,
+                max_tokens: int = 24, min_tokens: int = 0) -> Path:
     """A toy GRPO run of exactly one epoch (``prompts`` x ``steps`` toy prompts) on ``head``,
-    dumping every trained-on trajectory (the ledger); ``extra``: more top-level YAML sections."""
+    dumping every trained-on trajectory (the ledger); ``extra``: more top-level YAML sections;
+    ``min_tokens``: responses at least that long (a longer ``generate`` call is easier to catch)."""
     path.write_text(textwrap.dedent(f"""
         seed: 0
         model: {{path: {toy_sft_run['out'] / 'model'}}}
         data: {{source: toy, toy_tasks: [preference], toy_size: {prompts * steps}}}
-        rollout: {{num_workers: {workers}, n_samples: {SAMPLES}, prompts_per_step: {prompts}, max_tokens: 24}}
+        rollout: {{num_workers: {workers}, n_samples: {SAMPLES}, prompts_per_step: {prompts}, max_tokens: {max_tokens}, min_tokens: {min_tokens}}}
         learner: {{lr: 5.0e-4, warmup_steps: 0, micro_batch_size: 64, epochs: 1}}
         algorithm: {{name: grpo, kl_coef: 0.01, total_steps: {steps}, max_staleness: 0}}
         cluster: {{address: "{head.gcs_address}"}}
@@ -162,7 +190,10 @@ def faulted_run(head, toy_sft_run, tmp_path_factory):
             time.sleep(1.5)  # long enough to be caught mid-call
             return gold_reward(prompts, completions)
     """))
-    config = grpo_config(tmp / "grpo-fault.yaml", head, toy_sft_run, PROMPTS, STEPS, workers=2, extra=f"""
+    # every response runs to 64 tokens (the toy context's room), so a generate call lasts ~0.7 s on 2 cores (with
+    # the toy answers of ~5 tokens, ~0.1 s: on a fast machine the run ended before one was caught)
+    config = grpo_config(tmp / "grpo-fault.yaml", head, toy_sft_run, PROMPTS, STEPS, workers=2, max_tokens=64,
+                         min_tokens=64, extra=f"""
         reward:
           aggregate: mean
           scorers:
@@ -174,7 +205,7 @@ def faulted_run(head, toy_sft_run, tmp_path_factory):
     proc = start_train(head, config, out)
     try:
         wait_for_step(out, 1, proc)
-        _, rollout_killed = kill_while_running(head, "RolloutWorkerActor(rollout-1)", "generate", proc)
+        _, rollout_killed = kill_while_busy(head, "RolloutWorkerActor(rollout-1)", "generate", proc)
         deadline = time.monotonic() + 900
         while not any(r["time"] > rollout_killed for r in steps_logged(out)):
             assert proc.poll() is None and time.monotonic() < deadline, "no step finished after the rollout kill"
