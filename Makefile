@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install prometheus test test-fast demo bench lock clean protos
+.PHONY: install prometheus test test-fast demo bench bench-env bench-vs-trl lock clean protos
 
 install: $(STAMP) prometheus
 
@@ -51,6 +51,23 @@ bench: install
 	$(BIN)/python tests/bench/bench_staleness.py
 	$(BIN)/python tests/bench/bench_variance_selection.py
 	$(BIN)/python tests/bench/bench_grpc_overhead.py
+
+# TRL, for tests/bench/bench_vs_trl.py only: never a runtime dependency. .venv-bench sees
+# Flywheel's venv through a .pth file (the same torch, transformers, datasets, math-verify),
+# and only TRL and accelerate are installed into it.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.trl-installed
+bench-env: install $(BENCH_STAMP)
+
+$(BENCH_STAMP): constraints.txt
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -c "import site; open(site.getsitepackages()[0] + '/flywheel-venv.pth', 'w').write('import site; site.addsitedir(\\'$(CURDIR)/$(VENV)/lib/python3.11/site-packages\\')\\n')"
+	$(BENCH_VENV)/bin/pip install -q -c constraints.txt trl==1.16.0
+	$(BENCH_VENV)/bin/python -c "import trl, transformers, torch; print('bench venv ready: trl', trl.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
+	@touch $(BENCH_STAMP)
+
+bench-vs-trl: bench-env
+	$(BIN)/python tests/bench/bench_vs_trl.py
 
 # Regenerate services/rpc/generated/ (committed) after editing protos/; the unit tests
 # (python -m services.rpc.codegen --check) fail while it is out of date.

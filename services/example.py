@@ -14,13 +14,15 @@ from services.core.word_problems import write_splits
 
 
 def write_example(directory: str | Path, seed: int = 0, train: int = 4000, test: int = 200,
-                  vocab_size: int = 512) -> dict[str, str]:
+                  vocab_size: int = 512, **model_size) -> dict[str, str]:
+    """``model_size``: build_chat_qwen2's size arguments (hidden_size, num_layers, ...), else its
+    defaults (the walkthrough's 0.85 M-parameter model)."""
     directory = Path(directory)
     paths = write_splits(directory, train, test, seed)
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     tokenizer = train_chat_tokenizer([r["question"] + "\n" + r["answer"] for r in rows] + ["system user assistant"],
                                      vocab_size)
-    model = build_chat_qwen2(tokenizer, seed)
+    model = build_chat_qwen2(tokenizer, seed, **model_size)
     model.save_pretrained(directory / "model", safe_serialization=True)
     tokenizer.save_pretrained(directory / "model")
     longest = max(len(render_prompt(tokenizer, r["question"], tokenizer.chat_template)[1]) for r in rows)

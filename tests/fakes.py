@@ -52,8 +52,10 @@ class FakeLearner(FakeService):
     def __init__(self):
         self.policy_version = 0
         self.trained: list = []  # (policy version before the step, batch) per train step
+        self.logprob_calls = 0
 
     def logprobs(self, tokens: TokenBatch) -> torch.Tensor:
+        self.logprob_calls += 1
         lp = -0.1 * (1 + tokens.input_ids % 5).float() - 0.01 * self.policy_version
         valid = tokens.attention_mask.bool().clone()
         valid[:, 0] = False

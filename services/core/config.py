@@ -49,6 +49,11 @@ class Resources(Section):
     num_cpus: float = Field(0.0, ge=0, description="CPUs per actor (fractional is fine on a laptop)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
     custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per actor")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per actor (learner, reference); null: floor(num_cpus) when it is "
+        "at least 1, else the node's cores shared among the service's actors (Ray alone gives such an actor one "
+        "thread); on a GPU, Ray's setting"
+    )
 
     def ray_options(self) -> dict:
         """Keyword arguments for ``ActorClass.options(...)``."""
@@ -174,9 +179,10 @@ class RolloutConfig(Section):
         "null: 1e-3 for model.dtype fp32, 1.0 for bf16/fp16"
     )
     logprob_gap_every: int = Field(
-        10, ge=0, description="streaming runs (algorithm.max_staleness >= 1): measure the log-prob gap on the first "
-        "step and every N steps after it (that step waits for the next batch and runs one extra learner forward); "
-        "0: never. On-policy runs measure it on every step at no extra cost"
+        10, ge=0, description="measure the log-prob gap on the first step and every N steps after it, with one "
+        "learner forward on those steps (a streaming run's step also waits for the next batch); 0: never. On-policy "
+        "runs that need the learner's old log-probs anyway (ppo_epochs > 1, ppo_minibatch_size, tis_cap, or not "
+        "fp32) measure it on every step"
     )
 
     @model_validator(mode="after")

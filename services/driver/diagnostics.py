@@ -77,4 +77,25 @@ class LogprobGapMonitor:
         }
 
 
-__all__ = ["LikelihoodDisplacementMonitor", "LogprobGapMonitor"]
+# the step's phases as the driver times them: scoring (the reward ensemble) and reference run at the same time,
+# so their shares overlap; so does the rollout of a streaming run (max_staleness >= 1) with the rest of the step
+STEP_PHASES = {"rollout": "timing/rollout_s", "scoring": "timing/reward_s", "reference": "timing/reference_s",
+               "training": "timing/train_s", "sync": "timing/sync_s", "eval": "timing/eval_s"}
+
+
+def step_shares(record: dict, streaming: bool) -> dict[str, float]:
+    """``perf/share/<phase>``: each timed phase of the step over ``timing/step_s``, and
+    ``perf/share/driver``: the rest of the step, outside the rollout (a streaming run: only the
+    wait for it, ``timing/rollout_wait_s``), the score phase (``timing/score_s``: reward,
+    reference and learner log-probs together), training, sync and evaluation."""
+    step = record.get("timing/step_s") or 0.0
+    if step <= 0:
+        return {}
+    shares = {f"perf/share/{name}": record[key] / step for name, key in STEP_PHASES.items() if key in record}
+    on_path = ["timing/score_s", "timing/train_s", "timing/sync_s", "timing/eval_s"]
+    on_path += ["timing/rollout_wait_s"] if streaming else ["timing/rollout_s"]
+    shares["perf/share/driver"] = max(0.0, step - sum(record.get(key, 0.0) for key in on_path)) / step
+    return shares
+
+
+__all__ = ["LikelihoodDisplacementMonitor", "LogprobGapMonitor", "STEP_PHASES", "step_shares"]

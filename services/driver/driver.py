@@ -21,6 +21,7 @@ from statistics import mean, pstdev
 from services.algorithms import batches as alg
 from services.algorithms.base import StepInputs, get_algorithm
 from services.core import toy_world
+from services.core.actor_group import takes_all_cores
 from services.core.batch_types import Trajectory, pad_response_values, trajectory_columns
 from services.core.config import FlywheelConfig
 from services.core.config_loading import dump_config
@@ -28,7 +29,7 @@ from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
 from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
-from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
+from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, step_shares
 from services.driver.exporter import MetricsExporter, RunMetrics
 from services.driver.held_out_eval import HeldOutEval
 from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
@@ -63,7 +64,8 @@ class Driver:
                 self.prompts.items, seed=cfg.seed, shuffle=cfg.data.shuffle, floor=cfg.data.selection_floor
             )
         self.held_out = HeldOutEval(cfg, eval_prompts) if eval_prompts else None
-        self.executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="flywheel-driver")
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flywheel-driver")
+        self.score_timing: dict[str, float] = {}
         self.services: list = []
         self.placement_group = None
         self.draws = 0  # rollout batches drawn so far: with the run seed it fixes the sampling seeds
@@ -123,27 +125,35 @@ class Driver:
             return 0.0
         return self.rollout.sync_weights(self.learner.export_weights(), version)["sync/seconds"]
 
-    def _score(self, trajectories: list[Trajectory]):
-        """Reward ensemble, reference log-probs and (PPO) critic values, concurrently."""
+    def _score(self, trajectories: list[Trajectory], learner_old: bool):
+        """Reward ensemble, reference log-probs and (PPO) critic values, concurrently; the
+        learner's forward passes after the reference's where either takes every CPU core."""
         prompts = [t.prompt for t in trajectories]
         completions = [t.response for t in trajectories]
+        started, timing = time.perf_counter(), {}
+        self.score_timing = timing  # timing/reward_s, timing/reference_s of the last batch
         pending = self.reward.submit(prompts, completions, trajectory_columns(trajectories))
+        reward_future = self.executor.submit(pending.result)
+        reward_future.add_done_callback(lambda _: timing.setdefault("timing/reward_s", time.perf_counter() - started))
         tokens = alg.build_tokens(trajectories, self.pad_id)
         ref_future = self.executor.submit(
             self.reference.logprobs, [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
         )
+        ref_future.add_done_callback(lambda _: timing.setdefault("timing/reference_s", time.perf_counter() - started))
+        if takes_all_cores(self.cfg.learner.resources) or takes_all_cores(self.cfg.reference.resources):
+            ref_future.result()  # CPU threads on every core each: side by side they only slow each other down
         values_future: Future | None = None
         if self.algo.needs_critic:
             values_future = self.executor.submit(self.learner.values, tokens)
         old_future: Future | None = None
-        if self.cfg.algorithm.max_staleness == 0:
+        if learner_old:
             old_future = self.executor.submit(self.learner.logprobs, tokens)
-        scores = pending.result()
+        scores = reward_future.result()
         ref = pad_response_values(ref_future.result(), tokens)
         values = values_future.result() if values_future else None
         sampler = alg.sampler_logprobs(trajectories, tokens)
-        # strictly on-policy: the learner's own log-probs; off-policy: the sampler's, so the
-        # PPO ratio corrects for the staler policy that produced the samples
+        # strictly on-policy: the learner's own log-probs (where _learner_old_due); off-policy: the
+        # sampler's, so the PPO ratio corrects for the staler policy that produced the samples
         old = old_future.result() if old_future else sampler
         return scores, tokens, ref, values, sampler, old
 
@@ -193,7 +203,8 @@ class Driver:
         if not kept:
             return record
         score_started = time.perf_counter()
-        ensemble, tokens, ref, values, sampler, old = self._score(kept)
+        learner_old = self._learner_old_due(step)
+        ensemble, tokens, ref, values, sampler, old = self._score(kept, learner_old)
         scores = ensemble.scores
         r = self.cfg.reward
         if r.overlong_buffer:  # DAPO's soft overlong penalty on every trained-on reward
@@ -202,7 +213,8 @@ class Driver:
             scores = [s + p for s, p in zip(scores, penalties)]
             record["reward/overlong_penalty_mean"] = mean(penalties)
         record["timing/score_s"] = time.perf_counter() - score_started
-        if self.cfg.algorithm.max_staleness == 0:  # old: the learner's, under the version that sampled
+        record.update(self.score_timing)
+        if learner_old:  # old: the learner's, under the version that sampled
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
         batch, stats = self.algo.make_batch(
             StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner)
@@ -240,6 +252,11 @@ class Driver:
         record["rollout/truncated_fraction"] = mean(t.finish_reason == "length" for t in kept)  # hit max_tokens
         record["timing/rollout_s"] = rollout_s
         record["timing/learn_s"] = time.perf_counter() - started
+        # 0 where the batch took no rollout time here (a resumed run's first batch, from its checkpoint)
+        generated = sum(len(t.response_ids) for t in trajectories)
+        record["perf/generated_tokens_per_s"] = generated / rollout_s if rollout_s > 0 else 0.0
+        trained = sum(len(t.prompt_ids) + len(t.response_ids) for t in kept)
+        record["perf/train_tokens_per_s"] = trained / record["timing/train_s"] if record["timing/train_s"] > 0 else 0.0
         return record
 
     # ------------------------------------------------------------------ the loop
@@ -283,6 +300,7 @@ class Driver:
                     gap: dict = {}
                     if stream:
                         trajectories, rollout_s, rollout_stats = in_flight.result()
+                        rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
                         sync_s = self._sync()  # engines are idle now
                         in_flight = self.executor.submit(self._rollout) if step < total else None
                         if in_flight is not None and self._probe_due(step):
@@ -298,6 +316,9 @@ class Driver:
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
                     record["timing/step_s"] = time.perf_counter() - step_started
+                    if stream:
+                        record["timing/rollout_wait_s"] = rollout_wait_s
+                    record.update(step_shares(record, streaming=stream))
                     restarts = self.restarts()
                     for service, count in restarts.items():
                         record[f"workers/restarts/{service}"] = count - restarts_logged.get(service, 0)
@@ -346,9 +367,26 @@ class Driver:
         record["timing/eval_s"] = time.perf_counter() - started
         return record
 
+    def _learner_old_due(self, step: int) -> bool:
+        """On-policy runs: whether this step runs the learner's forward for the batch's old
+        log-probs (the PPO ratio's denominator, and the learner's side of the log-prob gap).
+        Where it changes nothing else, only on the steps that measure the gap (``_probe_due``),
+        and the sampler's log-probs stand in on the others: one optimizer step on the whole
+        batch (ppo_epochs 1, no ppo_minibatch_size) takes the ratio at the sampling weights, 1
+        either way within float noise in fp32 (the gap is ~3e-6 there), and no tis_cap. The
+        forward cost 1.1 s of an 8.5 s step on the bench-grpo workload (2 cores)."""
+        a = self.cfg.algorithm
+        if a.max_staleness:
+            return False
+        single_update = a.ppo_epochs == 1 and a.ppo_minibatch_size is None
+        if not single_update or a.tis_cap is not None or self.cfg.model.dtype != "fp32":
+            return True
+        return self._probe_due(step)
+
     def _probe_due(self, step: int) -> bool:
-        """Streaming: measure the log-prob gap on step 1 and every ``rollout.logprob_gap_every``
-        steps after it (the same steps in a resumed run)."""
+        """Measure the log-prob gap on step 1 and every ``rollout.logprob_gap_every`` steps after
+        it (the same steps in a resumed run): streaming runs, and on-policy runs whose learner
+        forward would serve only the gap (``_learner_old_due``)."""
         every = self.cfg.rollout.logprob_gap_every
         return every > 0 and (step - 1) % every == 0
 

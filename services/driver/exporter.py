@@ -38,6 +38,17 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     ),
     "train/kl": ("flywheel_kl", "KL to the reference policy at the last step"),
     "rollout/response_length_mean": ("flywheel_response_length_mean", "Mean response length (tokens)"),
+    "perf/generated_tokens_per_s": (
+        "flywheel_generated_tokens_per_second", "Response tokens the last step's rollout sampled, per second of it"
+    ),
+    "perf/train_tokens_per_s": (
+        "flywheel_train_tokens_per_second", "Prompt + response tokens the last step trained on, per second of training"
+    ),
+    **{f"perf/share/{phase}": (f"flywheel_step_share_{phase}", f"Share of the last step's wall time spent in {what}")
+       for phase, what in (("rollout", "the rollout"), ("scoring", "the reward ensemble"),
+                           ("reference", "reference log-probs"), ("training", "the learner's update"),
+                           ("sync", "the weight sync"), ("eval", "held-out evaluation"),
+                           ("driver", "none of the timed phases (driver overhead)"))},
     "dpo/ches_mean": ("flywheel_dpo_ches_mean", "Mean CHES score of the step's DPO pairs (before filtering)"),
     "dpo/chosen_logp_delta": (
         "flywheel_dpo_chosen_logp_delta", "Mean change of log p(chosen) across the last DPO update"

@@ -25,13 +25,16 @@ PANELS: list[tuple[str, str, list[str], tuple[str, str] | None]] = [
     ("eval", "Held-out evaluation", ["eval/reward_mean", "eval/gold_mean", "eval/pass@*"], None),
     ("kl", "KL to reference", ["train/kl"], None),
     ("response_length", "Response length (tokens)", ["rollout/response_length_mean"], None),
-    ("timing", "Time per step (s)", ["timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
+    ("timing", "Time per step (s, log scale: step 1's start-up apart from the steady state)", ["timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
                                      "timing/score_s", "timing/learn_s"], None),
+    ("step_shares", "Share of the step (scoring and reference overlap)", ["perf/share/*"], None),
+    ("throughput", "Tokens per second", ["perf/generated_tokens_per_s", "perf/train_tokens_per_s"], None),
     ("staleness", "Off-policy staleness", ["rollout/staleness_max", "rollout/dropped_stale"], None),
     ("loss", "Training loss", ["train/loss"], None),
     ("lr", "Learning rate", ["train/lr"], None),
 ]
 NOT_IN_TABLE = {"step", "time"}
+LOG_SCALE = {"timing"}  # panels on a log y axis
 
 
 def _read(run_dir: str | Path) -> list[dict]:
@@ -83,7 +86,7 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _plot_panel(records: list[dict], title: str, keys: list[str], band: tuple[str, str] | None,
-                path: Path) -> bool:
+                path: Path, log_y: bool = False) -> bool:
     """Draw one panel; False (and no file) when none of its keys has data."""
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
@@ -105,6 +108,8 @@ def _plot_panel(records: list[dict], title: str, keys: list[str], band: tuple[st
     if not drawn:
         return False
     ax.set_title(title)
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -153,7 +158,7 @@ def write_report(run_dir: str | Path) -> Path:
                 [x for x in logged if x.startswith(k[:-1]) and "/" not in x[len(k) - 1:]])]
         png = out / f"{stem}.png"
         png.unlink(missing_ok=True)  # no stale panel from an earlier report of this run
-        if _plot_panel(records, title, keys, band, png):
+        if _plot_panel(records, title, keys, band, png, log_y=stem in LOG_SCALE):
             images.append((png.name, title))
 
     fmt = lambda v: f"{v:.6g}"  # noqa: E731

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from services.core.actor_group import ActorGroup, ServiceActor, gather
+from services.core.actor_group import ActorGroup, ServiceActor, gather, use_cpu_threads
 from services.core.batch_types import TokenBatch
 from services.core.config import LearnerConfig
 from services.core.errors import ServiceFailure
@@ -59,6 +59,7 @@ class LearnerRank(ServiceActor):
 
     def start(self, env: dict[str, str], model_dir: str, learner: LearnerConfig, kwargs: dict) -> int:
         os.environ.update(env)
+        use_cpu_threads(learner.resources, share=self.world_size)
         self.learner = PolicyLearner(model_dir, learner, **kwargs)
         self.metrics = self.learner.metrics
         return self.rank

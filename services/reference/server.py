@@ -14,7 +14,7 @@ import torch
 from services.core.batch_types import TokenBatch, pack_sequences, response_values
 from services.core.config import ReferenceConfig
 from services.core.errors import UserError
-from services.core.actor_group import ActorGroup, ServiceActor
+from services.core.actor_group import ActorGroup, ServiceActor, use_cpu_threads
 from services.core.rl_math import TORCH_DTYPES
 from services.core.service_metrics import ServiceMetrics
 from services.learner.losses import per_token_logprobs
@@ -40,6 +40,7 @@ class ReferenceServer(ServiceActor):
 
         self.name = f"reference-{replica}"
         self.cfg = reference
+        use_cpu_threads(reference.resources, share=reference.replicas)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bf16" if self.device.type == "cuda" else "fp32")
         if dtype == "fp16" and self.device.type == "cpu":

@@ -22,7 +22,8 @@ REQUIRED = [
 def train(preset, out, sft_dir, *overrides):
     from services.driver.train import run_train
 
-    cfg = load_config(preset, [f"model.path={sft_dir}", *overrides])
+    # the gap on every step, also where the learner's forward serves only the gap (dpo-toy, rloo)
+    cfg = load_config(preset, [f"model.path={sft_dir}", "rollout.logprob_gap_every=1", *overrides])
     return run_train(cfg, out, progress=False)
 
 

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from services.core.actor_group import ActorGroup, ServiceActor, gather
+from services.core.actor_group import ActorGroup, ServiceActor, gather, takes_all_cores, use_cpu_threads
+from services.core.config import Resources
 from services.core.errors import ServiceTimeout
 from services.core.service_metrics import ServiceMetrics
 
@@ -43,6 +44,26 @@ class Toy(ServiceActor):
             raise RuntimeError("model load failed")
         self.name = f"toy-{index}"
         self.metrics = ServiceMetrics(service="toy", replica=index)
+
+
+@pytest.fixture
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_of_a_service_actor(torch_threads):
+    cores = len(os.sched_getaffinity(0))
+    assert use_cpu_threads(Resources()) == cores == torch_threads.get_num_threads()  # not Ray's one thread
+    assert use_cpu_threads(Resources(), share=cores) == 1  # as many ranks as cores: one each
+    assert use_cpu_threads(Resources(num_cpus=1.5)) == 1 == torch_threads.get_num_threads()
+    assert use_cpu_threads(Resources(num_cpus=0.5, cpu_threads=3)) == 3 == torch_threads.get_num_threads()
+    assert takes_all_cores(Resources()) and takes_all_cores(Resources(num_cpus=0.5))
+    assert not takes_all_cores(Resources(num_cpus=1)) and not takes_all_cores(Resources(cpu_threads=1))
+    assert not takes_all_cores(Resources(num_gpus=1))
 
 
 def test_service_actor_repr_before_and_after_init():

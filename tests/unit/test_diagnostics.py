@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor
+from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, step_shares
 
 
 def test_alarm_after_patience_negative_steps(caplog):
@@ -44,3 +44,19 @@ def test_logprob_gap_alarm_warns_once_per_streak(caplog):
     assert "step 2" in warnings[0] and "policy version 1" in warnings[0] and "0.13" in warnings[0]
     with pytest.raises(ValueError):
         LogprobGapMonitor(0.0)
+
+
+def test_step_shares_on_policy_and_streaming():
+    record = {"timing/step_s": 10.0, "timing/rollout_s": 2.0, "timing/score_s": 3.0, "timing/reward_s": 1.0,
+              "timing/reference_s": 2.5, "timing/train_s": 4.0, "timing/sync_s": 0.5}
+    shares = step_shares(record, streaming=False)
+    assert shares == pytest.approx({
+        "perf/share/rollout": 0.2, "perf/share/scoring": 0.1, "perf/share/reference": 0.25,
+        "perf/share/training": 0.4, "perf/share/sync": 0.05,
+        "perf/share/driver": 0.05,  # 10 - (2 + 3 + 4 + 0.5) = 0.5 s outside the phases
+    })
+    # streaming: the rollout ran beside training; only the 0.25 s the step waited for it is on its path
+    streamed = step_shares({**record, "timing/rollout_wait_s": 0.25}, streaming=True)
+    assert streamed["perf/share/rollout"] == pytest.approx(0.2)
+    assert streamed["perf/share/driver"] == pytest.approx((10 - 0.25 - 3 - 4 - 0.5) / 10)
+    assert step_shares({"timing/step_s": 0.0}, streaming=False) == {}

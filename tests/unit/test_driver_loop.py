@@ -22,7 +22,9 @@ from tests.fakes import FakeRollout, fake_policy_dir, fake_services, token_logpr
 REQUIRED = [
     "step", "policy_version", "reward/mean", "reward/std", "gold/mean", "train/kl", "train/loss",
     "rollout/response_length_mean", "timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
-    "rollout/logprob_gap_max", "rollout/logprob_gap_mean", "rollout/logprob_gap_ratio_outside",
+    "timing/reward_s", "timing/reference_s", "perf/generated_tokens_per_s", "perf/train_tokens_per_s",
+    "perf/share/rollout", "perf/share/scoring", "perf/share/reference", "perf/share/training", "perf/share/sync",
+    "perf/share/driver",
 ]
 
 
@@ -41,8 +43,11 @@ def run(tmp_path, *overrides, out="run", make=None, stop_after=None, resume=None
     return records, make.made
 
 
+GAP = ["rollout/logprob_gap_max", "rollout/logprob_gap_mean", "rollout/logprob_gap_ratio_outside"]
+
+
 def test_on_policy_loop_metrics_versions_and_prompts(tmp_path):
-    records, made = run(tmp_path, "algorithm.total_steps=4")
+    records, made = run(tmp_path, "algorithm.total_steps=4", "rollout.logprob_gap_every=3")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["policy_version"] for r in records] == [1, 2, 3, 4]
     logged = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -50,7 +55,15 @@ def test_on_policy_loop_metrics_versions_and_prompts(tmp_path):
     for record in records:
         for key in REQUIRED:
             assert key in record and math.isfinite(record[key]), key
-        assert record["rollout/logprob_gap_max"] < 1e-6  # the engine held the learner's version
+        on_path = sum(record[f"timing/{k}_s"] for k in ("rollout", "score", "train", "sync"))
+        assert on_path <= record["timing/step_s"]
+        assert record["perf/share/driver"] == pytest.approx(1 - on_path / record["timing/step_s"])
+        assert record["timing/reward_s"] <= record["timing/score_s"] and record["timing/reference_s"] <= record["timing/score_s"]
+    # one optimizer step per batch in fp32: the learner's forward for the old log-probs runs only where the
+    # gap is measured (steps 1 and 4); the sampler's log-probs are the old ones elsewhere
+    measured = [r for r in records if "rollout/logprob_gap_max" in r]
+    assert [r["step"] for r in measured] == [1, 4] and made.learner.logprob_calls == 2
+    assert all(set(GAP) <= set(r) and r["rollout/logprob_gap_max"] < 1e-6 for r in measured)  # held the version
     assert made.rollout.synced == [1, 2, 3]  # before steps 2, 3 and 4
     for version, (trained_from, batch) in enumerate(made.learner.trained):
         assert trained_from == version and batch.size == 8  # 4 prompts x 2 samples
@@ -99,7 +112,7 @@ def test_the_gap_monitor_catches_an_engine_that_ignores_syncs(tmp_path, caplog):
         return services
 
     with caplog.at_level(logging.WARNING):
-        records, _ = run(tmp_path, "algorithm.total_steps=3", make=make)
+        records, _ = run(tmp_path, "algorithm.total_steps=3", "rollout.logprob_gap_every=1", make=make)
     gaps = [r["rollout/logprob_gap_max"] for r in records]
     assert gaps[0] < 1e-6 and gaps[1] == pytest.approx(0.01, abs=1e-6) and gaps[2] == pytest.approx(0.02, abs=1e-6)
     assert [r["rollout/logprob_gap_alarm"] for r in records] == [0.0, 1.0, 1.0]
@@ -121,7 +134,7 @@ def test_stopped_and_resumed_run_repeats_the_same_steps(staleness, tmp_path):
     for a, b in zip(whole[3:], second):
         assert set(a) == set(b)
         for key in a:
-            if not key.startswith("timing/"):
+            if not key.startswith(("timing/", "perf/")):  # wall-clock figures
                 assert b[key] == a[key], (a["step"], key)
     # the resumed run sampled exactly the batches the whole run sampled for steps 4-6
     def samples(batches):
