@@ -76,7 +76,8 @@ def grpo_batch(tokenizer, learner, device_sync, prompts: int = 16, samples: int 
     generator = torch.Generator().manual_seed(1)
     prompt_ids = [render_prompt(tokenizer, word_problem(rng)["question"], tokenizer.chat_template)[1]
                   for _ in range(prompts) for _ in range(samples)]
-    response_ids = torch.randint(0, len(tokenizer), (len(prompt_ids), response), generator=generator).tolist()
+    vocab = learner.engine.module.config.vocab_size  # the tokenizer may count an added token beyond it
+    response_ids = torch.randint(0, vocab, (len(prompt_ids), response), generator=generator).tolist()
     tokens = pack_sequences(prompt_ids, response_ids, tokenizer.pad_token_id)
     rewards = torch.randint(0, 2, (len(prompt_ids),), generator=generator).float()
     std = rl_math.group_reward_std(rewards, samples)
