@@ -144,7 +144,7 @@ def check_tied_sync_invariant(out, policy, steps: int) -> None:
     with safe_open(str(policy / "model.safetensors"), "pt") as weights:
         assert config["tie_word_embeddings"] and "lm_head.weight" in weights.keys()  # the case that broke
     measured = check_sync_invariant(out, policy, versions=list(range(steps)))
-    assert [r["step"] for r in measured] == list(range(1, steps + 1))  # on-policy: every step, at no extra cost
+    assert [r["step"] for r in measured] == list(range(1, steps + 1))  # tis_cap: a learner forward every step
 
 
 def check_file_prompts_and_verifier(out, policy, rows: list[dict], records: list[dict]) -> None:

@@ -156,12 +156,13 @@ def grpo_config(path: Path, head, toy_sft_run, prompts: int, steps: int, workers
                 max_tokens: int = 24, min_tokens: int = 0) -> Path:
     """A toy GRPO run of exactly one epoch (``prompts`` x ``steps`` toy prompts) on ``head``,
     dumping every trained-on trajectory (the ledger); ``extra``: more top-level YAML sections;
-    ``min_tokens``: responses at least that long (a longer ``generate`` call is easier to catch)."""
+    ``min_tokens``: responses at least that long (a longer ``generate`` call is easier to catch).
+    The log-prob gap is measured on every step (the restart's steps are checked against it)."""
     path.write_text(textwrap.dedent(f"""
         seed: 0
         model: {{path: {toy_sft_run['out'] / 'model'}}}
         data: {{source: toy, toy_tasks: [preference], toy_size: {prompts * steps}}}
-        rollout: {{num_workers: {workers}, n_samples: {SAMPLES}, prompts_per_step: {prompts}, max_tokens: {max_tokens}, min_tokens: {min_tokens}}}
+        rollout: {{num_workers: {workers}, n_samples: {SAMPLES}, prompts_per_step: {prompts}, max_tokens: {max_tokens}, min_tokens: {min_tokens}, logprob_gap_every: 1}}
         learner: {{lr: 5.0e-4, warmup_steps: 0, micro_batch_size: 64, epochs: 1}}
         algorithm: {{name: grpo, kl_coef: 0.01, total_steps: {steps}, max_staleness: 0}}
         cluster: {{address: "{head.gcs_address}"}}
