@@ -65,7 +65,6 @@ class Driver:
             )
         self.held_out = HeldOutEval(cfg, eval_prompts) if eval_prompts else None
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flywheel-driver")
-        self.score_timing: dict[str, float] = {}
         self.services: list = []
         self.placement_group = None
         self.draws = 0  # rollout batches drawn so far: with the run seed it fixes the sampling seeds
@@ -127,11 +126,11 @@ class Driver:
 
     def _score(self, trajectories: list[Trajectory], learner_old: bool):
         """Reward ensemble, reference log-probs and (PPO) critic values, concurrently; the
-        learner's forward passes after the reference's where either takes every CPU core."""
+        learner's forward passes after the reference's where either takes every CPU core. Also
+        returns timing/reward_s and timing/reference_s, each from the start of scoring."""
         prompts = [t.prompt for t in trajectories]
         completions = [t.response for t in trajectories]
         started, timing = time.perf_counter(), {}
-        self.score_timing = timing  # timing/reward_s, timing/reference_s of the last batch
         pending = self.reward.submit(prompts, completions, trajectory_columns(trajectories))
         reward_future = self.executor.submit(pending.result)
         reward_future.add_done_callback(lambda _: timing.setdefault("timing/reward_s", time.perf_counter() - started))
@@ -155,7 +154,7 @@ class Driver:
         # strictly on-policy: the learner's own log-probs (where _learner_old_due); off-policy: the
         # sampler's, so the PPO ratio corrects for the staler policy that produced the samples
         old = old_future.result() if old_future else sampler
-        return scores, tokens, ref, values, sampler, old
+        return scores, tokens, ref, values, sampler, old, timing
 
     def _probe_gap(self, step: int, trajectories: list[Trajectory]) -> dict:
         """Streaming runs: the gap on a batch sampled by the learner's current version (before
@@ -204,7 +203,7 @@ class Driver:
             return record
         score_started = time.perf_counter()
         learner_old = self._learner_old_due(step)
-        ensemble, tokens, ref, values, sampler, old = self._score(kept, learner_old)
+        ensemble, tokens, ref, values, sampler, old, timing = self._score(kept, learner_old)
         scores = ensemble.scores
         r = self.cfg.reward
         if r.overlong_buffer:  # DAPO's soft overlong penalty on every trained-on reward
@@ -213,7 +212,7 @@ class Driver:
             scores = [s + p for s, p in zip(scores, penalties)]
             record["reward/overlong_penalty_mean"] = mean(penalties)
         record["timing/score_s"] = time.perf_counter() - score_started
-        record.update(self.score_timing)
+        record.update(timing)
         if learner_old:  # old: the learner's, under the version that sampled
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
         batch, stats = self.algo.make_batch(

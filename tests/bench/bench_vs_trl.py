@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -175,8 +176,6 @@ def main() -> int:
     for repeat in range(1, args.repeats + 1):
         runs = work / f"run{repeat}"
         if runs.exists():
-            import shutil
-
             shutil.rmtree(runs)
         runs.mkdir()
         for system, launch in SYSTEMS.items():

@@ -16,6 +16,7 @@ REQUIRED = [
     "step", "policy_version", "reward/mean", "reward/std", "gold/mean", "train/kl", "train/loss",
     "rollout/response_length_mean", "timing/step_s", "timing/rollout_s", "timing/train_s", "timing/sync_s",
     "rollout/logprob_gap_max", "rollout/logprob_gap_mean", "rollout/logprob_gap_ratio_outside",
+    "perf/generated_tokens_per_s", "perf/train_tokens_per_s", "perf/share/training", "perf/share/driver",
 ]
 
 
@@ -91,6 +92,7 @@ def test_each_algorithm_runs_and_logs_finite_metrics(case, toy_sft_run, ray_sess
             assert key in record, (preset, key)
             assert math.isfinite(record[key]), (preset, key, record[key])
         assert record["rollout/logprob_gap_max"] < 1e-4, (preset, record)  # engines hold the learner's weights
+        assert record["perf/generated_tokens_per_s"] > 0 and 0 < record["perf/share/training"] < 1, (preset, record)
     if case == "rloo":
         assert "name: rloo" in (tmp_path / "config.yaml").read_text()  # the run itself was RLOO
         assert all(r["train/groups_kept"] > 0 and math.isfinite(r["train/pg_loss"]) for r in records)

@@ -80,9 +80,7 @@ def grpo_batch(tokenizer, learner, device_sync, prompts: int = 16, samples: int 
     response_ids = torch.randint(0, vocab, (len(prompt_ids), response), generator=generator).tolist()
     tokens = pack_sequences(prompt_ids, response_ids, tokenizer.pad_token_id)
     rewards = torch.randint(0, 2, (len(prompt_ids),), generator=generator).float()
-    std = rl_math.group_reward_std(rewards, samples)
-    mean = rewards.view(-1, samples).mean(dim=1).repeat_interleave(samples)
-    advantages = ((rewards - mean) / (std.repeat_interleave(samples) + 1e-6))[:, None] * tokens.response_mask
+    advantages = rl_math.grpo_advantages(rewards, samples)[:, None] * tokens.response_mask
     old = learner.logprobs(tokens).float().cpu()
     device_sync()
     return PolicyBatch(tokens, old_logprobs=old, advantages=advantages.float(), ref_logprobs=old.clone())
