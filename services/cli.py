@@ -17,10 +17,20 @@ from services.core.cluster_check import check_cluster
 from services.core.config import RewardServerConfig
 from services.core.config_loading import dump_config, load_config, preset_names, resolve_config_path
 from services.core.errors import RunStopped, ServiceFailure, UserError
+from services.core.word_problems import MAX_NUMBER
 from services.driver.submit import run_submit
 from services.example import write_example
 from services.learner.export import export_checkpoint
 from services.reward.ensemble import RewardEnsemble
+
+
+VERBOSE = ["metrics.service_logs=terminal"]  # what --verbose adds to the overrides
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the services' own output (Ray, vLLM, DeepSpeed) in the terminal instead of "
+                        "OUT/logs/<actor>.log (metrics.service_logs=terminal)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +67,7 @@ def run_config_command(args: argparse.Namespace, module: str, function: str) -> 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after: must be at least 1, got {args.stop_after}")
-    cfg = load_config(args.config, args.overrides)  # config errors before the heavy imports
+    cfg = load_config(args.config, args.overrides + VERBOSE * args.verbose)  # config errors before heavy imports
     from services.driver.train import run_train
 
     try:
@@ -71,10 +81,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_example(args: argparse.Namespace) -> int:
     if args.train < 1 or args.test < 1:
         raise UserError(f"--train and --test: at least 1 problem each, got {args.train} and {args.test}")
+    if args.max_number < 2:
+        raise UserError(f"--max-number: at least 2, got {args.max_number}")
     target = Path(args.dir)
     if (target / "model").exists() or (target / "train.jsonl").exists():
         raise UserError(f"{target}: already holds an example (model/ or train.jsonl); choose another directory")
-    summary = write_example(target, seed=args.seed, train=args.train, test=args.test)
+    summary = write_example(target, seed=args.seed, train=args.train, test=args.test, max_number=args.max_number)
     print(f"wrote {summary['train']} and {summary['test']} (GSM8K format: question, answer '... #### N'), "
           f"and {summary['model']} ({summary['parameters']:,} parameters, random init, ChatML chat template)")
     return 0
@@ -126,7 +138,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from services.demo import run_demo
 
-    run_demo(args.out, steps=args.steps, rl_overrides=args.overrides)
+    run_demo(args.out, steps=args.steps, rl_overrides=args.overrides + VERBOSE * args.verbose)
     return 0
 
 
@@ -173,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/, report/, policy/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in OUT/checkpoints")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this run, with a checkpoint")
+    _add_verbose(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a Hugging Face model directory from a training checkpoint")
@@ -216,11 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator and model seed (default: 0)")
     p.add_argument("--train", type=int, default=4000, help="training problems (default: 4000)")
     p.add_argument("--test", type=int, default=200, help="held-out problems (default: 200)")
+    p.add_argument("--max-number", type=int, default=MAX_NUMBER,
+                   help=f"largest addend (minuends up to 1.5x, factors 2..5); the difficulty (default: {MAX_NUMBER})")
     p.set_defaults(func=cmd_example)
 
     p = sub.add_parser("demo", help="the embedded default: toy-world SFT, reward ensemble, GRPO against WCO, on local Ray")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--steps", type=int, default=150, help="GRPO steps (default: 150)")
+    _add_verbose(p)
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="overrides for the GRPO stage, e.g. metrics.prometheus_port=8000 metrics.prometheus_host=0.0.0.0",

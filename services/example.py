@@ -10,15 +10,15 @@ from pathlib import Path
 
 from services.core.prompts import render_prompt
 from services.core.tiny_model import build_chat_qwen2, train_chat_tokenizer
-from services.core.word_problems import write_splits
+from services.core.word_problems import MAX_NUMBER, write_splits
 
 
 def write_example(directory: str | Path, seed: int = 0, train: int = 4000, test: int = 200,
-                  vocab_size: int = 512, **model_size) -> dict[str, str]:
+                  vocab_size: int = 512, max_number: int = MAX_NUMBER, **model_size) -> dict[str, str]:
     """``model_size``: build_chat_qwen2's size arguments (hidden_size, num_layers, ...), else its
     defaults (the walkthrough's 0.85 M-parameter model)."""
     directory = Path(directory)
-    paths = write_splits(directory, train, test, seed)
+    paths = write_splits(directory, train, test, seed, max_number)
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
     tokenizer = train_chat_tokenizer([r["question"] + "\n" + r["answer"] for r in rows] + ["system user assistant"],
                                      vocab_size)

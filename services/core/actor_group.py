@@ -10,8 +10,11 @@ it back up to date. With restarts used up (or ``max_restarts: 0``) the call fail
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,6 +25,34 @@ from services.core.service_metrics import ServiceMetrics, merge_expositions
 log = logging.getLogger(__name__)
 METRICS_TIMEOUT_S = 30.0  # a scrape must not hang on a busy or dead actor
 START_TIMEOUT_S = 600.0  # model loads and engine start-up
+_service_log_dir: str | None = None  # set by `send_service_logs_to` in the driver process
+
+
+def send_service_logs_to(directory: str | os.PathLike | None) -> None:
+    """From now on, actors that ``ActorGroup.spawn`` starts in this process write their stdout
+    and stderr (model loading, vLLM, DeepSpeed, warnings, tracebacks) to
+    ``directory/<actor name>.log`` instead of Ray's worker logs, which Ray echoes to the
+    driver's terminal unless ``ray.init(log_to_driver=False)``; None: leave them to Ray."""
+    global _service_log_dir
+    _service_log_dir = None if directory is None else str(directory)
+
+
+def service_log_path(directory: str, name: str) -> str:
+    """``directory/<name>.log`` with the actor's name made a file name ("learner rank 0" ->
+    "learner-rank-0.log", "reward-0/rm-1" -> "reward-0-rm-1.log")."""
+    return os.path.join(directory, re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") + ".log")
+
+
+def write_output_to(path: str) -> None:
+    """Points this process's stdout and stderr (file descriptors 1 and 2, so C++ and child
+    process output too) at ``path``, appended: a restarted actor continues its file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def placed(options: dict, placement: list[dict] | None, index: int) -> dict:
@@ -72,6 +103,23 @@ class ServiceActor:
     name: str  # annotations only: no class attribute, so __repr__ sees '?' until __init__ sets it
     metrics: ServiceMetrics
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A subclass's ``__init__`` also takes ``service_log``: a file that the actor's stdout
+        and stderr go to from before its own start-up on (``ActorGroup.spawn`` passes it)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, service_log: str | None = None, **kw) -> None:
+            if service_log is not None:
+                write_output_to(service_log)
+            init(self, *args, **kw)
+
+        del __init__.__wrapped__  # Ray checks a call against inspect.signature, which would follow it
+        cls.__init__ = __init__
+
     def ready(self) -> str:
         """Answers once ``__init__`` has finished (start-up and restarts wait for it)."""
         return self.name
@@ -117,13 +165,17 @@ class ActorGroup:
         import ray
 
         remote_cls = ray.remote(actor_cls)
+        kwargs = [dict(kwargs[i]) if kwargs else {} for i in range(len(names))]
+        if _service_log_dir is not None:
+            for i, name in enumerate(names):
+                kwargs[i]["service_log"] = service_log_path(_service_log_dir, name)
         policy: dict[str, Any] = {"max_restarts": self.max_restarts, "max_task_retries": 0}
         if max_concurrency is not None:
             policy["max_concurrency"] = max_concurrency
         self.names = list(names)
         self.actors = [
             remote_cls.options(**policy, **placed(resources, placement, i), **(options[i] if options else {}))
-            .remote(*args[i], **(kwargs[i] if kwargs else {}))
+            .remote(*args[i], **kwargs[i])
             for i in range(len(self.names))
         ]
         if wait:

@@ -515,6 +515,11 @@ class MetricsConfig(Section):
         False, description="append every trained-on trajectory, with its rewards, to OUT/rollouts.pb "
         "(length-delimited flywheel.trajectory.v1.Trajectory messages)"
     )
+    service_logs: Literal["file", "terminal"] = Field(
+        "file", description="file: each service actor's output (model loading, vLLM, DeepSpeed, warnings) goes to "
+        "OUT/logs/<actor>.log and the terminal shows Flywheel's own lines; terminal: Ray echoes it all to the "
+        "terminal, as `flywheel train --verbose`"
+    )
 
 
 class CheckpointConfig(Section):

@@ -3,6 +3,7 @@ environment (`flywheel train`, and the job `flywheel submit` starts, which runs 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from services.core.config import FlywheelConfig
@@ -41,10 +42,13 @@ def init_ray(cfg: FlywheelConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.update({k: os.environ.get(k, v) for k, v in QUIET_ENGINES.items()})
+    quiet = cfg.metrics.service_logs == "file"
     ray.init(
         address=ray_address(cfg),
         namespace=cfg.cluster.namespace,
         include_dashboard=False,
+        log_to_driver=not quiet,  # quiet: the actors write OUT/logs/ (actor_group.send_service_logs_to)
+        logging_level=logging.WARNING if quiet else logging.INFO,
         runtime_env={"env_vars": driver_env_vars()},
         _metrics_export_port=cfg.metrics.ray_metrics_port,  # used only when this starts local Ray
     )

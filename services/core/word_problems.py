@@ -24,19 +24,21 @@ SUB = [
     "{n} has {a} {t} and gives {b} away. How many {t} does {n} have left?",
     "There are {a} {t} in a box. {n} takes out {b}. How many {t} are still in the box?",
 ]
+MAX_NUMBER = 20  # `flywheel example`'s default difficulty: the largest addend
 MUL = [
     "{n} has {a} bags with {b} {t} in each. How many {t} does {n} have?",
 ]
 
 
-def word_problem(rng: random.Random) -> dict[str, str]:
+def word_problem(rng: random.Random, max_number: int = MAX_NUMBER) -> dict[str, str]:
+    """Addends 1..max_number, a minuend 2..1.5 x max_number, factors 2..5."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     kind = rng.choice(["add", "add", "sub", "sub", "mul"])
     if kind == "add":
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        a, b = rng.randint(1, max_number), rng.randint(1, max_number)
         text, work, result = rng.choice(ADD), f"{a} + {b} = {a + b}", a + b
     elif kind == "sub":
-        a = rng.randint(2, 30)
+        a = rng.randint(2, max_number * 3 // 2)
         b = rng.randint(1, a)
         text, work, result = rng.choice(SUB), f"{a} - {b} = {a - b}", a - b
     else:
@@ -46,16 +48,20 @@ def word_problem(rng: random.Random) -> dict[str, str]:
     return {"question": question, "answer": f"{work}\n#### {result}"}
 
 
-def word_problems(n: int, seed: int) -> list[dict[str, str]]:
+def word_problems(n: int, seed: int, max_number: int = MAX_NUMBER) -> list[dict[str, str]]:
+    if max_number < 2:
+        raise ValueError(f"max_number must be at least 2, got {max_number}")
     rng = random.Random(f"word-problems-{seed}")
-    return [word_problem(rng) for _ in range(n)]
+    return [word_problem(rng, max_number) for _ in range(n)]
 
 
-def write_splits(directory: str | Path, train: int, test: int, seed: int) -> dict[str, Path]:
+def write_splits(
+    directory: str | Path, train: int, test: int, seed: int, max_number: int = MAX_NUMBER
+) -> dict[str, Path]:
     """DIR/train.jsonl and DIR/test.jsonl; no test question is also a train question."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = word_problems(train + test + test, seed)  # spare rows for the test questions that repeat
+    rows = word_problems(train + test + test, seed, max_number)  # spare rows for the test questions that repeat
     train_rows = rows[:train]
     seen = {r["question"] for r in train_rows}
     test_rows = [r for r in rows[train:] if r["question"] not in seen][:test]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from services.core.actor_group import send_service_logs_to
 from services.core.config import FlywheelConfig
 from services.core.ray_session import init_ray
 from services.driver import preflight
@@ -39,6 +41,10 @@ def run_train(
     prompts, held_out = rl_prompts(cfg, policy)  # every bad row is refused before OUT is written
     out.mkdir(parents=True, exist_ok=True)
     driver = Driver(cfg, out, policy, prompts=prompts, eval_prompts=held_out)
+    if cfg.metrics.service_logs == "file":
+        send_service_logs_to(out / "logs")
+        if progress:
+            print(f"service logs: {out / 'logs'}/ (flywheel train --verbose shows them here)", file=sys.stderr)
     init_ray(cfg)
     running = False
     try:
@@ -52,3 +58,4 @@ def run_train(
         raise error from None
     finally:
         driver.shutdown()
+        send_service_logs_to(None)

@@ -298,7 +298,9 @@ def test_dead_learner_rank_stops_the_run_and_resume_finishes_it(head, toy_sft_ru
         log = finish(proc)
     print(log[-2000:])
     assert proc.returncode == 1, log[-6000:]
+    # the rank's death reaches a quiet terminal with the rank's name (its own output is in OUT/logs)
     assert "learner rank 0 died during" in log and "Traceback" not in log, log[-6000:]
+    assert "(LearnerRank pid=" not in log and (out / "logs" / "learner-rank-0.log").is_file(), log[-6000:]
     assert f"--out {out} --resume` continues from {out / 'checkpoints' / 'step-000002'}" in log, log[-3000:]
     assert not state.actors(("state", "=", "ALIVE"))  # stopped cleanly
 

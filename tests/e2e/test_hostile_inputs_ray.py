@@ -76,6 +76,15 @@ def test_train_stops_with_exit_2_when_the_reward_function_raises(tmp_path, tiny_
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]  # step 1 was trained and logged; step 2 was not
     assert not (out / "policy").exists()
+    # a quiet terminal (metrics.service_logs: file, the default): the error above reached it with
+    # the scorer's name, while the actors' own output went to OUT/logs/<actor>.log
+    terminal = proc.stdout + proc.stderr
+    assert f"service logs: {out / 'logs'}/" in terminal
+    for noise in ("RolloutWorkerActor pid=", "LearnerRank", "Loading safetensors", "Triton", "NUMA"):
+        assert noise not in terminal, (noise, terminal[-3000:])
+    logs = {path.name: path.read_text() for path in (out / "logs").iterdir()}
+    assert set(logs) == {"rollout-0.log", "learner-rank-0.log", "reference-0.log", "reward-0-flaky.log"}
+    assert "Loading safetensors checkpoint shards" in logs["rollout-0.log"]
 
 
 @pytest.mark.parametrize("fn, expected", [

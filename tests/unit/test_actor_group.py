@@ -9,7 +9,9 @@ import os
 
 import pytest
 
-from services.core.actor_group import ActorGroup, ServiceActor, gather, takes_all_cores, use_cpu_threads
+from services.core.actor_group import (
+    ActorGroup, ServiceActor, gather, send_service_logs_to, takes_all_cores, use_cpu_threads,
+)
 from services.core.config import Resources
 from services.core.errors import ServiceTimeout
 from services.core.service_metrics import ServiceMetrics
@@ -209,3 +211,60 @@ def test_gather_names_a_dead_actor(fake_ray):
     fake_ray(dead={1})
     with pytest.raises(ServiceLost, match=r"^rank-1 died during start \(ActorDiedError\)$"):
         gather([("ready", 0), ("ready", 1)], ["rank-0", "rank-1"], "start", 5, "learner.step_timeout_s")
+
+
+def test_spawn_sends_each_actors_output_to_its_own_log_file(fake_ray, tmp_path):
+    fake = fake_ray()
+    send_service_logs_to(tmp_path / "logs")
+    try:
+        ActorGroup().spawn(Toy, ["learner rank 0", "reward-0/rm-1"], [(0,), (1,)], resources={},
+                           kwargs=[{"fail": False}] * 2)
+    finally:
+        send_service_logs_to(None)
+    assert [s["kwargs"] for s in fake.started] == [
+        {"fail": False, "service_log": str(tmp_path / "logs" / "learner-rank-0.log")},
+        {"fail": False, "service_log": str(tmp_path / "logs" / "reward-0-rm-1.log")},
+    ]
+    ActorGroup().spawn(Toy, ["toy-0"], [(0,)], resources={})  # by default Ray keeps the output
+    assert fake.started[-1]["kwargs"] == {}
+
+
+LOGGED_ACTOR = """
+import os, sys
+from services.core.actor_group import ServiceActor
+
+class Loud(ServiceActor):
+    def __init__(self, word):
+        print("python stdout", word)
+        print("python stderr", word, file=sys.stderr)
+        os.write(2, b"fd 2 (C++ and child processes)\\n")
+        self.name = word
+
+class Louder(Loud):
+    def __init__(self, word):
+        super().__init__(word)
+        print("subclass", flush=True)
+
+Loud("first", service_log=sys.argv[1])
+Louder("again", service_log=sys.argv[1])  # a restarted actor appends
+Loud("no file")
+"""
+
+
+def test_a_service_actor_given_a_log_file_writes_all_its_output_there(tmp_path):
+    import inspect
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "rollout-0.log"
+    proc = subprocess.run([sys.executable, "-c", LOGGED_ACTOR, str(log)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == proc.stderr == ""  # the process's own streams: everything went to the file
+    lines = log.read_text().splitlines()
+    assert sorted(lines) == sorted(["python stdout first", "python stderr first", "fd 2 (C++ and child processes)",
+                                    "python stdout again", "python stderr again", "fd 2 (C++ and child processes)",
+                                    "subclass", "python stdout no file", "python stderr no file",
+                                    "fd 2 (C++ and child processes)"])
+    # Ray checks the arguments of an actor's construction against this signature
+    assert "service_log" in inspect.signature(Toy.__init__).parameters

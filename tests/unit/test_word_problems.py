@@ -26,3 +26,17 @@ def test_splits_do_not_share_a_question(tmp_path):
     train, test = ([json.loads(line) for line in paths[k].read_text().splitlines()] for k in ("train", "test"))
     assert len(train) == 500 and len(test) == 50
     assert not {r["question"] for r in train} & {r["question"] for r in test}
+
+
+def test_max_number_bounds_the_operands_and_the_default_keeps_the_dataset():
+    operands = {"+": set(), "-": set(), "*": set()}
+    for row in word_problems(600, seed=1, max_number=6):
+        a, op, b = re.match(r"(\d+) ([-+*]) (\d+)", row["answer"]).groups()
+        operands[op] |= {int(a), int(b)}
+    assert max(operands["+"]) == 6 and min(operands["+"]) == 1
+    assert max(operands["-"]) == 9 and min(operands["-"]) >= 1  # a minuend up to 1.5 x 6
+    assert operands["*"] <= set(range(2, 6))
+    # the default is the dataset `flywheel example` wrote before the option existed (seeded draws unchanged)
+    assert word_problems(5, seed=0) == word_problems(5, seed=0, max_number=20)
+    assert word_problems(5, seed=0)[0] == {"question": "Leo picks 11 books in the morning and 1 books in the afternoon. "
+                                                       "How many books did Leo pick?", "answer": "11 + 1 = 12\n#### 12"}
