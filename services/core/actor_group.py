@@ -43,16 +43,23 @@ def service_log_path(directory: str, name: str) -> str:
     return os.path.join(directory, re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") + ".log")
 
 
-def write_output_to(path: str) -> None:
+def write_output_to(path: str) -> bool:
     """Points this process's stdout and stderr (file descriptors 1 and 2, so C++ and child
-    process output too) at ``path``, appended: a restarted actor continues its file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    process output too) at ``path``, appended: a restarted actor continues its file. A path
+    that cannot be written (another node without that directory) leaves the output to Ray
+    and says so there: False."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        print(f"cannot write this actor's output to {path} ({exc}); it stays in Ray's worker log", file=sys.stderr)
+        return False
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    return True
 
 
 def placed(options: dict, placement: list[dict] | None, index: int) -> dict:

@@ -42,7 +42,7 @@ def run_train(
     out.mkdir(parents=True, exist_ok=True)
     driver = Driver(cfg, out, policy, prompts=prompts, eval_prompts=held_out)
     if cfg.metrics.service_logs == "file":
-        send_service_logs_to(out / "logs")
+        send_service_logs_to((out / "logs").resolve())  # the actors' working directory may differ
         if progress:
             print(f"service logs: {out / 'logs'}/ (--verbose shows them here)", file=sys.stderr)
     init_ray(cfg)

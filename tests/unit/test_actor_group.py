@@ -268,3 +268,11 @@ def test_a_service_actor_given_a_log_file_writes_all_its_output_there(tmp_path):
                                     "fd 2 (C++ and child processes)"])
     # Ray checks the arguments of an actor's construction against this signature
     assert "service_log" in inspect.signature(Toy.__init__).parameters
+
+
+def test_an_actor_that_cannot_write_its_log_file_keeps_its_output_and_says_why(tmp_path, capsys):
+    from services.core.actor_group import write_output_to
+
+    (tmp_path / "a-file").write_text("")
+    assert write_output_to(str(tmp_path / "a-file" / "logs" / "rollout-0.log")) is False
+    assert "cannot write this actor's output to" in capsys.readouterr().err
