@@ -114,8 +114,8 @@ class ServiceActor:
         """A subclass's ``__init__`` also takes ``service_log``: a file that the actor's stdout
         and stderr go to from before its own start-up on (``ActorGroup.spawn`` passes it)."""
         super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
+        init = cls.__init__  # its own, or the one it inherits (from a service class without the wrapper)
+        if getattr(init, "takes_service_log", False):
             return
 
         @functools.wraps(init)
@@ -125,6 +125,7 @@ class ServiceActor:
             init(self, *args, **kw)
 
         del __init__.__wrapped__  # Ray checks a call against inspect.signature, which would follow it
+        __init__.takes_service_log = True
         cls.__init__ = __init__
 
     def ready(self) -> str:

@@ -245,9 +245,18 @@ class Louder(Loud):
         super().__init__(word)
         print("subclass", flush=True)
 
+class Plain:  # a service class of its own, as RolloutWorker
+    def __init__(self, word):
+        print("plain", word)
+        self.name = word
+
+class Inherits(ServiceActor, Plain):  # no __init__ of its own
+    pass
+
 Loud("first", service_log=sys.argv[1])
 Louder("again", service_log=sys.argv[1])  # a restarted actor appends
 Loud("no file")
+Inherits("inherited", service_log=sys.argv[1])
 """
 
 
@@ -265,7 +274,7 @@ def test_a_service_actor_given_a_log_file_writes_all_its_output_there(tmp_path):
     assert sorted(lines) == sorted(["python stdout first", "python stderr first", "fd 2 (C++ and child processes)",
                                     "python stdout again", "python stderr again", "fd 2 (C++ and child processes)",
                                     "subclass", "python stdout no file", "python stderr no file",
-                                    "fd 2 (C++ and child processes)"])
+                                    "fd 2 (C++ and child processes)", "plain inherited"])
     # Ray checks the arguments of an actor's construction against this signature
     assert "service_log" in inspect.signature(Toy.__init__).parameters
 
