@@ -9,7 +9,13 @@ import os
 from services.core.config import FlywheelConfig
 
 QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
-RAY_AUTH_NOTICE = ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def not_ray_auth_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Ray's notice, on every local start, that it enabled token
+    authentication by default (a notice, not a warning that matters)."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 # set by Ray's job supervisor for a job's entrypoint (with RAY_ADDRESS = the cluster's GCS)
@@ -44,9 +50,8 @@ def init_ray(cfg: FlywheelConfig) -> None:
         return
     os.environ.update({k: os.environ.get(k, v) for k, v in QUIET_ENGINES.items()})
     quiet = cfg.metrics.service_logs == "file"
-    if quiet:  # a notice on every local start, not a warning: Ray enabled token authentication by default
-        logging.getLogger(RAY_AUTH_NOTICE[0]).addFilter(
-            lambda record: not record.getMessage().startswith(RAY_AUTH_NOTICE[1]))
+    if quiet:  # added once however many runs this process starts (the same function object)
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(not_ray_auth_notice)
     ray.init(
         address=ray_address(cfg),
         namespace=cfg.cluster.namespace,

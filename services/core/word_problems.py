@@ -24,10 +24,10 @@ SUB = [
     "{n} has {a} {t} and gives {b} away. How many {t} does {n} have left?",
     "There are {a} {t} in a box. {n} takes out {b}. How many {t} are still in the box?",
 ]
-MAX_NUMBER = 20  # `flywheel example`'s default difficulty: the largest addend
 MUL = [
     "{n} has {a} bags with {b} {t} in each. How many {t} does {n} have?",
 ]
+MAX_NUMBER = 20  # `flywheel example`'s default difficulty: the largest addend
 
 
 def word_problem(rng: random.Random, max_number: int = MAX_NUMBER) -> dict[str, str]:

@@ -126,3 +126,15 @@ def test_short_error_keeps_the_last_line_of_a_server_traceback():
     assert submit.short_error(exc) == "ValueError: Job with submission_id x already exists."
     assert submit.short_error(ConnectionError("Failed to connect.\nmore")) == "Failed to connect."
     assert submit.short_error(RuntimeError()) == "RuntimeError"
+
+
+def test_the_ray_auth_notice_filter_drops_only_that_notice():
+    import logging
+
+    from services.core.ray_session import not_ray_auth_notice
+
+    def record(message):
+        return logging.LogRecord("ray", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not not_ray_auth_notice(record("Token authentication is enabled for this Ray cluster. Set ..."))
+    assert not_ray_auth_notice(record("Token authentication is disabled: anyone with network access ..."))
