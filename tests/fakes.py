@@ -76,6 +76,9 @@ class FakeLearner(FakeService):
     def export_weights(self) -> dict[str, torch.Tensor]:
         return {"version": torch.tensor([float(self.policy_version)])}
 
+    def publish_weights(self) -> dict[str, torch.Tensor]:
+        return self.export_weights()
+
     def save_checkpoint(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "fake_learner.json").write_text(json.dumps({"policy_version": self.policy_version}))

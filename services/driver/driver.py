@@ -122,7 +122,7 @@ class Driver:
         version = self.learner.policy_version
         if self.rollout.version == version:
             return 0.0
-        return self.rollout.sync_weights(self.learner.export_weights(), version)["sync/seconds"]
+        return self.rollout.sync_weights(self.learner.publish_weights(), version)["sync/seconds"]
 
     def _score(self, trajectories: list[Trajectory], learner_old: bool):
         """Reward ensemble, reference log-probs and (PPO) critic values, concurrently; the
@@ -450,7 +450,7 @@ class Driver:
         self.displacement.streak = int(state["displacement_streak"])
         if self.ptx is not None and "ptx" in state:
             self.ptx.load_state_dict(state["ptx"])
-        self.rollout.sync_weights(self.learner.export_weights(), version)
+        self.rollout.sync_weights(self.learner.publish_weights(), version)
         trim_metrics(self.out / "metrics.jsonl", self.start_step)
         trim_trajectories(self.out / "rollouts.pb", self.start_step)
         print(f"resumed from {checkpoint}: step {self.start_step}, policy version {version}")

@@ -36,8 +36,9 @@ class Rollout(Protocol):
         in prompt order, each with the sampler's log-probs and the policy version that produced
         it; rollout figures."""
 
-    def sync_weights(self, weights: dict[str, Tensor], version: int) -> dict[str, float]:
-        """Load ``weights`` as policy ``version`` into every worker; ``sync/seconds`` etc."""
+    def sync_weights(self, weights: Any, version: int) -> dict[str, float]:
+        """Load ``weights`` (the learner's ``publish_weights``) as policy ``version`` into every
+        worker; ``sync/seconds`` etc."""
 
 
 class PendingScores(Protocol):
@@ -73,6 +74,10 @@ class Learner(Protocol):
         """One train step; ``train/*`` metrics and ``policy_version``."""
 
     def export_weights(self) -> dict[str, Tensor]: ...
+
+    def publish_weights(self) -> Any:
+        """The current weights in the form the rollout's ``sync_weights`` takes them fastest
+        (Ray: ``PublishedWeights``, already in the object store)."""
 
     def save_checkpoint(self, directory: str) -> None: ...
 

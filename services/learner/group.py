@@ -37,6 +37,7 @@ from services.core.learner_batches import LearnerBatch, tokens_rows
 from services.learner.deepspeed_setup import free_port
 from services.learner.losses import LossSpec, UpdatePlan, minibatch_count, plan_update
 from services.learner.policy_learner import PolicyLearner
+from services.rollout.weight_sync import PublishedWeights, SharedWeights, shared_weights
 
 
 class LearnerFailed(ServiceFailure):
@@ -73,6 +74,12 @@ class LearnerRank(ServiceActor):
     def export_weights(self) -> dict[str, torch.Tensor] | None:
         weights = self.learner.export_weights()  # collective under ZeRO-3: every rank calls it
         return weights if self.rank == 0 else None
+
+    def publish_weights(self) -> tuple[SharedWeights | None, int]:
+        """``export_weights`` as ``SharedWeights``, with their size; called with two returns, so
+        that Ray stores the weights (rank 0's; None elsewhere) in its object store from here."""
+        weights = self.export_weights()
+        return (None, 0) if weights is None else ((shared := shared_weights(weights)), shared.nbytes)
 
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)
@@ -209,6 +216,14 @@ class LearnerGroup(ActorGroup):
     def export_weights(self) -> dict[str, torch.Tensor]:
         """Every rank takes part (ZeRO-3 gathers collectively); rank 0's copy is returned."""
         return self._all("export_weights", [a.export_weights.remote() for a in self.actors])[0]
+
+    def publish_weights(self) -> PublishedWeights:
+        """The current weights in Ray's object store, put there by rank 0 (every rank takes
+        part, as in ``export_weights``); for ``RolloutPool.sync_weights``. The driver holds
+        only the reference: the weights go from the learner's process to the engines'."""
+        weights, sizes = zip(*(a.publish_weights.options(num_returns=2).remote() for a in self.actors))
+        nbytes = self._all("publish_weights", list(sizes))[0]  # waits for every rank, names a failed one
+        return PublishedWeights(weights[0], nbytes)
 
     def save_checkpoint(self, directory: str) -> None:
         self._all("save_checkpoint", [a.save_checkpoint.remote(str(directory)) for a in self.actors])

@@ -24,7 +24,7 @@ from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
 from services.core.errors import ServiceLost, ServiceTimeout
 from services.rollout.nccl_client import PoolWeightSyncClient
-from services.rollout.weight_sync import WeightSyncTimeout, payload_nbytes, shared_weights
+from services.rollout.weight_sync import PublishedWeights, WeightSyncTimeout, payload_nbytes, shared_weights
 from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
 
 log = logging.getLogger(__name__)
@@ -124,18 +124,23 @@ class RolloutPool(ActorGroup):
         if version != self.version:
             raise ServiceLost(f"{self.names[worker]} came back with policy version {version}, not {self.version}")
 
-    def sync_weights(self, state_dict_or_bytes: dict | bytes, version: int, timeout_s: float | None = None) -> dict:
+    def sync_weights(self, weights: PublishedWeights | dict | bytes, version: int, timeout_s: float | None = None
+                     ) -> dict:
         """Publish ``version`` to every worker in parallel; returns timing and size figures.
         A worker that died or is late is restarted and loaded with this version (see the module).
-        A state dict goes into the object store as ``shared_weights``; safetensors bytes
+        ``PublishedWeights`` (``LearnerGroup.publish_weights``) are in the object store
+        already; a state dict goes there as ``shared_weights``; safetensors bytes
         (``encode_weights``) as they are."""
         import ray
 
         timeout_s = timeout_s or self.cfg.rollout.sync_timeout_s
         started = time.perf_counter()
-        payload = state_dict_or_bytes if isinstance(state_dict_or_bytes, bytes) else shared_weights(state_dict_or_bytes)
-        encoded_s = time.perf_counter() - started
-        ref = ray.put(payload)
+        if isinstance(weights, PublishedWeights):
+            payload, ref = weights, weights.ref
+        else:
+            payload = weights if isinstance(weights, bytes) else shared_weights(weights)
+            ref = ray.put(payload)
+        stored_s = time.perf_counter() - started  # encoding and the put into the object store
         refs = {w.update_weights.remote(ref, version): i for i, w in enumerate(self.actors)}
         _, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         self._weights, self.version = ref, version  # what a worker restarted from here on loads
@@ -157,7 +162,7 @@ class RolloutPool(ActorGroup):
             if got != version:
                 raise RuntimeError(f"{self.names[worker]} reports policy version {got} after a sync to {version}")
         elapsed = time.perf_counter() - started
-        return {"sync/seconds": elapsed, "sync/encode_s": encoded_s, "sync/bytes": payload_nbytes(payload)}
+        return {"sync/seconds": elapsed, "sync/store_s": stored_s, "sync/bytes": payload_nbytes(payload)}
 
     def nccl_client(self):
         """The control-plane client the learner's NCCL publisher drives (GPU path, unverified)."""

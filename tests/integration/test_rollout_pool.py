@@ -74,7 +74,8 @@ def test_work_is_spread_over_both_workers(pool):
 
 def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
     """The invariant: after one optimizer step the engines' log-probs of a fixed (prompt,
-    response) differ from the learner's; after sync they match within 1e-4 (fp32)."""
+    response) differ from the learner's; after sync (the weights the learner published into
+    the object store, as a run syncs them) they match within 1e-4 (fp32)."""
     from services.core.batch_types import pack_sequences, response_values
     from services.core.config import LearnerConfig, Resources
     from services.learner.group import LearnerGroup
@@ -106,8 +107,11 @@ def test_weight_sync_makes_rollout_match_the_learner(pool, tiny_model_dir):
         after_step = learner_logprobs()
         stale = engine_logprobs(0)
         assert (stale - after_step).abs().max() > 1e-3  # the step moved the policy
-        info = pool.sync_weights(learner.export_weights(), version=metrics["policy_version"])
+        published = learner.publish_weights()  # what a run syncs: the learner's object, not the driver's
+        info = pool.sync_weights(published, version=metrics["policy_version"])
         print(f"sync: {info}")
+        exported = learner.export_weights()
+        assert info["sync/bytes"] == published.nbytes == sum(t.numel() * t.element_size() for t in exported.values())
         for worker in (0, 1):
             torch.testing.assert_close(engine_logprobs(worker), after_step, atol=1e-4, rtol=0)
         assert pool.versions() == [1, 1]
