@@ -6,6 +6,8 @@ fp32 (or bf16); fp16 is rejected there. On GPUs it uses NCCL (unverified so far,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -103,7 +105,10 @@ def init_engine(
 
     ensure_dist_env()
     deepspeed = import_deepspeed()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # "DeepSpeed <op> built successfully"
+        deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
+    if printed.getvalue().strip():
+        logging.getLogger(__name__).info("deepspeed.init_distributed: %s", printed.getvalue().strip())
     world_size = int(os.environ["WORLD_SIZE"])
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr or learner.lr, weight_decay=learner.weight_decay

@@ -88,8 +88,10 @@ def flywheel_run(cfg, policy: Path, data: Path, out: Path, steps: int, *override
     end = time.time()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     batch = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
-    return summary(start, end, [(r["time"], r["rollout/response_length_mean"] * batch) for r in records],
-                   out / "policy")
+    phases = {key: sum(r[key] for r in records[WARMUP:]) / len(records[WARMUP:])
+              for key in ("timing/step_s", "timing/rollout_s", "timing/learn_s", "timing/sync_s")}
+    return {**summary(start, end, [(r["time"], r["rollout/response_length_mean"] * batch) for r in records],
+                      out / "policy"), "phases": phases}
 
 
 def trl_run(cfg, policy: Path, data: Path, out: Path, steps: int) -> dict:
@@ -206,6 +208,12 @@ def print_table(results: list[dict], sft_score: float, steps: int) -> None:
         for system in (s for s in SYSTEMS if s != "trl"):
             print(f"run {repeat}: {system} / TRL steps per second {by[system]['steps_per_s'] / by['trl']['steps_per_s']:.2f}x, "
                   f"total time {by['trl']['total_s'] / by[system]['total_s']:.2f}x (TRL / {system})")
+        apart, streaming = by["flywheel"]["phases"], by["flywheel-s1"]["phases"]
+        bound = max(apart["timing/rollout_s"], apart["timing/learn_s"] + apart["timing/sync_s"])
+        print(f"run {repeat}: overlap, flywheel-s1 step {streaming['timing/step_s']:.2f} s / max(rollout "
+              f"{apart['timing/rollout_s']:.2f} s, learn + sync {apart['timing/learn_s'] + apart['timing/sync_s']:.2f} s"
+              f" of the on-policy run) = {streaming['timing/step_s'] / bound:.2f}x (target <= 1.1x); "
+              f"sync {apart['timing/sync_s']:.2f} s a step")
     print("flywheel-s1: algorithm.max_staleness=1 (the next batch is sampled while the learner trains)")
 
 
