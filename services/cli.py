@@ -18,6 +18,7 @@ from services.core.config import RewardServerConfig
 from services.core.config_loading import dump_config, load_config, preset_names, resolve_config_path
 from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.word_problems import MAX_NUMBER
+from services.driver.preflight import check_out_dir
 from services.driver.submit import run_submit
 from services.example import write_example
 from services.learner.export import export_checkpoint
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "out", None) and args.func is not cmd_submit:  # submit's --out is the cluster's
+            check_out_dir(Path(args.out))
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

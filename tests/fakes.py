@@ -154,11 +154,11 @@ class FakeReference(FakeService):
         return [[token_logprob(t, 0) - 0.05 for t in row] for row in response_ids]
 
 
-def fake_services(stale_groups: int = 0):
+def fake_services(stale_groups: int = 0, learner_class: type = FakeLearner):
     """A ``make_services`` for ``Driver.build``; the made Services is kept as ``.made``."""
 
     def make(cfg, policy_dir, needs_critic, optimizer_steps) -> Services:
-        learner, rollout = FakeLearner(), FakeRollout(cfg.rollout.n_samples, stale_groups)
+        learner, rollout = learner_class(), FakeRollout(cfg.rollout.n_samples, stale_groups)
         services = Services(learner, FakeReference(), FakeReward(), rollout, pad_id=0)
         services.started = [learner, services.reference, services.reward, rollout]
         make.made = services

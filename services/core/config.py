@@ -208,7 +208,8 @@ SCORER_FIELDS = {
         "toy_noisy_gold": {"noise_std", "seed"},
         "python": {"path"},
         "hf": {"path", "batch_size", "max_length"},
-        "remote": {"address", "timeout_s", "retries", "token_env", "member", "max_message_mb"},
+        "remote": {"address", "timeout_s", "retries", "token_env", "member", "max_message_mb", "tls_ca", "tls_cert",
+                   "tls_key"},
         "math_verify": _VERIFIABLE | {"extract"},
         "exact_match": _VERIFIABLE | {"normalize"},
         "regex": _VERIFIABLE | {"pattern", "normalize"},
@@ -276,6 +277,13 @@ class ScorerConfig(Section):
         None, description="remote: which of the server's members to use; null uses its aggregate"
     )
     max_message_mb: float = Field(16.0, gt=0, description="remote: largest request or reply, MiB")
+    tls_ca: str | None = Field(
+        None, description="remote: PEM bundle of the CA that signed the server's certificate; set, the client speaks "
+        "TLS (null: plaintext)"
+    )
+    tls_cert: str | None = Field(None, description="remote: the client's PEM certificate, for a server that asks "
+                                 "for one (mutual TLS; needs tls_key and tls_ca)")
+    tls_key: str | None = Field(None, description="remote: the client certificate's PEM private key")
 
     @model_validator(mode="after")
     def _required_fields(self) -> "ScorerConfig":
@@ -294,6 +302,10 @@ class ScorerConfig(Section):
                     re.compile(getattr(self, key))
                 except re.error as exc:
                     raise ValueError(f"{key} is not a valid regular expression: {exc}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (the client's certificate and its key)")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("tls_cert needs tls_ca (the CA that signed the server's certificate)")
         if "address" in used:
             host, _, port = (self.address or "").rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -315,6 +327,22 @@ class RewardServerConfig(Section):
     )
     max_message_mb: float = Field(16.0, gt=0, description="largest request or reply, MiB")
     max_workers: int = Field(4, ge=1, description="requests handled at once")
+    tls_cert: str | None = Field(
+        None, description="PEM certificate (chain) the server presents; with tls_key it speaks TLS only"
+    )
+    tls_key: str | None = Field(None, description="the server certificate's PEM private key")
+    tls_client_ca: str | None = Field(
+        None, description="PEM bundle of the CA that signs the clients' certificates; set, every client must present "
+        "one (mutual TLS, which also counts as authentication on a non-loopback host)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "RewardServerConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (the server's certificate and its key)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
+        return self
 
 
 class RewardVarianceConfig(Section):
@@ -524,9 +552,12 @@ class MetricsConfig(Section):
 
 class CheckpointConfig(Section):
     """OUT/checkpoints/step-NNNNNN: learner (DeepSpeed: weights, optimizer, scheduler), driver
-    state and the resolved config, written atomically; also saved at the end and on SIGTERM."""
+    state and the resolved config, written atomically; also saved at the end, on SIGTERM and on a
+    first Ctrl-C."""
 
-    every_steps: int = Field(0, ge=0, description="save every N steps; 0 saves only at the end (and on SIGTERM)")
+    every_steps: int = Field(
+        50, ge=0, description="save every N steps; 0 saves only at the end (and on SIGTERM or Ctrl-C)"
+    )
     keep_last: int = Field(2, ge=1, description="complete checkpoints kept; older ones are deleted")
     resume_from: str | None = Field(
         None, description="a checkpoint directory (or a checkpoints folder: its latest) to continue from; "

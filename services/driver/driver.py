@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -279,7 +280,7 @@ class Driver:
         stream = self.cfg.algorithm.max_staleness >= 1
         total, every = self.cfg.algorithm.total_steps, self.cfg.checkpoint.every_steps
         last = total if stop_after is None else min(total, self.start_step + stop_after)
-        restore_signal = self._catch_sigterm()
+        restore_signal = self._catch_stop_signals()
         restarts_logged: dict[str, int] = {}
         completed = self.start_step  # the last step in metrics.jsonl
         try:
@@ -338,7 +339,7 @@ class Driver:
                     if self.stop_signal is not None:
                         raise RunStopped(
                             f"stopped by {self.stop_signal} after step {step}; continue with "
-                            f"`flywheel train ... --out {self.out} --resume`", 128 + signal.SIGTERM,
+                            f"`flywheel train ... --out {self.out} --resume`", 128 + signal.Signals[self.stop_signal],
                         )
             if last == total:
                 self.save_policy()
@@ -396,17 +397,25 @@ class Driver:
                  else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
         return f"the run stopped during step {step + 1} (steps 1..{step} are in metrics.jsonl); {where}"
 
-    def _catch_sigterm(self):
-        """SIGTERM (preemption, `ray job stop`) ends the run after the current step, with a
-        checkpoint. Only the main thread can install handlers; elsewhere this does nothing."""
+    def _catch_stop_signals(self):
+        """SIGTERM (preemption, `ray job stop`) and a first Ctrl-C (SIGINT) end the run after
+        the current step, with a checkpoint; a second Ctrl-C stops at once (KeyboardInterrupt,
+        nothing saved). Ray's own processes block SIGINT, so a Ctrl-C in the terminal reaches
+        only this one. Only the main thread can install handlers; elsewhere this does nothing."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
-        def on_sigterm(signum, frame):
+        def on_signal(signum, frame):
+            if signum == signal.SIGINT and self.stop_signal == "SIGINT":
+                raise KeyboardInterrupt
+            if self.stop_signal is None:
+                again = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
+                print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint{again}",
+                      file=sys.stderr, flush=True)
             self.stop_signal = signal.Signals(signum).name
 
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
-        return lambda: signal.signal(signal.SIGTERM, previous)
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(signum, handler) for signum, handler in previous.items()]
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -44,6 +44,22 @@ CONTEXT_KEYS = (
 )
 
 
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory, or a path that can be made one: no file in its place or
+    above it, and its nearest existing folder writable. Writes nothing."""
+    import os
+
+    for path in (out, *out.absolute().parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "" if path == out else f", so --out {out} cannot be made"
+            raise UserError(f"--out: {path} is a file, not a directory{where}; choose another --out")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--out: cannot write in {path} (permission denied); choose another --out")
+        return
+
+
 def check_fresh_out(out: Path, checkpoint: Path | None) -> None:
     """Refuse to start a fresh run over a run that has complete checkpoints."""
     if checkpoint is not None:

@@ -60,6 +60,7 @@ class RewardClient:
 
     ``token``: bearer token sent as ``authorization: Bearer <token>`` (None sends none);
     ``token_env``: the environment variable it came from, only for error messages.
+    ``tls``: grpc channel credentials (``services.rpc.tls.channel_credentials``); None: plaintext.
     ``last_attempts``: how many attempts the latest call made (1 + retries used).
     """
 
@@ -67,6 +68,7 @@ class RewardClient:
         self, address: str, timeout_s: float = 30.0, retries: int = 4, token: str | None = None,
         max_message_mb: float = 16.0, *, token_env: str | None = None, backoff_base_s: float = 0.1,
         backoff_cap_s: float = 2.0, sleep: Callable[[float], None] = time.sleep,
+        tls: grpc.ChannelCredentials | None = None,
     ):
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -76,10 +78,11 @@ class RewardClient:
         self.backoff_base_s, self.backoff_cap_s, self._sleep = backoff_base_s, backoff_cap_s, sleep
         self._rng = random.Random()
         self.last_attempts = 0
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-        ])
+        self.tls = tls is not None
+        options = [("grpc.max_send_message_length", self.max_message_bytes),
+                   ("grpc.max_receive_message_length", self.max_message_bytes)]
+        self.channel = (grpc.secure_channel(address, tls, options=options) if tls is not None
+                        else grpc.insecure_channel(address, options=options))
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
 
     # --- calls -------------------------------------------------------------------------------
@@ -170,9 +173,21 @@ class RewardClient:
                     raise self._error(method, exc, request_bytes) from None
         raise RemoteRewardError(
             f"reward server at {self.address} is unavailable: {method} failed after {self.last_attempts} attempts "
-            f"({self.retries} retries); last status {last.code().name}: {last.details()}",
+            f"({self.retries} retries); last status {last.code().name}: {last.details()}{self._tls_hint(last)}",
             last.code(),
         ) from None
+
+    def _tls_hint(self, exc: grpc.RpcError) -> str:
+        """What to check when the connection failed where TLS is the likely cause."""
+        details = (exc.details() or "").lower()
+        if not self.tls and ("socket closed" in details or "connection reset" in details or "eof" in details):
+            return ("; the client speaks plaintext: if the server uses TLS (reward.server.tls_cert), set tls_ca of "
+                    "the remote scorer")
+        if self.tls and any(word in details for word in ("ssl", "tls", "handshake", "certificate")):
+            return ("; the TLS handshake failed: does tls_ca hold the CA that signed the server's certificate, is the "
+                    "address a name that certificate covers, and does the server want a client certificate "
+                    "(tls_cert, tls_key)?")
+        return ""
 
     def _error(self, method: str, exc: grpc.RpcError, request_bytes: int) -> RemoteRewardError:
         code, details = exc.code(), exc.details()

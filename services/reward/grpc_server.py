@@ -6,8 +6,11 @@ scorer kinds, in this process, behind ``RewardService.Score`` / ``Health``.
 - Authentication: when the environment variable named by ``reward.server.token_env`` is set
   and non-empty, every call must carry ``authorization: Bearer <token>``; anything else is
   UNAUTHENTICATED. Serving on a non-loopback host without a token is refused unless
-  ``reward.server.allow_unauthenticated`` is true. The channel itself is plaintext: put TLS in
-  front (a proxy or a mesh) when the network is not trusted.
+  ``reward.server.allow_unauthenticated`` is true, or clients must present certificates
+  (mutual TLS, ``tls_client_ca``).
+- TLS: with ``reward.server.tls_cert`` and ``tls_key`` the server speaks TLS only (grpc's own
+  credentials, ``services.rpc.tls``); with ``tls_client_ca`` too, only clients whose
+  certificate that CA signed get in. Without them the channel is plaintext.
 - Requests are accepted concurrently (``max_workers``) but scored one at a time: scorers
   such as HF tokenizers are not thread-safe, and torch already uses every core.
 - Errors: bad input or a scorer's bad output is INVALID_ARGUMENT with the message; anything
@@ -33,6 +36,7 @@ from services.core.errors import UserError
 from services.reward.ensemble import RewardEnsemble
 from services.rpc.generated.flywheel.reward.v1 import reward_pb2, reward_pb2_grpc
 from services.rpc.struct_columns import structs_to_columns
+from services.rpc.tls import server_credentials
 
 API_VERSION = "v1"
 MIB = 1 << 20
@@ -69,14 +73,16 @@ def check_bind_allowed(cfg: RewardConfig) -> str | None:
     an unauthenticated server beyond loopback without ``allow_unauthenticated``."""
     server_cfg = cfg.server
     token = read_server_token(cfg)
-    if not token and not is_loopback(server_cfg.host) and not server_cfg.allow_unauthenticated:
+    client_certificates = bool(server_cfg.tls_client_ca)  # mutual TLS authenticates every client
+    if not token and not is_loopback(server_cfg.host) and not (server_cfg.allow_unauthenticated or client_certificates):
         how = (
             f"set the environment variable {server_cfg.token_env} to a secret token"
             if server_cfg.token_env else "set reward.server.token_env to a variable holding a secret token"
         )
         raise UserError(
             f"reward.server.host: refusing to serve on non-loopback host '{server_cfg.host}' without a bearer "
-            f"token: {how}, or set reward.server.allow_unauthenticated=true"
+            f"token: {how}, require client certificates (reward.server.tls_client_ca), or set "
+            "reward.server.allow_unauthenticated=true"
         )
     return token
 
@@ -162,14 +168,20 @@ def serve_reward(cfg: RewardConfig, ensemble: RewardEnsemble | None = None) -> t
     )
     reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(ensemble), server)
     address = format_address(server_cfg.host, server_cfg.port)
+    tls = server_cfg.tls_cert is not None
+    credentials = (server_credentials(server_cfg.tls_cert, server_cfg.tls_key, server_cfg.tls_client_ca, "reward.server")
+                   if tls else None)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise UserError(f"reward.server: cannot bind {address} ({exc}); is the port in use?") from None
     if port == 0:
         raise UserError(f"reward.server: cannot bind {address}; is the port in use?")
     server.start()
-    auth = "bearer token required" if token else "no authentication"
+    auth = ", ".join(filter(None, [
+        "bearer token required" if token else "no bearer token",
+        ("mutual TLS" if server_cfg.tls_client_ca else "TLS") if tls else "plaintext",
+    ]))
     log.info(
         "reward server: ensemble %s (%s) on %s, %s", ",".join(ensemble.member_names), cfg.aggregate,
         format_address(server_cfg.host, port), auth,

@@ -358,28 +358,37 @@ class RemoteScorer(Scorer):
 
     def __init__(
         self, name: str, address: str, timeout_s: float, field: str, retries: int = 4, token_env: str | None = None,
-        member: str | None = None, max_message_mb: float = 16.0,
+        member: str | None = None, max_message_mb: float = 16.0, tls_ca: str | None = None,
+        tls_cert: str | None = None, tls_key: str | None = None,
     ):
         from services.reward.grpc_client import RewardClient
+        from services.rpc.tls import channel_credentials
 
         super().__init__(name)
         self.address, self.member, self.field = address, member, field
         token = bearer_token(token_env, address, field)
+        tls = channel_credentials(tls_ca, tls_cert, tls_key, field) if tls_ca else None
         self.client = RewardClient(
-            address, timeout_s, retries, token=token, max_message_mb=max_message_mb, token_env=token_env
+            address, timeout_s, retries, token=token, max_message_mb=max_message_mb, token_env=token_env, tls=tls
         )
 
     @classmethod
     def resolve(cls, cfg, field):
-        """The token variable must be set; the server is not contacted."""
+        """The token variable must be set and the TLS files readable; the server is not contacted."""
+        from services.rpc.tls import read_pem
+
         bearer_token(cfg.token_env, cfg.address, field)
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            if getattr(cfg, key):
+                read_pem(getattr(cfg, key), f"{field}.{key}")
         return cfg
 
     @classmethod
     def from_config(cls, cfg, name, field):
         return cls(
             name, cfg.address, cfg.timeout_s, field, retries=cfg.retries, token_env=cfg.token_env,
-            member=cfg.member, max_message_mb=cfg.max_message_mb,
+            member=cfg.member, max_message_mb=cfg.max_message_mb, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key,
         )
 
     @classmethod

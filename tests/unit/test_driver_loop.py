@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 
 import pytest
 
 from services.core import toy_world
 from services.core.config_loading import load_config
+from services.core.errors import RunStopped
 from services.core.metrics import read_metrics
 from services.driver.checkpoint import CheckpointStore
 from services.driver.driver import Driver
 from services.driver.prompt_data import toy_eval_rows
-from tests.fakes import FakeRollout, fake_policy_dir, fake_services, token_logprob
+from tests.fakes import FakeLearner, FakeRollout, fake_policy_dir, fake_services, token_logprob
 
 REQUIRED = [
     "step", "policy_version", "reward/mean", "reward/std", "gold/mean", "train/kl", "train/loss",
@@ -174,3 +176,38 @@ def test_held_out_evaluation_runs_on_the_latest_weights_and_changes_no_training(
     train_view = lambda m: [[(t.prompt_id, t.response, t.policy_version) for t in b] for b in m.rollout.generated]  # noqa: E731
     assert train_view(made) == train_view(plain_made)  # the same batches as without evaluation
     assert [r["reward/mean"] for r in records] == [r["reward/mean"] for r in plain]
+
+
+def learner_signalled_during_step(signals: list[int], at_step: int = 2) -> type:
+    """A FakeLearner that gets ``signals``, one after the other, during train step ``at_step``
+    (as if a user pressed Ctrl-C, or Ray stopped the job, while the learner trained)."""
+
+    class Signalled(FakeLearner):
+        def train_step(self, batch, spec):
+            if self.policy_version + 1 == at_step:
+                for signum in signals:
+                    signal.raise_signal(signum)
+            return super().train_step(batch, spec)
+
+    return Signalled
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_first_ctrl_c_or_sigterm_ends_the_run_after_the_step_with_a_checkpoint(signum, tmp_path, capsys):
+    with pytest.raises(RunStopped) as stopped:
+        run(tmp_path, "algorithm.total_steps=5", make=fake_services(learner_class=learner_signalled_during_step([signum])))
+    assert stopped.value.exit_code == 128 + signum  # 130 for Ctrl-C, as a shell reports it; 143 for SIGTERM
+    assert f"stopped by {signal.Signals(signum).name} after step 2" in str(stopped.value) and "--resume" in str(stopped.value)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert CheckpointStore(tmp_path / "run" / "checkpoints").latest().name == "step-000002"
+    assert "stopping after this step, with a checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "algorithm.total_steps=5",
+            make=fake_services(learner_class=learner_signalled_during_step([signal.SIGINT, signal.SIGINT])))
+    assert CheckpointStore(tmp_path / "run" / "checkpoints").latest() is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

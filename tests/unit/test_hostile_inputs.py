@@ -424,3 +424,25 @@ def test_check_fresh_out(tmp_path):
     with pytest.raises(UserError, match="already holds a run with checkpoints"):
         preflight.check_fresh_out(out, None)
     preflight.check_fresh_out(out, done)  # --resume or checkpoint.resume_from: not a fresh run
+
+
+# --- 13. an --out that cannot be a directory ------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["train", "grpo-toy"], ["sft", "sft-toy"], ["demo"]])
+def test_out_that_is_a_file_or_under_one_is_refused(tmp_path, command):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    assert_user_error(flywheel(*command, "--out", str(a_file)), f"--out: {a_file} is a file, not a directory")
+    assert_user_error(flywheel(*command, "--out", str(a_file / "run")),
+                      f"--out: {a_file} is a file, not a directory, so --out {a_file / 'run'} cannot be made")
+    assert a_file.read_text() == "mine\n" and sorted(tmp_path.iterdir()) == [a_file]
+
+
+def test_check_out_dir(tmp_path):
+    preflight.check_out_dir(tmp_path)  # an existing directory
+    preflight.check_out_dir(tmp_path / "new" / "run")  # to be made
+    preflight.check_out_dir(Path("relative-run"))  # under the working directory
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        preflight.check_out_dir(tmp_path / "f" / "deeper" / "run")

@@ -85,6 +85,7 @@ FUNCTION_LEVEL_IMPORTS: dict[tuple[str, str], str] = {
     ("services.cli", "services.reward.grpc_server"): "cli: gRPC only for `flywheel serve-reward`",
     ("services.reward.aggregate", "services.core.rl_math"): "the ensemble and its gRPC client import without torch",
     ("services.reward.scorers", "services.reward.grpc_client"): "scorers: gRPC only for a remote scorer",
+    ("services.reward.scorers", "services.rpc.tls"): "scorers: gRPC's TLS credentials only for a remote scorer",
 }
 
 
