@@ -7,6 +7,7 @@ import logging
 import os
 
 from services.core.config import FlywheelConfig
+from services.core.orphan_reaper import start_reaper
 
 QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -61,3 +62,5 @@ def init_ray(cfg: FlywheelConfig) -> None:
         runtime_env={"env_vars": driver_env_vars()},
         _metrics_export_port=cfg.metrics.ray_metrics_port,  # used only when this starts local Ray
     )
+    if ray_address(cfg) is None:  # this process started Ray: its processes must not outlive it
+        start_reaper()

@@ -180,9 +180,13 @@ class RewardClient:
     def _tls_hint(self, exc: grpc.RpcError) -> str:
         """What to check when the connection failed where TLS is the likely cause."""
         details = (exc.details() or "").lower()
-        if not self.tls and ("socket closed" in details or "connection reset" in details or "eof" in details):
+        closed = any(word in details for word in ("socket closed", "connection reset", "eof"))
+        if not self.tls and closed:
             return ("; the client speaks plaintext: if the server uses TLS (reward.server.tls_cert), set tls_ca of "
                     "the remote scorer")
+        if self.tls and closed:
+            return ("; the server closed the connection during the TLS handshake: does the server want a client "
+                    "certificate (tls_cert, tls_key), signed by its reward.server.tls_client_ca?")
         if self.tls and any(word in details for word in ("ssl", "tls", "handshake", "certificate")):
             return ("; the TLS handshake failed: does tls_ca hold the CA that signed the server's certificate, is the "
                     "address a name that certificate covers, and does the server want a client certificate "

@@ -135,7 +135,8 @@ def test_a_bearer_token_over_tls(pki, monkeypatch):
     _, (server, port) = tls_server(pki, token_env=TOKEN_ENV)
     address = f"localhost:{port}"
     try:
-        assert build_scorer(remote(address, tls_ca=pki["ca"], token_env=TOKEN_ENV), 0).score(["12+7="], ["19"]) == [1.0]
+        gold = remote(address, tls_ca=pki["ca"], token_env=TOKEN_ENV, member="gold")
+        assert build_scorer(gold, 0).score(["12+7="], ["19"]) == [1.0]
         tls = channel_credentials(pki["ca"], None, None, "x")
         with pytest.raises(RemoteRewardError) as wrong:
             RewardClient(address, 10, 0, token="not-it", token_env=TOKEN_ENV, tls=tls).score(["12+7="], ["19"])

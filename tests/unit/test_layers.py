@@ -53,6 +53,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.actor_group": "runtime",
     "services.core.cluster_check": "runtime",
     "services.core.metrics": "runtime",
+    "services.core.orphan_reaper": "runtime",  # kills a SIGKILLed driver's local Ray processes
     "services.core.placement": "runtime",  # the run's Ray placement group (driver and cluster_check)
     "services.core.ray_session": "runtime",  # ray.init for a run, the job's Ray address
     "services.core.service_metrics": "runtime",
