@@ -113,3 +113,24 @@ def ray_head(extra_env: dict[str, str] | None = None):
         stop_head(head_proc, temp_dir)
         log.close()
         os.unlink(log.name)
+
+
+class StateApi:
+    """Ray's state API on ``head``, with its token (Ray reads RAY_AUTH_MODE once per process)."""
+
+    def __init__(self, head):
+        from ray.util.state import StateApiClient
+
+        self.client = StateApiClient(address=head.address, headers={"Authorization": f"Bearer {head.token}"})
+
+    def _list(self, resource: str, filters: list) -> list:
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        return self.client.list(StateResource(resource), options=ListApiOptions(filters=filters, limit=10_000),
+                                raise_on_missing_output=False)
+
+    def actors(self, *filters) -> list:
+        return self._list("actors", list(filters))
+
+    def tasks(self, *filters) -> list:
+        return self._list("tasks", list(filters))

@@ -414,7 +414,10 @@ class Driver:
                       file=sys.stderr, flush=True)
             self.stop_signal = signal.Signals(signum).name
 
-        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
+        signals = [signal.SIGTERM]
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a job started with Ctrl-C ignored keeps it so
+            signals.append(signal.SIGINT)
+        previous = {signum: signal.signal(signum, on_signal) for signum in signals}
         return lambda: [signal.signal(signum, handler) for signum, handler in previous.items()]
 
     # ------------------------------------------------------------------ checkpoints

@@ -26,6 +26,7 @@ import pytest
 
 from services.core.metrics import read_metrics
 from tests.conftest import DIST_ENV, REPO
+from tests.ray_head import StateApi
 from tests.ray_head import ray_head as start_ray_head
 from tests.sync_check import TOLERANCE, sampler_gap_by_version
 
@@ -39,27 +40,6 @@ PROMPTS, STEPS, SAMPLES = 64, 6, 4  # one epoch: PROMPTS * STEPS toy prompts
 def head():
     with start_ray_head({"RAY_task_events_report_interval_ms": "100"}) as head:
         yield head
-
-
-class StateApi:
-    """Ray's state API on ``head``, with its token (Ray reads RAY_AUTH_MODE once per process)."""
-
-    def __init__(self, head):
-        from ray.util.state import StateApiClient
-
-        self.client = StateApiClient(address=head.address, headers={"Authorization": f"Bearer {head.token}"})
-
-    def _list(self, resource: str, filters: list) -> list:
-        from ray.util.state.common import ListApiOptions, StateResource
-
-        return self.client.list(StateResource(resource), options=ListApiOptions(filters=filters, limit=10_000),
-                                raise_on_missing_output=False)
-
-    def actors(self, *filters) -> list:
-        return self._list("actors", list(filters))
-
-    def tasks(self, *filters) -> list:
-        return self._list("tasks", list(filters))
 
 
 def start_train(head, config: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -57,8 +57,10 @@ def samples_by_step(out) -> dict[int, list[tuple]]:
 
 
 def launch(command: list[str], log, env: dict) -> subprocess.Popen:
-    """`flywheel train` in a process group of its own (as a terminal's foreground job)."""
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+    """`flywheel train` in a process group of its own, with SIGINT as in a terminal's
+    foreground job (the suite may run in a background job, which starts with it ignored)."""
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(proc: subprocess.Popen, out, step: int, log) -> None:

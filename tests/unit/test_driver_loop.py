@@ -192,8 +192,20 @@ def learner_signalled_during_step(signals: list[int], at_step: int = 2) -> type:
     return Signalled
 
 
+@pytest.fixture
+def ctrl_c_enabled():
+    """SIGINT as in a terminal's foreground job (a shell's background job starts with it ignored,
+    and the driver then leaves it so); the handlers as they were before the test."""
+    before = {signum: signal.signal(signum, handler) for signum, handler in
+              ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_first_ctrl_c_or_sigterm_ends_the_run_after_the_step_with_a_checkpoint(signum, tmp_path, capsys):
+def test_a_first_ctrl_c_or_sigterm_ends_the_run_after_the_step_with_a_checkpoint(signum, tmp_path, capsys,
+                                                                                 ctrl_c_enabled):
     with pytest.raises(RunStopped) as stopped:
         run(tmp_path, "algorithm.total_steps=5", make=fake_services(learner_class=learner_signalled_during_step([signum])))
     assert stopped.value.exit_code == 128 + signum  # 130 for Ctrl-C, as a shell reports it; 143 for SIGTERM
@@ -205,9 +217,18 @@ def test_a_first_ctrl_c_or_sigterm_ends_the_run_after_the_step_with_a_checkpoint
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, ctrl_c_enabled):
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "algorithm.total_steps=5",
             make=fake_services(learner_class=learner_signalled_during_step([signal.SIGINT, signal.SIGINT])))
     assert CheckpointStore(tmp_path / "run" / "checkpoints").latest() is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored(tmp_path, ctrl_c_enabled):
+    """`flywheel train ... &` from a script: the shell starts it with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    records, _ = run(tmp_path, "algorithm.total_steps=3",
+                     make=fake_services(learner_class=learner_signalled_during_step([signal.SIGINT])))
+    assert [r["step"] for r in records] == [1, 2, 3]  # not stopped
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
