@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -47,8 +48,6 @@ CONTEXT_KEYS = (
 def check_out_dir(out: Path) -> None:
     """``--out`` must be a directory, or a path that can be made one: no file in its place or
     above it, and its nearest existing folder writable. Writes nothing."""
-    import os
-
     for path in (out, *out.absolute().parents):
         if not path.exists():
             continue

@@ -107,8 +107,8 @@ def init_engine(
     deepspeed = import_deepspeed()
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # "DeepSpeed <op> built successfully"
         deepspeed.init_distributed(dist_backend="nccl" if cuda_available() else "gloo")
-    if printed.getvalue().strip():
-        logging.getLogger(__name__).info("deepspeed.init_distributed: %s", printed.getvalue().strip())
+    if message := printed.getvalue().strip():
+        logging.getLogger(__name__).info("deepspeed.init_distributed: %s", message)
     world_size = int(os.environ["WORLD_SIZE"])
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr or learner.lr, weight_decay=learner.weight_decay

@@ -79,7 +79,10 @@ class LearnerRank(ServiceActor):
         """``export_weights`` as ``SharedWeights``, with their size; called with two returns, so
         that Ray stores the weights (rank 0's; None elsewhere) in its object store from here."""
         weights = self.export_weights()
-        return (None, 0) if weights is None else ((shared := shared_weights(weights)), shared.nbytes)
+        if weights is None:
+            return None, 0
+        shared = shared_weights(weights)
+        return shared, shared.nbytes
 
     def save_checkpoint(self, directory: str) -> None:
         self.learner.save_checkpoint(directory)
