@@ -19,6 +19,7 @@ from services.core.config_loading import dump_config, load_config, preset_names,
 from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.word_problems import MAX_NUMBER
 from services.driver.preflight import check_out_dir
+from services.driver.rollout_scaling import parse_scale_args, write_scale_request
 from services.driver.submit import run_submit
 from services.example import write_example
 from services.learner.export import export_checkpoint
@@ -143,6 +144,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    path = write_scale_request(Path(args.out), parse_scale_args(args.sizes))
+    print(f"asked the run in {args.out} for {' '.join(args.sizes)}: it applies it after its current step "
+          f"(new workers take work once they are ready; see rollout/workers in metrics.jsonl) [{path}]")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     return run_submit(
         args.config, args.overrides, address=args.address, follow=args.follow, out=args.out,
@@ -188,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this run, with a checkpoint")
     _add_verbose(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("scale", help="resize a running run's rollout pool: `flywheel scale OUT rollout=N`")
+    p.add_argument("out", help="the run's output directory (the --out of `flywheel train`)")
+    p.add_argument("sizes", nargs="+", metavar="SERVICE=N", help="the new size, e.g. rollout=2")
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("export", help="write a Hugging Face model directory from a training checkpoint")
     p.add_argument("checkpoint", help="a checkpoint directory (OUT/checkpoints/step-NNNNNN) or OUT/checkpoints")

@@ -101,6 +101,20 @@ class FakeRollout(FakeService):
         self.synced: list[int] = []  # versions pushed, in order
         self.generated: list[list[Trajectory]] = []  # every batch, as returned
         self.evaluated: list[list[Trajectory]] = []  # every held-out evaluation's samples
+        self.actors, self.joining = ["worker-0"], []  # the elastic pool's size (RolloutScaler)
+        self.resized: list[int] = []  # every size asked for, in order
+
+    @property
+    def target_size(self) -> int:
+        return len(self.actors)
+
+    def resize(self, count: int) -> None:
+        """Takes effect at once (a real pool's new workers join once ready)."""
+        self.resized.append(count)
+        self.actors = [f"worker-{i}" for i in range(count)]
+
+    def admit_joined(self) -> list[str]:
+        return []
 
     def generate_with_stats(self, prompts: list, sampling=None) -> tuple[list[Trajectory], dict[str, float]]:
         """``sampling`` (the held-out evaluation's): its ``n`` samples, kept apart in ``evaluated``."""
@@ -121,7 +135,8 @@ class FakeRollout(FakeService):
                     policy_version=version, sample_index=k, columns=dict(item.columns or {}),
                 ))
         (self.generated if sampling is None else self.evaluated).append(out)
-        return out, {"rollout/requeued_prompts": 0.0, "rollout/worker_version_min": float(self.version),
+        return out, {"rollout/requeued_prompts": 0.0, "rollout/workers": float(len(self.actors)),
+                     "rollout/worker_version_min": float(self.version),
                      "rollout/worker_version_max": float(self.version)}
 
     def sync_weights(self, weights: dict, version: int) -> dict[str, float]:
@@ -154,11 +169,11 @@ class FakeReference(FakeService):
         return [[token_logprob(t, 0) - 0.05 for t in row] for row in response_ids]
 
 
-def fake_services(stale_groups: int = 0, learner_class: type = FakeLearner):
+def fake_services(stale_groups: int = 0, learner_class: type = FakeLearner, rollout_class: type = FakeRollout):
     """A ``make_services`` for ``Driver.build``; the made Services is kept as ``.made``."""
 
     def make(cfg, policy_dir, needs_critic, optimizer_steps) -> Services:
-        learner, rollout = learner_class(), FakeRollout(cfg.rollout.n_samples, stale_groups)
+        learner, rollout = learner_class(), rollout_class(cfg.rollout.n_samples, stale_groups)
         services = Services(learner, FakeReference(), FakeReward(), rollout, pad_id=0)
         services.started = [learner, services.reference, services.reward, rollout]
         make.made = services

@@ -54,9 +54,9 @@ class Head:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
 
-def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+def stop_head(head: subprocess.Popen, temp_dir: str, token: str | None = None) -> None:
     """SIGTERM the `ray start --block` child (it stops its own processes), then kill, by pid,
-    whatever of this head is left (its processes name the temp dir on their command line)."""
+    whatever of this head is left (see `head_processes`)."""
     import psutil
 
     if head.poll() is None:
@@ -67,22 +67,50 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             head.kill()
             head.wait(10)
     time.sleep(1)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+    for _ in range(5):  # again: a raylet killed in this pass may have spawned a worker meanwhile
+        leftovers = head_processes(temp_dir, token)
+        if not leftovers:
+            break
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
-        except psutil.Error:
-            pass
+        psutil.wait_procs(leftovers, timeout=5)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def head_processes(temp_dir: str, token: str | None = None) -> list:
+    """The live processes (psutil) of the head with ``temp_dir``: those naming it on their command
+    line and, as Ray retitles its workers and agents ("ray::IDLE", "ray::DashboardAgent"), those
+    started with the head's ``token`` in their environment (RAY_AUTH_TOKEN) and the descendants of all."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if any(temp_dir in part for part in proc.info["cmdline"] or []) or (
+                    token and proc.environ().get("RAY_AUTH_TOKEN") == token):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+    live = []
+    for proc in found.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                live.append(proc)
+    return live
+
+
 @contextlib.contextmanager
-def ray_head(extra_env: dict[str, str] | None = None):
-    """A fresh head with the dashboard on loopback; ``extra_env`` reaches its raylet and workers."""
+def ray_head(extra_env: dict[str, str] | None = None, *, num_cpus: int = 2, extra_args: list[str] = (),
+             gcs_port: int | None = None):
+    """A fresh head with the dashboard on loopback; ``extra_env`` reaches its raylet and workers,
+    ``extra_args`` are added to its `ray start`, ``gcs_port`` is picked free unless given."""
     # short: Ray's unix socket paths under the temp dir must stay under 108 characters
     temp_dir = tempfile.mkdtemp(prefix="fwhead", dir="/tmp")
     token = secrets.token_hex(16)
-    dashboard, gcs = free_port(), free_port()
+    dashboard, gcs = free_port(), gcs_port or free_port()
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV | {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"}}
     # the job's entrypoint runs `python` from the head's PATH: make it this venv's
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -92,7 +120,7 @@ def ray_head(extra_env: dict[str, str] | None = None):
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
         f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-        "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}", "--include-dashboard=true", f"--temp-dir={temp_dir}", *extra_args,
     ]
     log = open(f"{temp_dir}.log", "w")
     started = time.monotonic()
@@ -110,7 +138,7 @@ def ray_head(extra_env: dict[str, str] | None = None):
         print(f"Ray head with dashboard up in {time.monotonic() - started:.1f}s")
         yield head
     finally:
-        stop_head(head_proc, temp_dir)
+        stop_head(head_proc, temp_dir, token)
         log.close()
         os.unlink(log.name)
 
@@ -134,3 +162,6 @@ class StateApi:
 
     def tasks(self, *filters) -> list:
         return self._list("tasks", list(filters))
+
+    def nodes(self, *filters) -> list:
+        return self._list("nodes", list(filters))

@@ -170,6 +170,22 @@ class ActorGroup:
         given, restarted by Ray up to ``max_restarts`` times; a call is never retried by Ray
         (``max_task_retries=0``: ``get_supervised`` sends it again). With ``wait`` it returns once
         every actor answers ``ready()`` (``wait_ready``); if one does not, all are killed."""
+        self.names = list(names)
+        self.actors = self.start_actors(actor_cls, names, args, resources=resources, placement=placement,
+                                        kwargs=kwargs, options=options, max_concurrency=max_concurrency)
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.shutdown()
+                raise
+        return self.actors
+
+    def start_actors(self, actor_cls: type, names: list[str], args: list[tuple], *, resources: dict,
+                     placement: list[dict] | None = None, kwargs: list[dict] | None = None,
+                     options: list[dict] | None = None, max_concurrency: int | None = None) -> list:
+        """The actors ``spawn`` starts, without adding them to the group or waiting for them
+        (an elastic service admits them once they answer ``ready()``)."""
         import ray
 
         remote_cls = ray.remote(actor_cls)
@@ -180,19 +196,11 @@ class ActorGroup:
         policy: dict[str, Any] = {"max_restarts": self.max_restarts, "max_task_retries": 0}
         if max_concurrency is not None:
             policy["max_concurrency"] = max_concurrency
-        self.names = list(names)
-        self.actors = [
+        return [
             remote_cls.options(**policy, **placed(resources, placement, i), **(options[i] if options else {}))
             .remote(*args[i], **kwargs[i])
-            for i in range(len(self.names))
+            for i in range(len(names))
         ]
-        if wait:
-            try:
-                self.wait_ready()
-            except BaseException:
-                self.shutdown()
-                raise
-        return self.actors
 
     def wait_ready(self) -> None:
         """Until every actor answers ``ready()``, at most ``start_timeout_s`` in all: a late actor

@@ -450,6 +450,15 @@ def _type(shape: ClusterShape, name: str) -> NodeType:
 # ---------------------------------------------------------------- entry point
 
 
+def service_node_types(cfg: FlywheelConfig, shape: ClusterShape) -> dict[str, list[str]]:
+    """Per service, the node types one of its actors can land on: those the cluster may have
+    whose resources hold its bundle (custom resources narrow it; a CPU-only service may land on
+    any node with room, wherever Ray's placement group puts it)."""
+    usable = [t for t in shape.node_types if t.max_count > 0]
+    return {service: [t.name for t in usable if fits(bundle(resources), t.resources)]
+            for service, count, resources in service_plan(cfg) if count}
+
+
 def check_cluster(path: Path | str, cfg: FlywheelConfig) -> list[str]:
     """Validate the cluster file and fit the run on it; returns a few summary lines."""
     shape = load_cluster(path)
@@ -464,4 +473,6 @@ def check_cluster(path: Path | str, cfg: FlywheelConfig) -> list[str]:
         "run asks for: " + "; ".join(f"{n} x {label} {format_resources(dict(r))}" for (label, r), n in asked.items()),
         f"fits ({cfg.cluster.placement_strategy}, first-fit decreasing): "
         + ", ".join(f"{n} x {name}" for name, n in packing.counts().items()),
+        "can land on: " + "; ".join(f"{service} -> {' | '.join(types)}"
+                                    for service, types in service_node_types(cfg, shape).items()),
     ]

@@ -151,8 +151,35 @@ class DataConfig(Section):
     )
 
 
+class RolloutAutoscale(Section):
+    """``rollout.autoscale``: the driver resizes the rollout pool between steps
+    (``services.driver.rollout_scaling``); new workers go through the cluster's autoscaler."""
+
+    min_workers: int = Field(1, ge=1)
+    max_workers: int = Field(..., ge=1)
+    scale_up_share: float = Field(
+        0.5, gt=0, le=1, description="add a worker while the learner waits for rollouts this share of the step or "
+        "more (on-policy: the rollout's share of the step; streaming: the wait for the next batch)"
+    )
+    scale_down_share: float = Field(
+        0.2, ge=0, lt=1, description="remove a worker while the engines are busy less than this share of the step"
+    )
+    cooldown_steps: int = Field(3, ge=0, description="steps after a change before the next one")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RolloutAutoscale":
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) is more than max_workers ({self.max_workers})")
+        if self.scale_down_share >= self.scale_up_share:
+            raise ValueError(f"scale_down_share ({self.scale_down_share}) must be below scale_up_share "
+                             f"({self.scale_up_share})")
+        return self
+
+
 class RolloutConfig(Section):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="workers at the start; `flywheel scale OUT rollout=N` or "
+                             "rollout.autoscale changes it while the run goes on")
+    autoscale: RolloutAutoscale | None = Field(None, description="null: the size changes only by `flywheel scale`")
     resources: Resources = Field(default_factory=Resources)
     n_samples: int = Field(4, ge=1, description="responses per prompt")
     prompts_per_step: int = Field(16, ge=1)
@@ -189,6 +216,10 @@ class RolloutConfig(Section):
     def _min_below_max(self) -> "RolloutConfig":
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_tokens})")
+        auto = self.autoscale
+        if auto is not None and not auto.min_workers <= self.num_workers <= auto.max_workers:
+            raise ValueError(f"num_workers ({self.num_workers}) is outside autoscale's min_workers..max_workers "
+                             f"({auto.min_workers}..{auto.max_workers})")
         return self
 
     def gap_alarm(self, dtype: str) -> float:

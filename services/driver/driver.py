@@ -38,6 +38,7 @@ from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, sampling_seed, toy_prompt_source
 from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
+from services.driver.rollout_scaling import RolloutScaler
 from services.driver.wiring import Services, build_services
 from services.learner.losses import LossSpec
 from services.reward.aggregate import soft_overlong_penalty
@@ -86,6 +87,7 @@ class Driver:
         )
         self.pad_id, self.placement_group, self.services = services.pad_id, services.placement_group, services.started
         self.restarts()  # the process ids every later count compares against
+        self.scaler = RolloutScaler(self.rollout, cfg, self.out)
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx = None
         if self.spec.algorithm.ptx_coef:
@@ -302,17 +304,19 @@ class Driver:
                         trajectories, rollout_s, rollout_stats = in_flight.result()
                         rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
                         sync_s = self._sync()  # engines are idle now
+                        scaled = self.scaler.update(records[-1] if records else None)
                         in_flight = self.executor.submit(self._rollout) if step < total else None
                         if in_flight is not None and self._probe_due(step):
                             gap = self._probe_gap(step, in_flight.result()[0])
                     else:
                         sync_s = self._sync()
+                        scaled = self.scaler.update(records[-1] if records else None)
                         trajectories, rollout_s, rollout_stats = self._rollout()
                     record = self.step(step, trajectories, rollout_s)
                     if self.held_out is not None and self.held_out.due(step):
                         record.update(self._evaluate(in_flight))
                     record.update(gap)
-                    record.update(rollout_stats)
+                    record.update(rollout_stats, **scaled)
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
                     record["timing/step_s"] = time.perf_counter() - step_started

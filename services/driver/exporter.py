@@ -66,6 +66,10 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "reward/member_std": (
         "flywheel_ensemble_disagreement", "Std across the reward ensemble's members, averaged over the step's batch"
     ),
+    "rollout/workers": ("flywheel_rollout_workers", "Rollout workers that generated the last step's batch"),
+    "rollout/workers_target": (
+        "flywheel_rollout_workers_target", "Rollout workers asked for (flywheel scale, rollout.autoscale), starting ones included"
+    ),
     "rollout/staleness_max": (
         "flywheel_trajectory_staleness_max", "Largest policy-version lag of a trajectory trained on at the last step"
     ),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from services.core.actor_group import START_TIMEOUT_S, ActorGroup, actor_lost_errors
@@ -30,6 +31,17 @@ from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class JoiningWorker:
+    """A worker ``RolloutPool.resize`` started: it takes work once it answers ``ready()`` and
+    holds the pool's weights (``admit_joined``)."""
+
+    actor: Any
+    name: str
+    ready: Any  # the ready() call's object ref
+    started: float  # time.monotonic()
+
+
 class RolloutPool(ActorGroup):
     def __init__(self, model_dir: str, cfg: FlywheelConfig, start_timeout_s: float = START_TIMEOUT_S,
                  placement: list[dict] | None = None, wait: bool = True):
@@ -40,9 +52,12 @@ class RolloutPool(ActorGroup):
         self.cfg = cfg
         self.version = 0
         self._weights = None  # object ref of the latest published weights, for restarted workers
+        self.model_dir = str(model_dir)
         n = cfg.rollout.num_workers
-        self.spawn(RolloutWorkerActor, [f"rollout-{i}" for i in range(n)], [(str(model_dir), cfg, i) for i in range(n)],
+        self.spawn(RolloutWorkerActor, [f"rollout-{i}" for i in range(n)], [(self.model_dir, cfg, i) for i in range(n)],
                    resources=cfg.rollout.resources.ray_options(), placement=placement, max_concurrency=2, wait=wait)
+        self.joining: list[JoiningWorker] = []  # started by `resize`, not taking work yet
+        self._next_index = n  # a new worker's index: never one a removed worker had (its log, its metrics)
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec | None = None) -> list[Trajectory]:
         """Trajectories for all prompts (``sampling.n`` each), in prompt order."""
@@ -88,7 +103,8 @@ class RolloutPool(ActorGroup):
                 results[start] = chunk_result
             idle.append(worker)
         versions = self.versions()
-        stats = {"rollout/requeued_prompts": float(requeued), "rollout/worker_version_min": float(min(versions)),
+        stats = {"rollout/requeued_prompts": float(requeued), "rollout/workers": float(len(self.actors)),
+                 "rollout/worker_version_min": float(min(versions)),
                  "rollout/worker_version_max": float(max(versions))}
         return [t for start in sorted(results) for t in results[start]], stats
 
@@ -163,6 +179,85 @@ class RolloutPool(ActorGroup):
                 raise RuntimeError(f"{self.names[worker]} reports policy version {got} after a sync to {version}")
         elapsed = time.perf_counter() - started
         return {"sync/seconds": elapsed, "sync/store_s": stored_s, "sync/bytes": payload_nbytes(payload)}
+
+    # ------------------------------------------------------------------ elastic size
+
+    @property
+    def target_size(self) -> int:
+        """Workers taking work plus those starting."""
+        return len(self.actors) + len(self.joining)
+
+    def resize(self, count: int) -> None:
+        """Toward ``count`` workers (at least 1). More: start the missing ones outside the run's
+        placement group, so a cluster with an autoscaler launches nodes for them from its
+        YAML; they take work once ``admit_joined`` sees them ready. Fewer: stop starting ones
+        first, then the last working ones. Only between ``generate`` calls (the driver calls
+        it after a step's sync), so a removed worker holds no prompts."""
+        import ray
+
+        count = max(1, count)
+        while self.target_size < count:
+            index, self._next_index = self._next_index, self._next_index + 1
+            name = f"rollout-{index}"
+            actor = self.start_actors(RolloutWorkerActor, [name], [(self.model_dir, self.cfg, index)],
+                                      resources=self.cfg.rollout.resources.ray_options(), max_concurrency=2)[0]
+            self.joining.append(JoiningWorker(actor, name, actor.ready.remote(), time.monotonic()))
+            log.warning("%s starting (rollout workers: %d -> %d)", name, self.target_size - 1, count)
+        while self.target_size > count:
+            if self.joining:
+                worker = self.joining.pop()
+                ray.kill(worker.actor)
+                log.warning("%s stopped before it took work", worker.name)
+                continue
+            index = len(self.actors) - 1
+            ray.kill(self.actors.pop(), no_restart=True)
+            name = self.names.pop()
+            if self._pids is not None:
+                self._pids.pop(index, None)
+            log.warning("%s removed (rollout workers: %d)", name, len(self.actors))
+
+    def admit_joined(self) -> list[str]:
+        """Starting workers that are ready now load the pool's weights and version and take
+        work from the next ``generate`` on; returns their names. One whose start failed, or
+        that is not ready within ``start_timeout_s`` (the cluster could not place it), is
+        dropped with a warning, and the run goes on with the others."""
+        import ray
+
+        admitted = []
+        for worker in list(self.joining):
+            done, _ = ray.wait([worker.ready], timeout=0)
+            late = time.monotonic() - worker.started > self.start_timeout_s
+            if not done and not late:
+                continue
+            self.joining.remove(worker)
+            try:
+                if not done:
+                    raise ServiceTimeout(worker.name, "ready (start-up)", self.start_timeout_s, "start_timeout_s")
+                ray.get(worker.ready)
+                if self._weights is not None:
+                    got = ray.get(worker.actor.update_weights.remote(self._weights, self.version),
+                                  timeout=self.cfg.rollout.sync_timeout_s)
+                    if got != self.version:
+                        raise ServiceLost(f"{worker.name} loaded policy version {got}, not {self.version}")
+            except Exception as exc:  # noqa: BLE001 - a worker that cannot join is dropped, the run goes on
+                ray.kill(worker.actor)
+                log.warning("%s could not join the rollout pool (%s); the run goes on with %d workers",
+                            worker.name, exc, len(self.actors))
+                continue
+            self.actors.append(worker.actor)
+            self.names.append(worker.name)
+            admitted.append(worker.name)
+            log.warning("%s joined at policy version %d after %.1fs (rollout workers: %d)", worker.name,
+                        self.version, time.monotonic() - worker.started, len(self.actors))
+        return admitted
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.joining:
+            ray.kill(worker.actor)
+        self.joining = []
+        super().shutdown()
 
     def nccl_client(self):
         """The control-plane client the learner's NCCL publisher drives (GPU path, unverified)."""

@@ -10,12 +10,10 @@ worker's ``generate`` or a member's ``score`` as RUNNING while it runs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter, defaultdict
@@ -25,14 +23,13 @@ from statistics import median
 import pytest
 
 from services.core.metrics import read_metrics
-from tests.conftest import DIST_ENV, REPO
 from tests.ray_head import StateApi
 from tests.ray_head import ray_head as start_ray_head
 from tests.sync_check import TOLERANCE, sampler_gap_by_version
+from tests.train_process import finish, start_train, steps_logged, wait_for_step
 
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT_S = 1500
 PROMPTS, STEPS, SAMPLES = 64, 6, 4  # one epoch: PROMPTS * STEPS toy prompts
 
 
@@ -40,48 +37,6 @@ PROMPTS, STEPS, SAMPLES = 64, 6, 4  # one epoch: PROMPTS * STEPS toy prompts
 def head():
     with start_ray_head({"RAY_task_events_report_interval_ms": "100"}) as head:
         yield head
-
-
-def start_train(head, config: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV | {"RAY_ADDRESS"}}
-    env.update(head.env(), PYTHONPATH=str(REPO))
-    log = open(out.parent / f"{out.name}-{len(list(out.parent.glob(out.name + '-*.log')))}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "train", str(config), "--out", str(out), *extra],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen) -> str:
-    """Wait for the run (bounded); its whole output."""
-    try:
-        proc.wait(RUN_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        proc.log.close()
-    return Path(proc.log.name).read_text()
-
-
-def steps_logged(out: Path) -> list[dict]:
-    """metrics.jsonl so far (a line being written is skipped)."""
-    path, records = out / "metrics.jsonl", []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-    return records
-
-
-def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not any(r.get("step") == step for r in steps_logged(out)):
-        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before step {step}"
-        assert time.monotonic() < deadline, f"step {step} not logged within {timeout_s}s"
-        time.sleep(0.2)
 
 
 def kill_while_running(head, actor: str, task: str, proc: subprocess.Popen, timeout_s: float = 300) -> tuple[int, float]:

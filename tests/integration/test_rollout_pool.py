@@ -255,3 +255,44 @@ def test_a_sync_that_leaves_a_parameter_out_fails_naming_it(pool, tiny_model_dir
         pool.sync_weights(partial, version=11)
     pool.sync_weights(weights, version=12)
     assert pool.versions() == [12, 12]
+
+
+def test_resize_adds_a_worker_holding_the_current_weights_and_removes_it(pool, tiny_model_dir):
+    """`flywheel scale` / rollout.autoscale on the real pool: a worker added after a sync takes
+    work only once it holds that version, and its engine then gives the same log-probs as the
+    others, to the last bit (not the initial weights' ones); the run never waits for it.
+    Removing it stops its actor; a resize back before a new worker is ready cancels it."""
+    import ray
+    from safetensors.torch import load_file
+
+    from services.rollout.worker import SamplingSpec
+
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    pool.sync_weights({k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in initial.items()}, version=31)
+    pool.resize(3)
+    assert len(pool.actors) == 2 and pool.target_size == 3  # starting: not taking work yet
+    started, joined = time.monotonic(), []
+    while not joined and time.monotonic() - started < 300:
+        assert len(pool.generate(_prompts(2), SamplingSpec(n=1, max_tokens=4))) == 2  # the run goes on meanwhile
+        joined = pool.admit_joined()
+    print(f"a new rollout worker joined after {time.monotonic() - started:.1f}s")
+    name = joined[0]
+    assert pool.names[2] == name and pool.versions() == [31, 31, 31]
+    trajectories = pool.generate(_prompts(4), SamplingSpec(n=1, max_tokens=8))
+    prompts, responses = [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
+    by_worker = [torch.tensor(sum(pool.sequence_logprobs(prompts, responses, worker=w), [])) for w in range(3)]
+    assert torch.equal(by_worker[2], by_worker[0])
+    pool.sync_weights(initial, version=32)
+    assert (torch.tensor(sum(pool.sequence_logprobs(prompts, responses, worker=2), [])) - by_worker[2]).abs().max() > 1e-3
+    added = pool.actors[2]
+    pool.resize(2)
+    assert pool.names == ["rollout-0", "rollout-1"] and pool.versions() == [32, 32]
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(added.ready.remote(), timeout=60)
+    pool.resize(3)
+    starting = pool.joining[0].actor
+    pool.resize(2)  # cancelled before it was ready
+    assert pool.joining == [] and pool.target_size == 2
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(starting.ready.remote(), timeout=60)

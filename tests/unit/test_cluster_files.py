@@ -54,7 +54,7 @@ def test_cluster_folder_has_the_expected_files():
 def test_every_cluster_file_fits_the_example_run(path):
     lines = check_cluster(path, load_config(str(RUN_CONFIG), []))
     assert "accepted by Ray's cluster config validator" in lines[0]
-    assert lines[-1].startswith("fits (PACK")
+    assert lines[-2].startswith("fits (PACK") and lines[-1].startswith("can land on: ")
 
 
 def test_example_run_asks_for_the_node_types_custom_resources():
@@ -71,6 +71,9 @@ def test_cli_validate_cluster_prints_config_and_fit_as_comments():
     res = flywheel("validate", "--cluster", "cluster/aws.yaml", str(RUN_CONFIG))
     assert res.returncode == 0, res.stderr
     assert "# fits (PACK, first-fit decreasing): 1 x head, 1 x learner-gpu, 4 x rollout-gpu" in res.stdout
+    # custom resources pin rollout and learner to their node types; CPU-only services may go anywhere with room
+    assert ("# can land on: learner -> learner-gpu; reference -> head | rollout-gpu | learner-gpu; "
+            "reward -> head | rollout-gpu | learner-gpu; rollout -> rollout-gpu") in res.stdout
     assert yaml.safe_load(res.stdout)["rollout"]["num_workers"] == 4  # stdout stays a loadable config
 
 

@@ -31,6 +31,7 @@ REQUIRED = {
     "ensemble disagreement": {"flywheel_ensemble_disagreement"},
     "reward variance": {"flywheel_reward_variance_mean", "flywheel_reward_std"},
     "worker restarts": {"flywheel_worker_restarts_total"},
+    "rollout workers": {"flywheel_rollout_workers"},
     "held-out evaluation": {"flywheel_eval_pass_at_1", "flywheel_eval_reward_mean"},
 }
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
