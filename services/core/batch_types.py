@@ -50,12 +50,20 @@ class TokenBatch:
         return int(self.input_ids.shape[0])
 
 
-def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> TokenBatch:
-    """Concatenate each prompt with its response and right-pad to the longest."""
+def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                   loss_masks: list[list[int] | None] | None = None) -> TokenBatch:
+    """Concatenate each prompt with its response and right-pad to the longest. ``loss_masks``
+    (multi-turn episodes): per response token 1 (the policy's) or 0 (an environment's, context
+    only); ``response_mask`` is then 0 on environment tokens too, so every per-token value
+    (log-probs, advantages, KL) is defined on the policy's tokens only. None: all 1."""
     import torch
 
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    masks = loss_masks or [None] * len(response_ids)
+    for i, (r, m) in enumerate(zip(response_ids, masks)):
+        if m is not None and len(m) != len(r):
+            raise ValueError(f"sequence {i}: a loss mask of {len(m)} for {len(r)} response tokens")
     width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
     batch = len(prompt_ids)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -64,7 +72,8 @@ def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], p
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         input_ids[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
         attention[i, : len(p) + len(r)] = 1
-        response_mask[i, len(p) : len(p) + len(r)] = 1.0
+        mask = masks[i]
+        response_mask[i, len(p) : len(p) + len(r)] = 1.0 if mask is None else torch.tensor(mask, dtype=torch.float32)
     return TokenBatch(input_ids, attention, response_mask)
 
 

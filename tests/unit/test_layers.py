@@ -48,6 +48,7 @@ LAYER_OF: dict[str, str] = {
     "services.reference": "services",
     "services.reward": "services",
     "services.rollout": "services",
+    "services.environments": "services",  # multi-turn environments, tools and their sandbox
     "services.rpc": "services",
     # Ray and process plumbing, metrics
     "services.core.actor_group": "runtime",
