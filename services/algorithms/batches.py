@@ -84,17 +84,28 @@ def filter_stale(
 
 
 def build_tokens(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
-    """Prompt + response of each trajectory, right-padded with ``pad_id``."""
+    """Prompt + response of each trajectory, right-padded with ``pad_id``; a multi-turn
+    episode's environment tokens are context only (``response_mask`` 0 there)."""
     _check_nonempty(trajectories)
-    return pack_sequences([t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories], pad_id)
+    return pack_sequences([t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories], pad_id,
+                          loss_masks=[t.loss_mask for t in trajectories])
+
+
+def policy_token_values(values: list[list[float]], trajectories: Sequence[Trajectory]) -> list[list[float]]:
+    """Per-response-token values (the reference's log-probs of every response token) -> those
+    of the policy's tokens only, as ``build_tokens``'s ``response_mask`` holds them."""
+    _check_len("values", values, len(trajectories))
+    return [row if t.loss_mask is None else [v for v, m in zip(row, t.loss_mask, strict=True) if m]
+            for row, t in zip(values, trajectories)]
 
 
 def sampler_logprobs(trajectories: Sequence[Trajectory], tokens: TokenBatch) -> torch.Tensor:
     """The sampler's per-token log-probs at response positions, [B, T] (0 elsewhere)."""
     _check_len("trajectories", trajectories, tokens.size)
     for i, t in enumerate(trajectories):
-        if len(t.logprobs) != len(t.response_ids):
-            raise ValueError(f"trajectory {i}: {len(t.logprobs)} log-probs for {len(t.response_ids)} response tokens")
+        policy_tokens = len(t.response_ids) if t.loss_mask is None else sum(t.loss_mask)
+        if len(t.logprobs) != policy_tokens:
+            raise ValueError(f"trajectory {i}: {len(t.logprobs)} log-probs for {policy_tokens} policy tokens")
     return pad_response_values([list(t.logprobs) for t in trajectories], tokens)
 
 

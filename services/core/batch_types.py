@@ -27,6 +27,13 @@ class Trajectory:
     policy_version: int  # version of the weights that produced it
     sample_index: int = 0  # which of the n samples of this prompt
     columns: dict[str, Any] = field(default_factory=dict)  # extra dataset columns for rewards
+    # multi-turn episodes (rollout.environment): response_ids holds every turn after the prompt,
+    # loss_mask is 1 on the policy's tokens and 0 on the environment's, logprobs has the policy's
+    # tokens only, turns are (role, start, end) in response_ids, response is the last policy turn
+    loss_mask: list[int] | None = None
+    turns: list[tuple[str, int, int]] | None = None
+    env_reward: float = 0.0  # the environment's per-turn rewards, summed
+    env_info: dict[str, float] = field(default_factory=dict)  # turns, tool_calls, tool_errors, env_s, env_errors
 
 
 def trajectory_columns(trajectories: list[Trajectory]) -> dict[str, list[Any]]:

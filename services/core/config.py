@@ -8,7 +8,7 @@ such as ``learner.lr_rate`` is an error that names the field instead of being ig
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -176,10 +176,31 @@ class RolloutAutoscale(Section):
         return self
 
 
+class EnvironmentConfig(Section):
+    """``rollout.environment``: multi-turn episodes (``services.environments``): the policy's turns
+    alternate with the environment's (tool results, user turns) until it ends the episode."""
+
+    name: str = Field(..., min_length=1, description="a built-in environment ('tools') or path/to/file.py:Class")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the environment class, e.g. {tools: [calculator, python]}"
+    )
+    max_turns: int = Field(4, ge=1, description="policy turns per episode at most; one still going then ends "
+                           "truncated (finish_reason 'length')")
+    max_total_tokens: int = Field(512, ge=1, description="response tokens per episode at most, policy and environment "
+                                  "turns together")
+    observation_role: str = Field("user", min_length=1, description="the chat role an environment turn is written "
+                                  "as (user, or tool where the chat template knows it)")
+    on_error: Literal["fail", "truncate"] = Field(
+        "fail", description="an environment that raises or answers with wrong types: fail the step naming it and "
+        "the row, or end that episode there (counted in rollout/env_errors)"
+    )
+
+
 class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1, description="workers at the start; `flywheel scale OUT rollout=N` or "
                              "rollout.autoscale changes it while the run goes on")
     autoscale: RolloutAutoscale | None = Field(None, description="null: the size changes only by `flywheel scale`")
+    environment: EnvironmentConfig | None = Field(None, description="null: single-turn (a prompt, one completion)")
     resources: Resources = Field(default_factory=Resources)
     n_samples: int = Field(4, ge=1, description="responses per prompt")
     prompts_per_step: int = Field(16, ge=1)

@@ -98,4 +98,23 @@ def step_shares(record: dict, streaming: bool) -> dict[str, float]:
     return shares
 
 
-__all__ = ["LikelihoodDisplacementMonitor", "LogprobGapMonitor", "STEP_PHASES", "step_shares"]
+def episode_stats(trajectories) -> dict[str, float]:
+    """Multi-turn episodes (``Trajectory.env_info``): policy turns, tool calls and tool errors
+    per episode, the environment's errors and seconds (summed over episodes), and the length of
+    the episodes' responses (policy and environment tokens) at the 50th and 90th percentile."""
+    import numpy as np
+
+    info = [t.env_info for t in trajectories]
+    lengths = [len(t.response_ids) for t in trajectories]
+    return {
+        "rollout/turns_mean": float(np.mean([i.get("turns", 0.0) for i in info])),
+        "rollout/tool_calls_mean": float(np.mean([i.get("tool_calls", 0.0) for i in info])),
+        "rollout/tool_errors": float(sum(i.get("tool_errors", 0.0) for i in info)),
+        "rollout/env_errors": float(sum(i.get("env_errors", 0.0) for i in info)),
+        "rollout/env_s": float(sum(i.get("env_s", 0.0) for i in info)),
+        "rollout/episode_tokens_p50": float(np.percentile(lengths, 50)),
+        "rollout/episode_tokens_p90": float(np.percentile(lengths, 90)),
+    }
+
+
+__all__ = ["episode_stats", "LikelihoodDisplacementMonitor", "LogprobGapMonitor", "STEP_PHASES", "step_shares"]

@@ -30,7 +30,7 @@ from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
 from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
-from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, step_shares
+from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, episode_stats, step_shares
 from services.driver.exporter import MetricsExporter, RunMetrics
 from services.driver.held_out_eval import HeldOutEval
 from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
@@ -151,7 +151,7 @@ class Driver:
         if learner_old:
             old_future = self.executor.submit(self.learner.logprobs, tokens)
         scores = reward_future.result()
-        ref = pad_response_values(ref_future.result(), tokens)
+        ref = pad_response_values(alg.policy_token_values(ref_future.result(), trajectories), tokens)
         values = values_future.result() if values_future else None
         sampler = alg.sampler_logprobs(trajectories, tokens)
         # strictly on-policy: the learner's own log-probs (where _learner_old_due); off-policy: the
@@ -208,6 +208,9 @@ class Driver:
         learner_old = self._learner_old_due(step)
         ensemble, tokens, ref, values, sampler, old, timing = self._score(kept, learner_old)
         scores = ensemble.scores
+        if self.cfg.rollout.environment is not None:  # multi-turn: the environment's own rewards count too
+            scores = [s + t.env_reward for s, t in zip(scores, kept)]
+            record.update(episode_stats(kept))
         r = self.cfg.reward
         if r.overlong_buffer:  # DAPO's soft overlong penalty on every trained-on reward
             penalties = [soft_overlong_penalty(len(t.response_ids), self.cfg.rollout.max_tokens, r.overlong_buffer,

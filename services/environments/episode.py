@@ -9,7 +9,8 @@ the ids sampled.
 
 ``observation_ids`` renders an observation as the template would write the conversation: the
 text after the policy turn's end-of-turn token up to the next assistant generation prompt
-(with ChatML: ``\\n<|im_start|>user\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n``).
+(with ChatML: ``\\n<|im_start|>user\\n{observation}<|im_end|>\\n<|im_start|>assistant\\n``;
+after a turn cut by a stop string, the template's ``<|im_end|>`` comes first).
 """
 
 from __future__ import annotations
@@ -62,19 +63,20 @@ class Episode:
 
 def observation_ids(tokenizer, template: str, messages: list[dict], policy_ids: list[int], observation: str,
                     role: str = "user") -> list[int]:
-    """The token ids of an environment turn after a policy turn that ended with the template's
-    end-of-turn token. ``messages``: the conversation before that policy turn (the prompt's
-    messages and the earlier turns, as text). ValueError when the template does not render the
-    conversation as a continuation of what the policy saw (a template that rewrites history)."""
+    """The token ids of an environment turn after a policy turn. ``messages``: the conversation
+    before that policy turn (the prompt's messages and the earlier turns, as text). After a turn
+    that ended with the template's end-of-turn token the ids start right after it; after one
+    that stopped without it (a stop string) they start with the template's end-of-turn text,
+    which is then context the policy did not sample. ValueError when the template does not
+    render the conversation as a continuation of what the policy saw (it rewrites history)."""
     before = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
-    seen = before + tokenizer.decode(policy_ids, skip_special_tokens=False)
     content = tokenizer.decode(policy_ids, skip_special_tokens=True)
     after = tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": content}, {"role": role, "content": observation}],
         chat_template=template, tokenize=False, add_generation_prompt=True,
     )
-    if not after.startswith(seen):
-        raise ValueError("the chat template does not render the conversation as a continuation of the policy's "
-                         f"turn (it rewrites earlier turns, or the turn did not end with its end-of-turn token): "
-                         f"{seen[-60:]!r} vs {after[len(before):len(seen) + 20]!r}")
-    return list(tokenizer(after[len(seen):], add_special_tokens=False).input_ids)
+    for seen in (before + tokenizer.decode(policy_ids, skip_special_tokens=False), before + content):
+        if after.startswith(seen):
+            return list(tokenizer(after[len(seen):], add_special_tokens=False).input_ids)
+    raise ValueError("the chat template does not render the conversation as a continuation of the policy's turn "
+                     f"(it rewrites earlier turns): {before[-40:] + content!r} vs {after[len(before) - 40:len(before) + len(content) + 20]!r}")

@@ -15,8 +15,10 @@ from typing import Any
 from services.core.actor_group import ServiceActor
 from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
+from services.core.prompts import resolve_chat_template
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import cuda_available
+from services.rollout.multi_turn import EpisodeRunner
 from services.rollout.vllm_engine import start_llm
 from services.rollout.weight_sync import WeightTransport, engine_in_process, make_transport
 
@@ -65,6 +67,10 @@ class RolloutWorker:
         self.metrics = ServiceMetrics("rollout", index)
         self.llm = start_llm(model_dir, cfg, **self.transport.engine_kwargs())
         self.version = 0
+        self.episodes = None  # multi-turn episodes (rollout.environment)
+        if cfg.rollout.environment is not None:
+            self.episodes = EpisodeRunner(self.llm, cfg.rollout.environment,
+                                          resolve_chat_template(self.llm.get_tokenizer(), cfg.model.chat_template))
 
     def generate(self, prompts: list[PromptItem], sampling: SamplingSpec) -> list[Trajectory]:
         """``sampling.n`` trajectories per prompt, each tagged with this worker's version."""
@@ -86,6 +92,11 @@ class RolloutWorker:
             for p in prompts
         ]
         version = self.version
+        if self.episodes is not None:
+            with self.metrics.track("generate"):
+                trajectories = self.episodes.run(prompts, sampling, version)
+            self.metrics.add_tokens(sum(len(t.logprobs) for t in trajectories))  # the policy's tokens
+            return trajectories
         with self.metrics.track("generate"):
             inputs = [p.prompt if p.prompt_ids is None else TokensPrompt(prompt_token_ids=p.prompt_ids) for p in prompts]
             outputs = self.llm.generate(inputs, params, use_tqdm=False)

@@ -60,7 +60,7 @@ def test_build_tokens_and_sampler_logprobs_alignment():
     lp = alg.sampler_logprobs(ts, tokens)
     assert lp.tolist() == [[0.0, 0.0, -1.0, -2.0], [0.0, -0.5, 0.0, 0.0]]
     assert alg.sequence_sums(lp, tokens).tolist() == [-3.0, -0.5]
-    with pytest.raises(ValueError, match="2 log-probs for 3 response tokens"):
+    with pytest.raises(ValueError, match="2 log-probs for 3 policy tokens"):
         alg.sampler_logprobs([traj(logprobs=[-1.0, -1.0])], alg.build_tokens([traj()], PAD))
     with pytest.raises(ValueError, match="no trajectories"):
         alg.build_tokens([], PAD)

@@ -188,6 +188,19 @@ def test_episode_layout_and_mask_through_a_chatml_template(chatml_tokenizer):
     assert torch.equal(batch.input_ids[0][: len(episode.context_ids)], torch.tensor(episode.context_ids))
 
 
+def test_an_environment_turn_after_a_stop_string_starts_with_the_end_of_turn(chatml_tokenizer):
+    """A turn that a stop string ended has no <|im_end|> of its own: the environment's turn,
+    context only, closes it as the template does."""
+    tokenizer, template = chatml_tokenizer
+    messages = [{"role": "user", "content": "What is 3*4+5?"}]
+    stopped = list(tokenizer("The answer is", add_special_tokens=False).input_ids)
+    observed = observation_ids(tokenizer, template, messages, stopped, "go on", role="tool")
+    assert tokenizer.decode(observed, skip_special_tokens=False) == (
+        "<|im_end|>\n<|im_start|>tool\ngo on<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="does not render the conversation as a continuation"):
+        observation_ids(tokenizer, "{% for m in messages[-1:] %}{{ m['content'] }}{% endfor %}", messages, stopped, "x")
+
+
 def test_pack_sequences_checks_the_loss_mask_length():
     with pytest.raises(ValueError, match="sequence 0: a loss mask of 2 for 3 response tokens"):
         pack_sequences([[1]], [[2, 3, 4]], pad_id=0, loss_masks=[[1, 0]])
