@@ -37,7 +37,8 @@ def make_untied_copy(policy: Path, target: Path, seed: int = 0) -> Path:
 
 def sampler_gap_by_version(out: Path, initial_policy: Path, steps: set[int] | None = None) -> dict[int, dict]:
     """Per policy version of the dumped trajectories (of ``steps``, default all): the max and
-    mean |sampler log-prob - transformers log-prob| over their response tokens, and the count."""
+    mean |sampler log-prob - transformers log-prob| over their response tokens (an episode's
+    policy tokens), and the count."""
     from transformers import AutoModelForCausalLM
 
     from services.driver.checkpoint import read_state
@@ -64,6 +65,8 @@ def sampler_gap_by_version(out: Path, initial_policy: Path, steps: set[int] | No
                 logp = model(ids).logits[0].log_softmax(-1)
                 start = len(t.prompt_ids) - 1
                 expected = logp[start : start + len(t.response_ids)].gather(1, ids[0, start + 1 :, None])[:, 0]
+                if t.loss_mask is not None:  # an episode: the sampler's log-probs are of its policy tokens
+                    expected = expected[torch.tensor(t.loss_mask, dtype=torch.bool)]
                 gaps.append((torch.tensor(t.logprobs) - expected).abs())
         gap = torch.cat(gaps)
         result[version] = {"max": float(gap.max()), "mean": float(gap.mean()), "tokens": int(gap.numel()),

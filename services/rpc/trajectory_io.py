@@ -77,6 +77,8 @@ def to_message(
         policy_version=trajectory.policy_version, sample_index=trajectory.sample_index,
         columns=dict_to_struct(trajectory.columns, f"trajectory {trajectory.prompt_id!r} columns"),
         member_scores={name: float(score) for name, score in (member_scores or {}).items()},
+        loss_mask=list(trajectory.loss_mask or []), env_reward=float(trajectory.env_reward),
+        turns=[trajectory_pb2.Turn(role=role, start=start, end=end) for role, start, end in trajectory.turns or []],
     )
     if reward is not None:
         message.reward = float(reward)
@@ -91,6 +93,8 @@ def from_message(message: trajectory_pb2.Trajectory) -> TrajectoryRecord:
         response=message.response, response_ids=list(message.response_ids), logprobs=list(message.logprobs),
         finish_reason=message.finish_reason, policy_version=message.policy_version,
         sample_index=message.sample_index, columns=struct_to_dict(message.columns),
+        loss_mask=list(message.loss_mask) or None, turns=[(t.role, t.start, t.end) for t in message.turns] or None,
+        env_reward=message.env_reward,
     )
     return TrajectoryRecord(
         trajectory,

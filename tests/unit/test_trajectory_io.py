@@ -114,3 +114,17 @@ def test_trim_keeps_steps_up_to_the_checkpoint_and_drops_a_torn_tail(tmp_path):
     assert [(r.step, r.reward) for r in records] == [(1, 1.0), (1, -1.0), (2, 2.0), (2, -2.0)]
     assert records[2].trajectory.columns["task"] == "arithmetic"
     assert trim_trajectories(tmp_path / "missing.pb", 2) == 0
+
+
+def test_an_episode_keeps_every_turn_with_its_role_and_mask(tmp_path):
+    import dataclasses
+
+    plain = make_trajectories()[0]
+    episode = dataclasses.replace(
+        plain, response_ids=[5, 6, 60, 61, 7], logprobs=[-0.5, -0.25, -0.125], loss_mask=[1, 1, 0, 0, 1],
+        turns=[("policy", 0, 2), ("environment", 2, 4), ("policy", 4, 5)], env_reward=0.75,
+        env_info={"turns": 2.0})
+    write_trajectories(tmp_path / "r.pb", [episode, plain], [1.0, 0.5], step=3)
+    got_episode, got_plain = [r.trajectory for r in read_trajectories(tmp_path / "r.pb")]
+    assert dataclasses.replace(got_episode, env_info={"turns": 2.0}) == episode  # env_info is a metric, not dumped
+    assert got_plain.loss_mask is None and got_plain.turns is None and got_plain.env_reward == 0.0

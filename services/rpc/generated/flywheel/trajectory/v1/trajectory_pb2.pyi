@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Trajectory(_message.Message):
-    __slots__ = ("prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "finish_reason", "policy_version", "sample_index", "columns", "reward", "member_scores", "step")
+    __slots__ = ("prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "finish_reason", "policy_version", "sample_index", "columns", "reward", "member_scores", "step", "loss_mask", "turns", "env_reward")
     class MemberScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,9 @@ class Trajectory(_message.Message):
     REWARD_FIELD_NUMBER: _ClassVar[int]
     MEMBER_SCORES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
+    TURNS_FIELD_NUMBER: _ClassVar[int]
+    ENV_REWARD_FIELD_NUMBER: _ClassVar[int]
     prompt_id: str
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -42,4 +45,17 @@ class Trajectory(_message.Message):
     reward: float
     member_scores: _containers.ScalarMap[str, float]
     step: int
-    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., policy_version: _Optional[int] = ..., sample_index: _Optional[int] = ..., columns: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reward: _Optional[float] = ..., member_scores: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ...) -> None: ...
+    loss_mask: _containers.RepeatedScalarFieldContainer[int]
+    turns: _containers.RepeatedCompositeFieldContainer[Turn]
+    env_reward: float
+    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., policy_version: _Optional[int] = ..., sample_index: _Optional[int] = ..., columns: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reward: _Optional[float] = ..., member_scores: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., loss_mask: _Optional[_Iterable[int]] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., env_reward: _Optional[float] = ...) -> None: ...
+
+class Turn(_message.Message):
+    __slots__ = ("role", "start", "end")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    start: int
+    end: int
+    def __init__(self, role: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
