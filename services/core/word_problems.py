@@ -58,14 +58,37 @@ def word_problems(n: int, seed: int, max_number: int = MAX_NUMBER) -> list[dict[
 def write_splits(
     directory: str | Path, train: int, test: int, seed: int, max_number: int = MAX_NUMBER
 ) -> dict[str, Path]:
-    """DIR/train.jsonl and DIR/test.jsonl; no test question is also a train question."""
+    """DIR/train.jsonl and DIR/test.jsonl, no test question also a train question, and
+    DIR/train_tools.jsonl: the train problems as SFT traces that call the calculator."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rows = word_problems(train + test + test, seed, max_number)  # spare rows for the test questions that repeat
     train_rows = rows[:train]
     seen = {r["question"] for r in train_rows}
     test_rows = [r for r in rows[train:] if r["question"] not in seen][:test]
-    paths = {"train": directory / "train.jsonl", "test": directory / "test.jsonl"}
+    paths = {"train": directory / "train.jsonl", "test": directory / "test.jsonl",
+             "train_tools": directory / "train_tools.jsonl"}
     write_jsonl(paths["train"], train_rows)
     write_jsonl(paths["test"], test_rows)
+    write_jsonl(paths["train_tools"], tool_sft_rows(train_rows))
     return paths
+
+
+TOOL_CALL = "<tool>calculator</tool><args>{expression}</args>"  # the tools environment's default (xml) format
+
+
+def tool_sft_rows(rows: list[dict[str, str]]) -> list[dict]:
+    """SFT rows that teach the calculator tool, two per problem (each policy turn of the trace
+    is one row, after the conversation before it): the question -> the call with the
+    problem's expression; the question, the call and its result (a user turn, as the tools
+    environment writes it) -> the worked answer ending in ``#### N``."""
+    out = []
+    for row in rows:
+        expression, result = row["answer"].split("\n")[0].split(" = ")
+        question = [{"role": "user", "content": row["question"]}]
+        call = TOOL_CALL.format(expression=expression)
+        out.append({"prompt": question, "response": call})
+        out.append({"prompt": question + [{"role": "assistant", "content": call},
+                                          {"role": "user", "content": f"<result>{result}</result>"}],
+                    "response": row["answer"]})
+    return out

@@ -70,6 +70,10 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "rollout/workers_target": (
         "flywheel_rollout_workers_target", "Rollout workers asked for (flywheel scale, rollout.autoscale), starting ones included"
     ),
+    "rollout/turns_mean": ("flywheel_episode_turns_mean", "Multi-turn episodes: policy turns per episode, last step"),
+    "rollout/tool_calls_mean": (
+        "flywheel_episode_tool_calls_mean", "Multi-turn episodes: tool calls per episode, last step"
+    ),
     "rollout/staleness_max": (
         "flywheel_trajectory_staleness_max", "Largest policy-version lag of a trajectory trained on at the last step"
     ),

@@ -30,6 +30,10 @@ PANELS: list[tuple[str, str, list[str], tuple[str, str] | None]] = [
     ("step_shares", "Share of the step (scoring and reference overlap)", ["perf/share/*"], None),
     ("throughput", "Tokens per second", ["perf/generated_tokens_per_s", "perf/train_tokens_per_s"], None),
     ("staleness", "Off-policy staleness", ["rollout/staleness_max", "rollout/dropped_stale"], None),
+    ("episodes", "Multi-turn episodes: length (tokens, 50th and 90th percentile)",
+     ["rollout/episode_tokens_p50", "rollout/episode_tokens_p90"], None),
+    ("tools", "Multi-turn episodes: policy turns and tool calls per episode, tool errors per step",
+     ["rollout/turns_mean", "rollout/tool_calls_mean", "rollout/tool_errors"], None),
     ("loss", "Training loss", ["train/loss"], None),
     ("lr", "Learning rate", ["train/lr"], None),
 ]
