@@ -190,6 +190,8 @@ class EnvironmentConfig(Section):
                                   "turns together")
     observation_role: str = Field("user", min_length=1, description="the chat role an environment turn is written "
                                   "as (user, or tool where the chat template knows it)")
+    concurrency: int = Field(16, ge=1, description="environment steps (tool calls) a rollout worker runs at once, "
+                             "on threads, while its engine generates")
     on_error: Literal["fail", "truncate"] = Field(
         "fail", description="an environment that raises or answers with wrong types: fail the step naming it and "
         "the row, or end that episode there (counted in rollout/env_errors)"

@@ -81,7 +81,7 @@ def tool_sft_rows(rows: list[dict[str, str]]) -> list[dict]:
     """SFT rows that teach the calculator tool, two per problem (each policy turn of the trace
     is one row, after the conversation before it): the question -> the call with the
     problem's expression; the question, the call and its result (a user turn, as the tools
-    environment writes it) -> the worked answer ending in ``#### N``."""
+    environment writes it) -> ``#### N``, the result (math_verify reads the last ``####``)."""
     out = []
     for row in rows:
         expression, result = row["answer"].split("\n")[0].split(" = ")
@@ -90,5 +90,5 @@ def tool_sft_rows(rows: list[dict[str, str]]) -> list[dict]:
         out.append({"prompt": question, "response": call})
         out.append({"prompt": question + [{"role": "assistant", "content": call},
                                           {"role": "user", "content": f"<result>{result}</result>"}],
-                    "response": row["answer"]})
+                    "response": f"#### {result}"})
     return out

@@ -51,14 +51,15 @@ class LiveEpisode:
 class EpisodeRunner:
     """Runs episodes of ``env_cfg``'s environment on ``llm`` (a ``vllm.LLM``)."""
 
-    def __init__(self, llm, env_cfg: EnvironmentConfig, template: str | None, threads: int = 8):
+    def __init__(self, llm, env_cfg: EnvironmentConfig, template: str | None):
         if template is None:
             raise UserError("rollout.environment: multi-turn episodes need a chat template (the tokenizer's own, or "
                             "model.chat_template)")
         self.llm, self.cfg, self.template = llm, env_cfg, template
         self.tokenizer = llm.get_tokenizer()
         self.env_cls = environment_class(env_cfg.name)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flywheel-env")
+        self.max_model_len = llm.llm_engine.model_config.max_model_len  # prompt + every turn must fit
+        self.pool = ThreadPoolExecutor(max_workers=env_cfg.concurrency, thread_name_prefix="flywheel-env")
 
     # ------------------------------------------------------------------ episodes
 
@@ -115,6 +116,11 @@ class EpisodeRunner:
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=True)
         prompt_ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        if len(prompt_ids) + self.sampling.max_tokens > self.max_model_len:
+            raise EnvironmentFailure(
+                f"environment {self.cfg.name!r} reset on row {item.id!r}: its first observation is {len(prompt_ids)} "
+                f"tokens; with rollout.max_tokens that passes the engine's {self.max_model_len} "
+                "(data.max_prompt_tokens + rollout.environment.max_total_tokens)")
         return LiveEpisode(order, item, sample, env, messages, Episode(prompt_ids))
 
     def _call(self, make, item, what: str):
@@ -129,7 +135,8 @@ class EpisodeRunner:
         from vllm.inputs import TokensPrompt
 
         s = self.sampling
-        room = self.cfg.max_total_tokens - len(episode.episode.response_ids)
+        room = min(self.cfg.max_total_tokens - len(episode.episode.response_ids),
+                   self.max_model_len - len(episode.episode.context_ids))
         seed = None if episode.item.seed is None else episode.item.seed + episode.sample + 7919 * episode.turn
         params = SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                 max_tokens=min(s.max_tokens, room), min_tokens=min(s.min_tokens, room),
@@ -179,8 +186,9 @@ class EpisodeRunner:
         before = episode.messages
         ids = observation_ids(self.tokenizer, self.template, before, episode.last_ids, result.observation,
                               self.cfg.observation_role)
-        if len(episode.episode.response_ids) + len(ids) >= self.cfg.max_total_tokens:
-            return False
+        after = len(episode.episode.response_ids) + len(ids)
+        if after >= self.cfg.max_total_tokens or len(episode.episode.prompt_ids) + after >= self.max_model_len:
+            return False  # no room for another policy turn
         episode.episode.add_environment_turn(ids)
         content = self.tokenizer.decode(episode.last_ids, skip_special_tokens=True)
         episode.messages = before + [{"role": "assistant", "content": content},

@@ -13,8 +13,14 @@ from services.core.config import FlywheelConfig
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def response_room(cfg: FlywheelConfig) -> int:
+    """Tokens after the prompt: one response, or a multi-turn episode's turns together."""
+    env = cfg.rollout.environment
+    return max(cfg.rollout.max_tokens, env.max_total_tokens if env is not None else 0)
+
+
 def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
-    """An ``LLM`` sized for prompt + response lengths of ``cfg.data``; fp32 on CPU."""
+    """An ``LLM`` sized for ``data.max_prompt_tokens`` + ``response_room``; fp32 on CPU."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.cpu_kvcache_gb))  # ignored on CUDA
     from vllm import LLM
@@ -22,7 +28,7 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
     kwargs = dict(
         model=str(model_dir),
         dtype=VLLM_DTYPES[cfg.model.dtype],
-        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_tokens,
+        max_model_len=cfg.data.max_prompt_tokens + response_room(cfg),
         seed=cfg.seed,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         enforce_eager=True,

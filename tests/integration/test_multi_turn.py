@@ -55,10 +55,7 @@ def envs_file(tmp_path_factory):
 def make_worker(chat_model, env_name, **env):
     from services.rollout.worker import RolloutWorker
 
-    cfg = FlywheelConfig()
-    cfg.rollout.environment = {"name": env_name, **env}
-    cfg = FlywheelConfig.model_validate(cfg.model_dump())
-    return RolloutWorker(chat_model, cfg)
+    return RolloutWorker(chat_model, FlywheelConfig.model_validate({"rollout": {"environment": {"name": env_name, **env}}}))
 
 
 @pytest.fixture(scope="module")

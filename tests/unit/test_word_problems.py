@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from services.core.word_problems import word_problems, write_splits
+from services.core.word_problems import tool_sft_rows, word_problems, write_splits
 from services.reward.verifiable import math_verify_correct, reference_text
 
 
@@ -40,3 +40,19 @@ def test_max_number_bounds_the_operands_and_the_default_keeps_the_dataset():
     assert word_problems(5, seed=0) == word_problems(5, seed=0, max_number=20)
     assert word_problems(5, seed=0)[0] == {"question": "Leo picks 11 books in the morning and 1 books in the afternoon. "
                                                        "How many books did Leo pick?", "answer": "11 + 1 = 12\n#### 12"}
+
+
+def test_tool_traces_call_the_calculator_and_answer_with_its_result(tmp_path):
+    from services.environments.tools import calculate, find_tool_calls
+
+    rows = word_problems(50, seed=1)
+    traces = tool_sft_rows(rows)
+    assert len(traces) == 2 * len(rows)
+    for row, call, answer in zip(rows, traces[::2], traces[1::2]):
+        assert call["prompt"] == [{"role": "user", "content": row["question"]}]
+        (tool_call,) = find_tool_calls(call["response"])  # the tools environment's default format
+        result = calculate(tool_call.args)
+        assert answer["prompt"] == call["prompt"] + [{"role": "assistant", "content": call["response"]},
+                                                     {"role": "user", "content": f"<result>{result}</result>"}]
+        assert math_verify_correct(answer["response"], reference_text(row["answer"]))  # the verifier's reading
+    assert {"train", "test", "train_tools"} <= set(write_splits(tmp_path, 20, 5, seed=0))
