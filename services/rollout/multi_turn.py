@@ -18,6 +18,7 @@ turn is prompted with exactly those ids. An episode ends when the environment sa
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from services.environments.base import EnvironmentFailure, StepResult, checked_r
 from services.environments.episode import Episode, observation_ids
 
 
-@dataclass
+@dataclass(eq=False)  # one live episode is one object: compared and hashed by identity
 class LiveEpisode:
     order: int  # position in the returned list
     item: Any  # PromptItem
@@ -71,6 +72,16 @@ class EpisodeRunner:
         self.sampling, self.output_kind = sampling, RequestOutputKind.FINAL_ONLY
         live = [self._start(i * sampling.n + k, item, k) for i, item in enumerate(items) for k in range(sampling.n)]
         requests: dict[str, LiveEpisode] = {}
+        try:
+            return self._run(engine, live, requests, version, lock_step)
+        except BaseException:
+            # an environment failed the step: its engine requests must not linger into the next call
+            for episode in set(requests.values()):
+                with contextlib.suppress(Exception):
+                    engine.abort_request(sorted(episode.request_keys))
+            raise
+
+    def _run(self, engine, live: list[LiveEpisode], requests: dict, version: int, lock_step: bool) -> list[Trajectory]:
         for episode in live:
             self._request(engine, episode, requests)
         env_steps: dict[Future, LiveEpisode] = {}

@@ -19,6 +19,24 @@ def response_room(cfg: FlywheelConfig) -> int:
     return max(cfg.rollout.max_tokens, env.max_total_tokens if env is not None else 0)
 
 
+def context_length(model_dir: str, cfg: FlywheelConfig) -> int:
+    """``data.max_prompt_tokens + response_room``; for multi-turn episodes at most the model's
+    positions (``max_position_embeddings``): an episode is then cut where the model ends, and
+    this says so once. A single response longer than the model is vLLM's error, as before."""
+    wanted = cfg.data.max_prompt_tokens + response_room(cfg)
+    if cfg.rollout.environment is None:
+        return wanted
+    from transformers import AutoConfig
+
+    positions = getattr(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code),
+                        "max_position_embeddings", None)
+    if positions is not None and wanted > positions:
+        print(f"rollout.environment.max_total_tokens: the model holds {positions} positions, so episodes end there "
+              f"(data.max_prompt_tokens + max_total_tokens = {wanted})", flush=True)
+        return int(positions)
+    return wanted
+
+
 def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
     """An ``LLM`` sized for ``data.max_prompt_tokens`` + ``response_room``; fp32 on CPU."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -28,7 +46,7 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
     kwargs = dict(
         model=str(model_dir),
         dtype=VLLM_DTYPES[cfg.model.dtype],
-        max_model_len=cfg.data.max_prompt_tokens + response_room(cfg),
+        max_model_len=context_length(model_dir, cfg),
         seed=cfg.seed,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         enforce_eager=True,

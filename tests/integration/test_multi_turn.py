@@ -127,9 +127,10 @@ def test_max_turns_truncates_and_a_raising_environment_is_named(chat_model, envs
     episodes = worker.generate(prompts(2), SamplingSpec(n=1, **TURN))
     assert all(t.finish_reason == "length" and t.env_info["turns"] <= 2 for t in episodes)
     broken = make_worker(chat_model, f"{envs_file}:Broken")
-    with pytest.raises(EnvironmentFailure, match=r"environment '.*:Broken' step 1 on row 'q0' raised RuntimeError: "
+    with pytest.raises(EnvironmentFailure, match=r"environment '.*:Broken' step 1 on row 'q[01]' raised RuntimeError: "
                                                   r"the tool server is down"):
-        broken.generate(prompts(1), SamplingSpec(n=1, **TURN))
+        broken.generate(prompts(2), SamplingSpec(n=2, **TURN))
+    assert not broken.llm.llm_engine.has_unfinished_requests()  # the other episodes' requests were aborted
     tolerant = make_worker(chat_model, f"{envs_file}:Broken", on_error="truncate")
     (episode,) = tolerant.generate(prompts(1), SamplingSpec(n=1, **TURN))
     assert episode.env_info["env_errors"] == 1 and episode.finish_reason == "length" and len(episode.turns) == 1

@@ -206,3 +206,21 @@ def test_pack_sequences_checks_the_loss_mask_length():
         pack_sequences([[1]], [[2, 3, 4]], pad_id=0, loss_masks=[[1, 0]])
     with pytest.raises(ValueError, match="a policy turn of 2 tokens with 1 log-probs"):
         Episode([1]).add_policy_turn([2, 3], [-1.0])
+
+
+def test_the_engine_context_holds_the_episode_up_to_the_models_positions(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from services.core.config import FlywheelConfig
+    from services.rollout.vllm_engine import context_length
+
+    LlamaConfig(max_position_embeddings=256).save_pretrained(tmp_path)
+    single = FlywheelConfig.model_validate({"data": {"max_prompt_tokens": 64}, "rollout": {"max_tokens": 32}})
+    assert context_length(str(tmp_path), single) == 96
+    episodes = FlywheelConfig.model_validate({"data": {"max_prompt_tokens": 64}, "rollout": {
+        "max_tokens": 32, "environment": {"name": "tools", "max_total_tokens": 128}}})
+    assert context_length(str(tmp_path), episodes) == 192
+    longer = episodes.model_copy(deep=True)
+    longer.rollout.environment.max_total_tokens = 512
+    assert context_length(str(tmp_path), longer) == 256
+    assert "the model holds 256 positions, so episodes end there" in capsys.readouterr().out
