@@ -11,7 +11,7 @@ from pathlib import Path
 
 from services.core.prompts import render_prompt
 from services.core.tiny_model import build_chat_qwen2, train_chat_tokenizer
-from services.core.word_problems import MAX_NUMBER, TOOL_CALL, write_splits
+from services.core.word_problems import MAX_NUMBER, write_splits
 
 
 def write_example(directory: str | Path, seed: int = 0, train: int = 4000, test: int = 200,
@@ -21,9 +21,8 @@ def write_example(directory: str | Path, seed: int = 0, train: int = 4000, test:
     directory = Path(directory)
     paths = write_splits(directory, train, test, seed, max_number)
     rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
-    tool_texts = [TOOL_CALL.format(expression=r["answer"].split(" = ")[0]) + "<result></result>" for r in rows[:200]]
-    tokenizer = train_chat_tokenizer([r["question"] + "\n" + r["answer"] for r in rows] + tool_texts
-                                     + ["system user assistant"], vocab_size)
+    tokenizer = train_chat_tokenizer([r["question"] + "\n" + r["answer"] for r in rows] + ["system user assistant"],
+                                     vocab_size)
     model = build_chat_qwen2(tokenizer, seed, **model_size)
     model.save_pretrained(directory / "model", safe_serialization=True)
     tokenizer.save_pretrained(directory / "model")
