@@ -57,14 +57,18 @@ def test_episodes_call_the_tool_and_environment_tokens_are_never_trained_on(tool
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tools_run["policy"])
+    calculator = 0
     for t in multi:
         for role, start, end in t.turns:
             assert set(t.loss_mask[start:end]) == ({1} if role == "policy" else {0}), (role, t.loss_mask[start:end])
         assert len(t.logprobs) == sum(t.loss_mask)
-        _, start, end = t.turns[0]  # the first policy turn called the tool; the environment answered it
-        assert "<tool>calculator</tool><args>" in tokenizer.decode(t.response_ids[start:end])
+        _, start, end = t.turns[0]  # the first policy turn made a call; the environment answered it
+        first = tokenizer.decode(t.response_ids[start:end])
+        assert "<tool>" in first and "</tool><args>" in first, first
+        calculator += "<tool>calculator</tool><args>" in first  # the rest misspelt the tool (an error result)
         _, start, end = t.turns[1]
         assert "<result>" in tokenizer.decode(t.response_ids[start:end])
+    assert calculator > len(multi) // 2, f"{calculator} of {len(multi)} first turns called the calculator"
 
 
 def test_the_engine_samples_from_the_learners_weights_on_every_policy_token(tools_run):
