@@ -127,18 +127,23 @@ class RolloutPool(ActorGroup):
 
     def after_restart(self, worker: int) -> None:
         """Load the current weights and version into a restarted worker."""
+        self._load_current(self.actors[worker], self.names[worker], "after a restart")
+
+    def _load_current(self, actor, name: str, when: str) -> None:
+        """Load the latest published weights and version into ``actor`` (a restarted or a new
+        worker); nothing before the first sync (it holds the base weights, version 0)."""
         import ray
 
         if self._weights is None:
             return
         try:
-            version = ray.get(self.actors[worker].update_weights.remote(self._weights, self.version),
+            version = ray.get(actor.update_weights.remote(self._weights, self.version),
                               timeout=self.cfg.rollout.sync_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise WeightSyncTimeout(self.names[worker], f"weight sync to policy version {self.version} after a restart",
+            raise WeightSyncTimeout(name, f"weight sync to policy version {self.version} {when}",
                                     self.cfg.rollout.sync_timeout_s) from None
         if version != self.version:
-            raise ServiceLost(f"{self.names[worker]} came back with policy version {version}, not {self.version}")
+            raise ServiceLost(f"{name} came back with policy version {version}, not {self.version}")
 
     def sync_weights(self, weights: PublishedWeights | dict | bytes, version: int, timeout_s: float | None = None
                      ) -> dict:
@@ -234,11 +239,7 @@ class RolloutPool(ActorGroup):
                 if not done:
                     raise ServiceTimeout(worker.name, "ready (start-up)", self.start_timeout_s, "start_timeout_s")
                 ray.get(worker.ready)
-                if self._weights is not None:
-                    got = ray.get(worker.actor.update_weights.remote(self._weights, self.version),
-                                  timeout=self.cfg.rollout.sync_timeout_s)
-                    if got != self.version:
-                        raise ServiceLost(f"{worker.name} loaded policy version {got}, not {self.version}")
+                self._load_current(worker.actor, worker.name, "before it joins")
             except Exception as exc:  # noqa: BLE001 - a worker that cannot join is dropped, the run goes on
                 ray.kill(worker.actor)
                 log.warning("%s could not join the rollout pool (%s); the run goes on with %d workers",
