@@ -61,7 +61,8 @@ class Algorithm:
     model; group_relative: trains on whole prompt groups of n >= 2 samples (``group_reason``
     says why, for the error message); tracks_displacement: log whether a step lowers log
     p(chosen) (pair algorithms); settings: the ``algorithm.*`` fields it reads besides
-    ``config.ALGORITHM_COMMON`` (a config that sets any other is an error)."""
+    ``config.ALGORITHM_COMMON`` (a config that sets any other is an error); defaults: the
+    paper's values of some of them, used where the config does not set the field."""
 
     loss_kind: ClassVar[str] = "ppo"
     policy_loss: ClassVar[str] = "ppo_clip"  # services.core.estimators.POLICY_LOSSES (loss_kind ppo)
@@ -70,6 +71,7 @@ class Algorithm:
     group_reason: ClassVar[str] = ""
     tracks_displacement: ClassVar[bool] = False
     settings: ClassVar[frozenset[str]] = frozenset()  # the algorithm.* fields it reads besides the common ones
+    defaults: ClassVar[dict[str, Any]] = {}  # its published values of algorithm.* fields a config leaves out
 
     def make_batch(self, x: StepInputs) -> tuple[LearnerBatch | None, dict[str, float]]:
         """(learner batch, or None when nothing is left to train on; stats for metrics.jsonl)."""

@@ -189,8 +189,25 @@ def grpo_batch(
 
 
 # ---------------------------------------------------------------------------
-# PPO
+# PPO, REINFORCE++
 # ---------------------------------------------------------------------------
+
+def token_rewards(
+    scores: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+    kl_coef: float, kl_estimator: str, kl_in_reward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards [B, T]: each row's score [B] on its last response token, minus
+    ``kl_coef * kl_estimate(old, ref)`` on every response token when ``kl_in_reward``.
+    Returns (rewards, that penalty, the per-token KL estimate), all 0 off the mask."""
+    zero = torch.zeros(())
+    rewards = torch.zeros(mask.shape, dtype=torch.float32)
+    rows = mask.any(dim=-1).nonzero().flatten()
+    last = mask.long().cumsum(dim=-1).argmax(dim=-1)  # first position reaching the full count
+    rewards[rows, last[rows]] = scores[rows]
+    kl = torch.where(mask, rl_math.kl_estimate(old_logprobs, ref_logprobs, kl_estimator), zero)
+    penalty = kl_coef * kl if kl_in_reward else torch.zeros_like(kl)
+    return rewards - penalty, penalty, kl
+
 
 def ppo_batch(
     trajectories: Sequence[Trajectory],
@@ -227,16 +244,8 @@ def ppo_batch(
     values = torch.where(mask, values.float(), zero)
     old_logprobs, ref_logprobs = old_logprobs.float(), ref_logprobs.float()
 
-    rewards = torch.zeros(shape, dtype=torch.float32)
-    lengths = mask.sum(dim=-1)
-    has_response = lengths > 0
-    rows = has_response.nonzero().flatten()
-    last = mask.long().cumsum(dim=-1).argmax(dim=-1)  # first position reaching the full count
-    rewards[rows, last[rows]] = s[rows]
-    kl = torch.where(mask, rl_math.kl_estimate(old_logprobs, ref_logprobs, kl_estimator), zero)
-    penalty = kl_coef * kl if kl_in_reward else torch.zeros_like(kl)
-    rewards = rewards - penalty
-
+    rewards, penalty, kl = token_rewards(s, mask, old_logprobs, ref_logprobs, kl_coef, kl_estimator, kl_in_reward)
+    has_response = mask.any(dim=-1)
     adv, returns = ADVANTAGE_ESTIMATORS.get("gae")(AdvantageInputs(
         sequence_rewards=s, token_rewards=rewards, mask=mask, values=values, gamma=gamma, lam=lam,
     ))
@@ -258,6 +267,42 @@ def ppo_batch(
         "train/values_mean": float(rl_math.masked_mean(values, mask)),
         "train/advantages_std": float(rl_math.masked_var(adv, mask).sqrt()),
         "train/empty_responses": float((~has_response).sum()),
+    }
+    return batch, stats
+
+
+def reinforce_pp_batch(
+    trajectories: Sequence[Trajectory], scores: Sequence[float], ref_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor, gamma: float, kl_coef: float, kl_estimator: str, kl_in_reward: bool, pad_id: int,
+    group_size: int | None = None, sampler: torch.Tensor | None = None,
+) -> tuple[PolicyBatch, dict[str, float]]:
+    """REINFORCE++: the per-token rewards of ``token_rewards``, their returns-to-go whitened
+    over the whole batch (``rl_variants.reinforce_pp_advantages``; with ``group_size`` the
+    group mean outcome is subtracted first, REINFORCE++-baseline). No critic. The KL is in
+    the reward with ``kl_in_reward``, else a loss term on ``ref_logprobs``."""
+    _check_nonempty(trajectories)
+    s = _scores("scores", scores, len(trajectories))
+    if group_size is not None:
+        _check_groups(trajectories, group_size)
+    tokens = build_tokens(trajectories, pad_id)
+    shape = tokens.input_ids.shape
+    for name, t in (("ref_logprobs", ref_logprobs), ("old_logprobs", old_logprobs)) + (
+            (("sampler_logprobs", sampler),) if sampler is not None else ()):
+        _check_shape(name, t, shape)
+    mask = tokens.response_mask.bool()
+    old_logprobs, ref_logprobs = old_logprobs.float(), ref_logprobs.float()
+    rewards, penalty, kl = token_rewards(s, mask, old_logprobs, ref_logprobs, kl_coef, kl_estimator, kl_in_reward)
+    adv, returns = ADVANTAGE_ESTIMATORS.get("reinforce_pp")(AdvantageInputs(
+        sequence_rewards=s, token_rewards=rewards, mask=mask, gamma=gamma, group_size=group_size or 1,
+    ))
+    batch = PolicyBatch(tokens, old_logprobs=old_logprobs, advantages=adv,
+                        ref_logprobs=None if kl_in_reward else ref_logprobs,
+                        sampler_logprobs=None if sampler is None else sampler.float())
+    stats = {
+        "reward/score_mean": float(s.mean()), "reward/kl_penalty_mean": float(penalty.sum(dim=-1).mean()),
+        "reward/kl_token_mean": float(rl_math.masked_mean(kl, mask)),
+        "train/returns_mean": float(rl_math.masked_mean(returns, mask)),
+        "train/returns_std": float(rl_math.masked_var(returns, mask).sqrt()),
     }
     return batch, stats
 

@@ -24,7 +24,7 @@ def rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 @ALGORITHMS.register("rloo")
 class RLOO(Algorithm):
-    settings = POLICY_GRADIENT_SETTINGS | {"drop_zero_variance_groups"}
+    settings = POLICY_GRADIENT_SETTINGS | {"drop_zero_variance_groups", "dynamic_sampling", "max_refills"}
     group_relative = True
     group_reason = "the leave-one-out baseline needs another sample of the prompt"
 
@@ -32,6 +32,6 @@ class RLOO(Algorithm):
         a = x.cfg.algorithm
         return batches.grpo_batch(
             x.trajectories, x.scores, x.cfg.rollout.n_samples, x.pad_id,
-            drop_zero_variance=a.drop_zero_variance_groups, old_logprobs=x.old, ref_logprobs=x.ref,
+            drop_zero_variance=a.drop_zero_variance_groups or a.dynamic_sampling, old_logprobs=x.old, ref_logprobs=x.ref,
             sampler=x.tis_sampler, estimator="rloo",
         )

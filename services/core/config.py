@@ -484,7 +484,8 @@ PAIR_SETTINGS = frozenset({"dpo_beta", "dpo_loss", "ches_log", "ches_filter_top"
 
 class AlgorithmConfig(Section):
     name: str = Field("sft", description="sft, or a registered RL algorithm (services/algorithms/): grpo, ppo, "
-                      "online_dpo, rloo")
+                      "online_dpo, rloo, gspo, dapo, dr_grpo, reinforce_pp, reinforce_pp_baseline; an algorithm's "
+                      "published defaults fill the settings a config leaves out")
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in_reward: bool = False
@@ -497,6 +498,14 @@ class AlgorithmConfig(Section):
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     scale_rewards_by_std: bool = True
     drop_zero_variance_groups: bool = False
+    dynamic_sampling: bool = Field(
+        False, description="group-relative algorithms, on-policy: drop prompt groups whose rewards all tie and refill "
+        "the batch with new prompts until it holds rollout.prompts_per_step varied groups (DAPO)"
+    )
+    max_refills: int = Field(
+        3, ge=0, description="dynamic_sampling: refills drawn at most per step; then the step trains on the varied "
+        "groups it has (train/groups_short counts the missing ones)"
+    )
     dpo_beta: float = Field(0.1, gt=0)
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     max_staleness: int = Field(0, ge=0)
@@ -545,6 +554,11 @@ class AlgorithmConfig(Section):
         if self.name != "sft":  # the SFT stage reads none of them; `flywheel train` names the real mistake
             users = _users({name: set(ALGORITHMS.get(name).settings) for name in ALGORITHMS.names()})
             check_used(self, self.name, self.used_fields(), users)
+            for key, value in ALGORITHMS.get(self.name).defaults.items():  # its published defaults
+                if key not in self.model_fields_set:
+                    self.__dict__[key] = value  # not setattr: assignment would validate (and come here) again
+        if self.dynamic_sampling and self.max_staleness:
+            raise ValueError("dynamic_sampling refills the batch from the current policy; it needs max_staleness: 0")
         if self.tis_cap is not None and self.max_staleness:
             raise ValueError(
                 "tis_cap corrects the learner's old log-probs for the sampler's; with max_staleness >= 1 the PPO "

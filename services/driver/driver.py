@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +28,7 @@ from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
 from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
+from services.driver.dynamic_sampling import filled_rollout
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, episode_stats, step_shares
 from services.driver.exporter import MetricsExporter, RunMetrics
 from services.driver.held_out_eval import HeldOutEval
@@ -39,9 +38,10 @@ from services.driver.prompt_source import PromptSource, sampling_seed, toy_promp
 from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
 from services.driver.rollout_scaling import RolloutScaler
+from services.driver.stop_signals import StopSignals
 from services.driver.wiring import Services, build_services
 from services.learner.losses import LossSpec
-from services.reward.aggregate import soft_overlong_penalty
+from services.reward.aggregate import EnsembleScores, soft_overlong_penalty
 from services.reward.stats import summarize_variances, variance_by_prompt
 from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
 
@@ -71,7 +71,7 @@ class Driver:
         self.placement_group = None
         self.draws = 0  # rollout batches drawn so far: with the run seed it fixes the sampling seeds
         self.start_step = 0  # the step a resumed run continues after
-        self.stop_signal: str | None = None
+        self.stop = StopSignals()
 
     # ------------------------------------------------------------------ building
 
@@ -109,17 +109,48 @@ class Driver:
 
     # ------------------------------------------------------------------ one step
 
-    def _rollout(self) -> tuple[list[Trajectory], float, dict]:
-        """The next batch's trajectories, the rollout time and the pool's figures (prompts
-        generated again after a worker died, the versions the workers hold afterwards)."""
+    def _rollout(self, prompts: int | None = None) -> tuple[list[Trajectory], float, dict]:
+        """The next ``prompts`` (default ``rollout.prompts_per_step``) prompts' trajectories, the
+        rollout time and the pool's figures (prompts generated again after a worker died, the
+        versions the workers hold afterwards)."""
         started = time.perf_counter()
         self.draws += 1
         batch = [
             dataclasses.replace(item, seed=sampling_seed(self.cfg.seed, self.draws, item.id))
-            for item in self.prompts.next_batch(self.cfg.rollout.prompts_per_step)
+            for item in self.prompts.next_batch(prompts or self.cfg.rollout.prompts_per_step)
         ]
         trajectories, stats = self.rollout.generate_with_stats(batch)
         return trajectories, time.perf_counter() - started, stats
+
+    def _rollout_filled(self) -> tuple[list[Trajectory], float, dict, tuple[EnsembleScores, dict]]:
+        """``algorithm.dynamic_sampling`` (DAPO): ``dynamic_sampling.filled_rollout``."""
+        return filled_rollout(self._rollout, self._rewards, self.cfg.rollout.prompts_per_step,
+                              self.cfg.algorithm.max_refills)
+
+    def _rewards(self, trajectories: list[Trajectory]) -> tuple[EnsembleScores, list[float]]:
+        """The reward ensemble's scores of ``trajectories`` and the rewards trained on; a
+        reward-variance selector sees them all (a tied group that is dropped counts as seen)."""
+        ensemble = self.reward.submit([t.prompt for t in trajectories], [t.response for t in trajectories],
+                                      trajectory_columns(trajectories)).result()
+        rewards, _ = self._trained_rewards(ensemble.scores, trajectories)
+        if isinstance(self.prompts, VarianceSelectedPrompts):
+            self.prompts.observe(variance_by_prompt([t.prompt_id for t in trajectories], rewards))
+        return ensemble, rewards
+
+    def _trained_rewards(self, scores: list[float], kept: list[Trajectory]) -> tuple[list[float], dict]:
+        """The rewards trained on: the ensemble's aggregate ``scores``, plus a multi-turn
+        episode's environment rewards and DAPO's soft overlong penalty; and their metrics."""
+        record: dict = {}
+        if self.cfg.rollout.environment is not None:  # multi-turn: the environment's own rewards count too
+            scores = [s + t.env_reward for s, t in zip(scores, kept)]
+            record.update(episode_stats(kept))
+        r = self.cfg.reward
+        if r.overlong_buffer:  # DAPO's soft overlong penalty on every trained-on reward
+            penalties = [soft_overlong_penalty(len(t.response_ids), self.cfg.rollout.max_tokens, r.overlong_buffer,
+                                               r.overlong_factor) for t in kept]
+            scores = [s + p for s, p in zip(scores, penalties)]
+            record["reward/overlong_penalty_mean"] = mean(penalties)
+        return scores, record
 
     def _sync(self) -> float:
         version = self.learner.policy_version
@@ -127,16 +158,20 @@ class Driver:
             return 0.0
         return self.rollout.sync_weights(self.learner.publish_weights(), version)["sync/seconds"]
 
-    def _score(self, trajectories: list[Trajectory], learner_old: bool):
-        """Reward ensemble, reference log-probs and (PPO) critic values, concurrently; the
-        learner's forward passes after the reference's where either takes every CPU core. Also
-        returns timing/reward_s and timing/reference_s, each from the start of scoring."""
-        prompts = [t.prompt for t in trajectories]
-        completions = [t.response for t in trajectories]
+    def _score(self, trajectories: list[Trajectory], learner_old: bool, ensemble: EnsembleScores | None = None):
+        """Reward ensemble (unless its ``ensemble`` scores are given), reference log-probs and
+        (PPO) critic values, concurrently; the learner's forward passes after the reference's
+        where either takes every CPU core. Also returns timing/reward_s and
+        timing/reference_s, each from the start of scoring."""
         started, timing = time.perf_counter(), {}
-        pending = self.reward.submit(prompts, completions, trajectory_columns(trajectories))
-        reward_future = self.executor.submit(pending.result)
-        reward_future.add_done_callback(lambda _: timing.setdefault("timing/reward_s", time.perf_counter() - started))
+        if ensemble is None:
+            pending = self.reward.submit([t.prompt for t in trajectories], [t.response for t in trajectories],
+                                         trajectory_columns(trajectories))
+            reward_future = self.executor.submit(pending.result)
+            reward_future.add_done_callback(
+                lambda _: timing.setdefault("timing/reward_s", time.perf_counter() - started))
+        else:
+            reward_future = done_future(ensemble)
         tokens = alg.build_tokens(trajectories, self.pad_id)
         ref_future = self.executor.submit(
             self.reference.logprobs, [t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories]
@@ -195,28 +230,27 @@ class Driver:
         return {"rollout": self.rollout.count_quiet_restarts(), "reward": self.reward.count_quiet_restarts(),
                 "reference": self.reference.count_quiet_restarts()}
 
-    def step(self, step: int, trajectories: list[Trajectory], rollout_s: float) -> dict:
+    def step(self, step: int, trajectories: list[Trajectory], rollout_s: float,
+             prescored: tuple[EnsembleScores, dict] | None = None) -> dict:
+        """One update on ``trajectories``; ``prescored``: their ensemble scores and the
+        dynamic-sampling figures (``_rollout_filled``)."""
         started = time.perf_counter()
         learner_version = self.learner.policy_version
         kept, dropped = alg.filter_stale(trajectories, learner_version, self.cfg.algorithm.max_staleness)
         if self.algo.group_relative:  # keep whole prompt groups
             kept = complete_groups(kept, self.cfg.rollout.n_samples)
-        record: dict = {"step": step, "rollout/trajectories": len(trajectories), "rollout/dropped_stale": dropped}
+        record: dict = {"step": step, "rollout/trajectories": len(trajectories), "rollout/dropped_stale": dropped,
+                        **(prescored[1] if prescored else {})}
         if not kept:
             return record
         score_started = time.perf_counter()
         learner_old = self._learner_old_due(step)
-        ensemble, tokens, ref, values, sampler, old, timing = self._score(kept, learner_old)
-        scores = ensemble.scores
-        if self.cfg.rollout.environment is not None:  # multi-turn: the environment's own rewards count too
-            scores = [s + t.env_reward for s, t in zip(scores, kept)]
-            record.update(episode_stats(kept))
-        r = self.cfg.reward
-        if r.overlong_buffer:  # DAPO's soft overlong penalty on every trained-on reward
-            penalties = [soft_overlong_penalty(len(t.response_ids), self.cfg.rollout.max_tokens, r.overlong_buffer,
-                                               r.overlong_factor) for t in kept]
-            scores = [s + p for s, p in zip(scores, penalties)]
-            record["reward/overlong_penalty_mean"] = mean(penalties)
+        if prescored is not None and len(prescored[0].scores) != len(kept):
+            raise AssertionError(f"{len(prescored[0].scores)} scores for {len(kept)} trajectories")
+        ensemble, tokens, ref, values, sampler, old, timing = self._score(
+            kept, learner_old, prescored[0] if prescored else None)
+        scores, reward_record = self._trained_rewards(ensemble.scores, kept)
+        record.update(reward_record)
         record["timing/score_s"] = time.perf_counter() - score_started
         record.update(timing)
         if learner_old:  # old: the learner's, under the version that sampled
@@ -225,6 +259,8 @@ class Driver:
             StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner)
         )
         record.update(stats)
+        if prescored is not None:
+            record.update(prescored[1])
         staleness = [learner_version - t.policy_version for t in kept]
         assert max(staleness) <= self.cfg.algorithm.max_staleness, staleness  # never train on stale data
         train_started = time.perf_counter()
@@ -285,7 +321,7 @@ class Driver:
         stream = self.cfg.algorithm.max_staleness >= 1
         total, every = self.cfg.algorithm.total_steps, self.cfg.checkpoint.every_steps
         last = total if stop_after is None else min(total, self.start_step + stop_after)
-        restore_signal = self._catch_stop_signals()
+        restore_signal = self.stop.catch()
         restarts_logged: dict[str, int] = {}
         completed = self.start_step  # the last step in metrics.jsonl
         try:
@@ -305,6 +341,7 @@ class Driver:
                     gap: dict = {}
                     if stream:
                         trajectories, rollout_s, rollout_stats = in_flight.result()
+                        prescored = None
                         rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
                         sync_s = self._sync()  # engines are idle now
                         scaled = self.scaler.update(records[-1] if records else None)
@@ -314,8 +351,9 @@ class Driver:
                     else:
                         sync_s = self._sync()
                         scaled = self.scaler.update(records[-1] if records else None)
-                        trajectories, rollout_s, rollout_stats = self._rollout()
-                    record = self.step(step, trajectories, rollout_s)
+                        trajectories, rollout_s, rollout_stats, prescored = (
+                            self._rollout_filled() if self.cfg.algorithm.dynamic_sampling else (*self._rollout(), None))
+                    record = self.step(step, trajectories, rollout_s, prescored)
                     if self.held_out is not None and self.held_out.due(step):
                         record.update(self._evaluate(in_flight))
                     record.update(gap)
@@ -338,15 +376,15 @@ class Driver:
                     shown = {"reward": "reward/mean", "gold": "gold/mean"}  # gold: the toy world only
                     bar.set_postfix({k: f"{record[v]:.3f}" for k, v in shown.items() if v in record}, refresh=False)
                     bar.update(1)
-                    stopping = self.stop_signal is not None or step == last
+                    stopping = self.stop.name is not None or step == last
                     if stopping or (every and step % every == 0):
                         next_batch, _, next_stats = in_flight.result() if in_flight is not None else (None, 0.0, {})
                         path = self.save_checkpoint(step, next_batch, next_stats)
                         bar.write(f"checkpoint: {path}")
-                    if self.stop_signal is not None:
+                    if self.stop.name is not None:
                         raise RunStopped(
-                            f"stopped by {self.stop_signal} after step {step}; continue with "
-                            f"`flywheel train ... --out {self.out} --resume`", 128 + signal.Signals[self.stop_signal],
+                            f"stopped by {self.stop.name} after step {step}; continue with "
+                            f"`flywheel train ... --out {self.out} --resume`", 128 + signal.Signals[self.stop.name],
                         )
             if last == total:
                 self.save_policy()
@@ -403,29 +441,6 @@ class Driver:
         where = (f"`flywheel train ... --out {self.out} --resume` continues from {latest}" if latest is not None
                  else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
         return f"the run stopped during step {step + 1} (steps 1..{step} are in metrics.jsonl); {where}"
-
-    def _catch_stop_signals(self):
-        """SIGTERM (preemption, `ray job stop`) and a first Ctrl-C (SIGINT) end the run after
-        the current step, with a checkpoint; a second Ctrl-C stops at once (KeyboardInterrupt,
-        nothing saved). Ray's own processes block SIGINT, so a Ctrl-C in the terminal reaches
-        only this one. Only the main thread can install handlers; elsewhere this does nothing."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_signal(signum, frame):
-            if signum == signal.SIGINT and self.stop_signal == "SIGINT":
-                raise KeyboardInterrupt
-            if self.stop_signal is None:
-                again = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
-                print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint{again}",
-                      file=sys.stderr, flush=True)
-            self.stop_signal = signal.Signals(signum).name
-
-        signals = [signal.SIGTERM]
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a job started with Ctrl-C ignored keeps it so
-            signals.append(signal.SIGINT)
-        previous = {signum: signal.signal(signum, on_signal) for signum in signals}
-        return lambda: [signal.signal(signum, handler) for signum, handler in previous.items()]
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -31,6 +31,21 @@ class EnsembleScores:
         return out
 
 
+    def take(self, rows: Sequence[int]) -> "EnsembleScores":
+        """The scores of ``rows``, in that order."""
+        return EnsembleScores([self.scores[i] for i in rows], [[m[i] for i in rows] for m in self.member_scores],
+                              [self.member_std[i] for i in rows], list(self.member_names))
+
+    @staticmethod
+    def concat(parts: Sequence["EnsembleScores"], member_names: Sequence[str]) -> "EnsembleScores":
+        """``parts`` one after another (members ``member_names``, also when there is no part)."""
+        return EnsembleScores(
+            [s for p in parts for s in p.scores],
+            [[s for p in parts for s in p.member_scores[k]] for k in range(len(member_names))],
+            [s for p in parts for s in p.member_std], list(member_names),
+        )
+
+
 def aggregate_scores(
     member_scores: Sequence[Sequence[float]], member_names: Sequence[str], mode: str, uwo_lambda: float,
     weights: Sequence[float] | None = None,

@@ -272,7 +272,7 @@ def test_restart_budgets_are_not_negative(field):
 
 
 def test_tis_cap_only_on_policy_with_policy_gradient_algorithms():
-    assert "algorithm.tis_cap: 'online_dpo' does not use tis_cap (a setting of grpo, ppo, rloo)" in load_error(
+    assert "algorithm.tis_cap: 'online_dpo' does not use tis_cap (a setting of dapo, dr_grpo, grpo, gspo, ppo, reinforce_pp, reinforce_pp_baseline, rloo)" in load_error(
         "dpo-toy", ["algorithm.tis_cap=2"])
     assert "max_staleness: 0" in load_error("grpo-toy", ["algorithm.max_staleness=1", "algorithm.tis_cap=2"])
     assert "algorithm.tis_cap: Input should be greater than 0" in load_error("grpo-toy", ["algorithm.tis_cap=0"])
@@ -310,7 +310,7 @@ def test_ppo_minibatch_settings():
 
 
 def test_a_setting_the_choice_does_not_read_is_an_error_naming_it(tmp_path):
-    assert "override 'algorithm.gamma=0.9': algorithm.gamma: 'grpo' does not use gamma (a setting of ppo); remove it " \
+    assert "override 'algorithm.gamma=0.9': algorithm.gamma: 'grpo' does not use gamma (a setting of ppo, reinforce_pp, reinforce_pp_baseline); remove it " \
            "(got 0.9)" in load_error("grpo-toy", ["algorithm.gamma=0.9"])
     assert "algorithm.kl_coef: 'online_dpo' does not use kl_coef" in load_error("grpo-toy", ["algorithm.name=online_dpo"])
     path = write(tmp_path, """\

@@ -71,6 +71,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.prompts": "base",  # a prompt (string or chat messages) as text and token ids
     "services.core.registry": "base",
     "services.core.rl_math": "base",
+    "services.core.rl_variants": "base",
     "services.core.tiny_model": "base",
     "services.core.toy_eval": "base",  # sampling and scoring a saved policy on the toy world (transformers on call)
     "services.core.toy_world": "base",
