@@ -36,7 +36,9 @@ class StepInputs:
     tokens: ``batches.build_tokens(trajectories)``; ref, old, sampler: [B, T] log-probs of
     the reference, of the learner before this step (the sampler's when streaming) and of
     the rollout engine; values [B, T] critic values or None; learner: the learner group,
-    for algorithms that need extra forwards (online DPO's CHES scores)."""
+    for algorithms that need extra forwards (online DPO's CHES scores); step_rewards [B, T]:
+    with ``algorithm.step_rewards``, the process reward's step scores on the tokens that end
+    the steps (plus the rewards of other sources on the last token), else None."""
 
     trajectories: list[Trajectory]
     scores: list[float]
@@ -48,6 +50,7 @@ class StepInputs:
     pad_id: int
     cfg: FlywheelConfig
     learner: Any = None
+    step_rewards: Tensor | None = None
 
     @property
     def tis_sampler(self) -> Tensor | None:

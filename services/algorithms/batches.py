@@ -194,16 +194,21 @@ def grpo_batch(
 
 def token_rewards(
     scores: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-    kl_coef: float, kl_estimator: str, kl_in_reward: bool,
+    kl_coef: float, kl_estimator: str, kl_in_reward: bool, placed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards [B, T]: each row's score [B] on its last response token, minus
+    """Per-token rewards [B, T]: each row's score [B] on its last response token (or the
+    rewards ``placed`` [B, T] already put on tokens: a process reward's steps), minus
     ``kl_coef * kl_estimate(old, ref)`` on every response token when ``kl_in_reward``.
     Returns (rewards, that penalty, the per-token KL estimate), all 0 off the mask."""
     zero = torch.zeros(())
-    rewards = torch.zeros(mask.shape, dtype=torch.float32)
-    rows = mask.any(dim=-1).nonzero().flatten()
-    last = mask.long().cumsum(dim=-1).argmax(dim=-1)  # first position reaching the full count
-    rewards[rows, last[rows]] = scores[rows]
+    if placed is not None:
+        _check_shape("step rewards", placed, mask.shape)
+        rewards = torch.where(mask, placed.float(), zero)
+    else:
+        rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        rows = mask.any(dim=-1).nonzero().flatten()
+        last = mask.long().cumsum(dim=-1).argmax(dim=-1)  # first position reaching the full count
+        rewards[rows, last[rows]] = scores[rows]
     kl = torch.where(mask, rl_math.kl_estimate(old_logprobs, ref_logprobs, kl_estimator), zero)
     penalty = kl_coef * kl if kl_in_reward else torch.zeros_like(kl)
     return rewards - penalty, penalty, kl
@@ -223,8 +228,11 @@ def ppo_batch(
     pad_id: int,
     whiten_advantages: bool = True,
     sampler: torch.Tensor | None = None,
+    step_rewards: torch.Tensor | None = None,
 ) -> tuple[PolicyBatch, dict[str, float]]:
-    """GAE advantages from a terminal score (plus a per-token KL penalty if ``kl_in_reward``).
+    """GAE advantages from a terminal score, or from ``step_rewards`` [B, T] (a process
+    reward's step scores on the tokens that end the steps), plus a per-token KL penalty if
+    ``kl_in_reward``.
 
     Per-token reward r_t = score at the last response token, minus
     ``kl_coef * kl_estimate(old, ref)`` on every response token when ``kl_in_reward``.
@@ -244,7 +252,8 @@ def ppo_batch(
     values = torch.where(mask, values.float(), zero)
     old_logprobs, ref_logprobs = old_logprobs.float(), ref_logprobs.float()
 
-    rewards, penalty, kl = token_rewards(s, mask, old_logprobs, ref_logprobs, kl_coef, kl_estimator, kl_in_reward)
+    rewards, penalty, kl = token_rewards(s, mask, old_logprobs, ref_logprobs, kl_coef, kl_estimator, kl_in_reward,
+                                         placed=step_rewards)
     has_response = mask.any(dim=-1)
     adv, returns = ADVANTAGE_ESTIMATORS.get("gae")(AdvantageInputs(
         sequence_rewards=s, token_rewards=rewards, mask=mask, values=values, gamma=gamma, lam=lam,

@@ -260,7 +260,7 @@ SCORER_FIELDS = {
     kind: {"kind", "name", "weight"} | fields for kind, fields in {
         "toy_gold": set(),
         "toy_noisy_gold": {"noise_std", "seed"},
-        "python": {"path"},
+        "python": {"path", "step_delimiter", "step_reduce"},
         "hf": {"path", "batch_size", "max_length"},
         "remote": {"address", "timeout_s", "retries", "token_env", "member", "max_message_mb", "tls_ca", "tls_cert",
                    "tls_key"},
@@ -317,6 +317,14 @@ class ScorerConfig(Section):
         0.1, ge=0, lt=1, description="the format term's reward (format_pattern); below 1, so that a score >= 1 "
         "still means a correct answer (pass@k)"
     )
+    step_delimiter: str | None = Field(
+        None, description="python: a process reward: the function returns, per completion, one score per step (the "
+        "pieces of completion.split(step_delimiter)); null: one score per completion"
+    )
+    step_reduce: Literal["min", "last"] = Field(
+        "min", description="python with step_delimiter: the completion's score (what the ensemble aggregates, GRPO "
+        "trains on) is its worst step's (min) or its last step's"
+    )
     batch_size: int = Field(32, ge=1, description="hf: sequences per forward pass")
     max_length: int = Field(1024, gt=0, description="hf: tokens per sequence (truncated on the left)")
     noise_std: float = Field(0.1, ge=0, description="toy_noisy_gold: std of the Gaussian noise on gold")
@@ -346,6 +354,8 @@ class ScorerConfig(Section):
         # path and address have no default: a kind that reads one needs it
         if "path" in used and not self.path:
             raise ValueError(f"kind '{self.kind}' needs path")
+        if self.step_delimiter == "":
+            raise ValueError("step_delimiter is empty: give the string that ends a step (for example '\\n'), or null")
         if self.kind == "regex" and not self.pattern:
             raise ValueError("kind 'regex' needs pattern")
         if self.kind in ("math_verify", "exact_match") and not self.answer_key:
@@ -498,6 +508,11 @@ class AlgorithmConfig(Section):
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     scale_rewards_by_std: bool = True
     drop_zero_variance_groups: bool = False
+    step_rewards: bool = Field(
+        False, description="ppo: a process reward's step scores as token rewards, each on the token where its step "
+        "ends (reward.scorers must be one python scorer with step_delimiter); false: the completion's score on its "
+        "last token"
+    )
     dynamic_sampling: bool = Field(
         False, description="group-relative algorithms, on-policy: drop prompt groups whose rewards all tie and refill "
         "the batch with new prompts until it holds rollout.prompts_per_step varied groups (DAPO)"
@@ -647,6 +662,18 @@ class FlywheelConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _step_rewards_have_steps(self) -> "FlywheelConfig":
+        if self.algorithm.step_rewards:
+            scorers = self.reward.scorers
+            if len(scorers) != 1 or scorers[0].kind != "python" or scorers[0].step_delimiter is None:
+                raise ValueError("algorithm.step_rewards needs reward.scorers to be one process reward: a python "
+                                 "scorer with step_delimiter")
+            if self.rollout.environment is not None:
+                raise ValueError("algorithm.step_rewards: multi-turn episodes (rollout.environment) have no step "
+                                 "rewards yet")
+        return self
 
     @model_validator(mode="after")
     def _overlong_buffer_fits(self) -> "FlywheelConfig":

@@ -42,6 +42,7 @@ from services.driver.stop_signals import StopSignals
 from services.driver.wiring import Services, build_services
 from services.learner.losses import LossSpec
 from services.reward.aggregate import EnsembleScores, soft_overlong_penalty
+from services.reward.process_steps import step_reward_rows
 from services.reward.stats import summarize_variances, variance_by_prompt
 from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
 
@@ -89,7 +90,7 @@ class Driver:
         self.restarts()  # the process ids every later count compares against
         self.scaler = RolloutScaler(self.rollout, cfg, self.out)
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
-        self.ptx = None
+        self.ptx, self.tokenizer = None, services.tokenizer
         if self.spec.algorithm.ptx_coef:
             self.ptx = PtxBatches(cfg, services.tokenizer)
 
@@ -194,6 +195,18 @@ class Driver:
         old = old_future.result() if old_future else sampler
         return scores, tokens, ref, values, sampler, old, timing
 
+    def _step_rewards(self, kept: list[Trajectory], ensemble: EnsembleScores, scores: list[float], tokens):
+        """``algorithm.step_rewards``: the process member's step scores (times its weight) on
+        the tokens that end the steps, the rewards it did not give (``scores`` - its aggregate)
+        on the last, [B, T]."""
+        member = self.cfg.reward.scorers[0]
+        rows = step_reward_rows(
+            [t.response for t in kept], [t.response_ids for t in kept],
+            [[member.weight * v for v in row] for row in ensemble.member_steps[ensemble.member_names[0]]],
+            [s - a for s, a in zip(scores, ensemble.scores)], member.step_delimiter,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        return pad_response_values(rows, tokens)
+
     def _probe_gap(self, step: int, trajectories: list[Trajectory]) -> dict:
         """Streaming runs: the gap on a batch sampled by the learner's current version (before
         the learner moves on), with one extra learner forward."""
@@ -255,8 +268,9 @@ class Driver:
         record.update(timing)
         if learner_old:  # old: the learner's, under the version that sampled
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
+        steps = self._step_rewards(kept, ensemble, scores, tokens) if self.cfg.algorithm.step_rewards else None
         batch, stats = self.algo.make_batch(
-            StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner)
+            StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner, steps)
         )
         record.update(stats)
         if prescored is not None:

@@ -7,17 +7,19 @@ service, the gRPC client's answers and the reward-model evaluation all share it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class EnsembleScores:
-    """Aggregated scores [N] plus what metrics need: member scores [K][N] and their std [N]."""
+    """Aggregated scores [N] plus what metrics need: member scores [K][N] and their std [N];
+    member_steps: a process-reward member's per-step scores [N][steps], by member name."""
 
     scores: list[float]
     member_scores: list[list[float]]
     member_std: list[float]
     member_names: list[str]
+    member_steps: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """Batch means for metrics.jsonl (``reward/`` group)."""
@@ -34,7 +36,8 @@ class EnsembleScores:
     def take(self, rows: Sequence[int]) -> "EnsembleScores":
         """The scores of ``rows``, in that order."""
         return EnsembleScores([self.scores[i] for i in rows], [[m[i] for i in rows] for m in self.member_scores],
-                              [self.member_std[i] for i in rows], list(self.member_names))
+                              [self.member_std[i] for i in rows], list(self.member_names),
+                              {name: [steps[i] for i in rows] for name, steps in self.member_steps.items()})
 
     @staticmethod
     def concat(parts: Sequence["EnsembleScores"], member_names: Sequence[str]) -> "EnsembleScores":
@@ -43,6 +46,7 @@ class EnsembleScores:
             [s for p in parts for s in p.scores],
             [[s for p in parts for s in p.member_scores[k]] for k in range(len(member_names))],
             [s for p in parts for s in p.member_std], list(member_names),
+            {name: [row for p in parts for row in p.member_steps[name]] for name in (parts[0].member_steps if parts else {})},
         )
 
 

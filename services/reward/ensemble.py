@@ -39,9 +39,8 @@ class RewardEnsemble:
     def score(
         self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None
     ) -> EnsembleScores:
-        member = [s.score(prompts, completions, columns) for s in self.scorers]
-        return aggregate_scores(member, self.member_names, self.cfg.aggregate, self.cfg.uwo_lambda,
-                                [s.weight for s in self.cfg.scorers])
+        return ensemble_scores([s.score_steps(prompts, completions, columns) for s in self.scorers],
+                               self.member_names, self.cfg)
 
 
 class ScorerActor(ServiceActor):
@@ -54,16 +53,28 @@ class ScorerActor(ServiceActor):
         self.field = f"reward.scorers.{index}"
         self.metrics = ServiceMetrics(service="reward", replica=f"{replica}/{self.scorer.name}")
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
-        """The member's scores; a bad output is a ScorerOutputError, anything the scorer's
-        code raises becomes a ScorerError naming the member (never a silent 0 or None)."""
+    def score(self, prompts: Sequence[str], completions: Sequence[str],
+              columns: Columns | None = None) -> tuple[list[float], list[list[float]] | None]:
+        """The member's scores, and its per-step scores if it is a process reward (else None);
+        a bad output is a ScorerOutputError, anything the scorer's code raises becomes a
+        ScorerError naming the member (never a silent 0 or None)."""
         with self.metrics.track("score"):
             try:
-                return self.scorer.score(prompts, completions, columns)
+                return self.scorer.score_steps(prompts, completions, columns)
             except (ScorerOutputError, UserError):
                 raise
             except Exception as exc:
                 raise scorer_error(self.scorer, self.field, exc) from exc
+
+
+def ensemble_scores(results: Sequence[tuple[list[float], list[list[float]] | None]], names: Sequence[str],
+                    cfg: RewardConfig) -> EnsembleScores:
+    """The members' (scores, step scores or None) aggregated per ``reward.aggregate``; the
+    process-reward members' step scores kept in ``member_steps``."""
+    scores = aggregate_scores([r[0] for r in results], names, cfg.aggregate, cfg.uwo_lambda,
+                              [s.weight for s in cfg.scorers])
+    scores.member_steps = {name: r[1] for name, r in zip(names, results) if r[1] is not None}
+    return scores
 
 
 class PendingScores:
@@ -77,12 +88,11 @@ class PendingScores:
         service = self.service
         timeout_s = timeout or service.cfg.timeout_s
         k = len(service.member_names)
-        member_scores = service.call_supervised(
+        results = service.call_supervised(
             range(self.replica * k, (self.replica + 1) * k), lambda index: service.actors[index].score.remote(*self.args),
             "score", timeout_s, "reward.timeout_s", refs=self.refs,
         )
-        return aggregate_scores(member_scores, service.member_names, service.cfg.aggregate, service.cfg.uwo_lambda,
-                                [s.weight for s in service.cfg.scorers])
+        return ensemble_scores(results, service.member_names, service.cfg)
 
 
 class RewardService(ActorGroup):

@@ -43,6 +43,7 @@ from services.core.config import ScorerConfig
 from services.core.errors import UserError
 from services.core.registry import Registry
 from services.core.toy_world import gold_reward
+from services.reward.process_steps import reduce_steps, split_steps
 
 Columns = dict[str, Sequence[Any]]
 
@@ -119,6 +120,14 @@ class Scorer:
         raise NotImplementedError
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None) -> list[float]:
+        prompts, completions, columns = self.checked_inputs(prompts, completions, columns)
+        if not prompts:
+            return []
+        return validate_scores(self.name, self.compute(prompts, completions, columns), len(prompts))
+
+    def checked_inputs(self, prompts: Sequence[str], completions: Sequence[str],
+                       columns: Columns | None) -> tuple[list[str], list[str], Columns]:
+        """As lists, with as many completions and column values as prompts (ValueError otherwise)."""
         prompts, completions, columns = list(prompts), list(completions), dict(columns or {})
         if len(prompts) != len(completions):
             raise ValueError(f"reward scorer '{self.name}': {len(prompts)} prompts but {len(completions)} completions")
@@ -127,9 +136,13 @@ class Scorer:
                 raise ValueError(
                     f"reward scorer '{self.name}': column '{key}' has {len(values)} values for {len(prompts)} samples"
                 )
-        if not prompts:
-            return []
-        return validate_scores(self.name, self.compute(prompts, completions, columns), len(prompts))
+        return prompts, completions, columns
+
+    def score_steps(
+        self, prompts: Sequence[str], completions: Sequence[str], columns: Columns | None = None
+    ) -> tuple[list[float], list[list[float]] | None]:
+        """(``score``'s scores, per-step scores or None): a process-reward member returns both."""
+        return self.score(prompts, completions, columns), None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -218,9 +231,13 @@ def load_python_function(spec: str, field: str) -> Callable[..., Any]:
 
 @SCORER_KINDS.register("python")
 class PythonScorer(Scorer):
-    def __init__(self, name: str, fn: Callable[..., Any]):
+    """``fn(prompts, completions, **columns)``: a list of scores; with ``step_delimiter`` (a
+    process reward) a list of per-step score lists, one score per ``split_steps`` piece, and
+    the completion's score is their ``step_reduce``."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], step_delimiter: str | None = None, step_reduce: str = "min"):
         super().__init__(name)
-        self.fn = fn
+        self.fn, self.step_delimiter, self.step_reduce = fn, step_delimiter, step_reduce
 
     @classmethod
     def resolve(cls, cfg, field):
@@ -234,10 +251,39 @@ class PythonScorer(Scorer):
 
     @classmethod
     def from_config(cls, cfg, name, field):
-        return cls(name, load_python_function(cfg.path, f"{field}.path"))
+        return cls(name, load_python_function(cfg.path, f"{field}.path"), cfg.step_delimiter, cfg.step_reduce)
 
     def compute(self, prompts, completions, columns):
-        return self.fn(prompts, completions, **columns)
+        if self.step_delimiter is None:
+            return self.fn(prompts, completions, **columns)
+        return [reduce_steps(steps, self.step_reduce) for steps in self.score_steps(prompts, completions, columns)[1]]
+
+    def score_steps(self, prompts, completions, columns=None):
+        if self.step_delimiter is None:
+            return super().score_steps(prompts, completions, columns)
+        prompts, completions, columns = self.checked_inputs(prompts, completions, columns)
+        if not prompts:
+            return [], []
+        out = self.fn(prompts, completions, **columns)
+        if hasattr(out, "tolist"):
+            out = out.tolist()
+        if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or len(out) != len(completions):
+            raise ScorerOutputError(f"reward scorer '{self.name}': expected {len(completions)} lists of step scores "
+                                    f"(step_delimiter {self.step_delimiter!r}), got {type(out).__name__}")
+        steps = []
+        for i, (row, completion) in enumerate(zip(out, completions)):
+            want = len(split_steps(completion, self.step_delimiter))
+            if hasattr(row, "tolist"):
+                row = row.tolist()
+            if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+                raise ScorerOutputError(f"reward scorer '{self.name}': completion {i}: expected a list of {want} step "
+                                        f"scores, got {type(row).__name__}")
+            try:
+                steps.append(validate_scores(self.name, row, want))
+            except ScorerOutputError as exc:
+                raise ScorerOutputError(f"{exc} (the step scores of completion {i}: {want} steps at "
+                                        f"{self.step_delimiter!r})") from None
+        return [reduce_steps(row, self.step_reduce) for row in steps], steps
 
 
 def scorer_error(scorer: Scorer, field: str, exc: BaseException) -> ScorerError:
