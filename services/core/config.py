@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.core.judge_settings import judge_problem
 from services.core.registry import ALGORITHMS
 
 
@@ -19,13 +20,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class UnusedSetting(ValueError):
-    """A field set in a section whose choice (algorithm.name, a scorer's kind) does not use it;
-    ``key`` is the field, so the config error names ``section.key`` and its line."""
+class SettingError(ValueError):
+    """A section's error that belongs to one of its fields: ``key`` is the field, so the config
+    error names ``section.key`` and its line (pydantic alone would name the section)."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
         self.key = key
+
+
+class UnusedSetting(SettingError):
+    """A field set in a section whose choice (algorithm.name, a scorer's kind) does not use it."""
 
 
 def check_used(section: Section, choice: str, used: set[str], users: dict[str, list[str]]) -> None:
@@ -267,6 +272,9 @@ SCORER_FIELDS = {
         "math_verify": _VERIFIABLE | {"extract"},
         "exact_match": _VERIFIABLE | {"normalize"},
         "regex": _VERIFIABLE | {"pattern", "normalize"},
+        "judge": {"path", "address", "judge_model", "template", "judge_mode", "score_pattern", "score_range",
+                  "judge_max_tokens", "answer_key", "batch_size", "max_length", "timeout_s", "retries", "token_env",
+                  "seed"},
     }.items()
 }
 
@@ -284,18 +292,20 @@ class ScorerConfig(Section):
     an error (``SCORER_FIELDS``)."""
 
     kind: Literal[
-        "hf", "python", "remote", "toy_gold", "toy_noisy_gold", "math_verify", "exact_match", "regex"
+        "hf", "python", "remote", "toy_gold", "toy_noisy_gold", "math_verify", "exact_match", "regex", "judge"
     ] = "toy_gold"
     path: str | None = Field(
-        None, description="hf: model directory; python: 'path/to/file.py:fn' or 'package.module:fn'"
+        None, description="hf: model directory; python: 'path/to/file.py:fn' or 'package.module:fn'; judge: a local "
+        "judge model directory, served by vLLM inside the member's actor (or address instead)"
     )
     name: str | None = Field(None, description="member name in errors and metrics; default '<kind>-<index>'")
     weight: float = Field(
         1.0, gt=0, description="the member's scores are multiplied by this before reward.aggregate combines them"
     )
     answer_key: str | None = Field(
-        "answer", description="math_verify / exact_match / regex: the prompt column holding the reference answer "
-        "(regex: null scores 1.0 when the pattern matches at all, a format reward)"
+        "answer", description="math_verify / exact_match / regex / judge: the prompt column holding the reference "
+        "answer (regex: null scores 1.0 when the pattern matches at all, a format reward; judge: what {reference} "
+        "shows)"
     )
     extract: Literal["auto", "boxed", "number"] = Field(
         "auto", description="math_verify: the completion's answer is the last \\boxed{} or LaTeX/number (auto), "
@@ -325,15 +335,22 @@ class ScorerConfig(Section):
         "min", description="python with step_delimiter: the completion's score (what the ensemble aggregates, GRPO "
         "trains on) is its worst step's (min) or its last step's"
     )
-    batch_size: int = Field(32, ge=1, description="hf: sequences per forward pass")
-    max_length: int = Field(1024, gt=0, description="hf: tokens per sequence (truncated on the left)")
+    batch_size: int = Field(32, ge=1, description="hf: sequences per forward pass; judge: rubrics per engine call "
+                            "or HTTP request")
+    max_length: int = Field(1024, gt=0, description="hf: tokens per sequence (truncated on the left); judge with "
+                            "path: the engine's context (rubric + answer), at most the model's positions; a longer "
+                            "rubric is an error")
     noise_std: float = Field(0.1, ge=0, description="toy_noisy_gold: std of the Gaussian noise on gold")
-    seed: int = Field(0, ge=0, description="toy_noisy_gold: noise seed (same sample, same noise)")
-    address: str | None = Field(None, description="remote: host:port of the reward server")
-    timeout_s: float = Field(30.0, gt=0, description="remote: deadline of one request, seconds")
-    retries: int = Field(4, ge=0, description="remote: extra attempts when the server is UNAVAILABLE")
+    seed: int = Field(0, ge=0, description="toy_noisy_gold: noise seed (same sample, same noise); judge: the engine's "
+                      "or endpoint's sampling seed (decoding is greedy)")
+    address: str | None = Field(None, description="remote: host:port of the reward server; judge: an OpenAI-"
+                                "compatible base URL such as http://127.0.0.1:8000/v1 (its /completions)")
+    timeout_s: float = Field(30.0, gt=0, description="remote / judge with address: deadline of one request, seconds")
+    retries: int = Field(4, ge=0, description="remote: extra attempts when the server is UNAVAILABLE; judge with "
+                         "address: extra attempts when the endpoint is unreachable or answers 429 / 5xx")
     token_env: str | None = Field(
-        None, description="remote: environment variable holding the bearer token (null sends none)"
+        None, description="remote / judge with address: environment variable holding the bearer token (an API key; "
+        "null sends none)"
     )
     member: str | None = Field(
         None, description="remote: which of the server's members to use; null uses its aggregate"
@@ -346,11 +363,35 @@ class ScorerConfig(Section):
     tls_cert: str | None = Field(None, description="remote: the client's PEM certificate, for a server that asks "
                                  "for one (mutual TLS; needs tls_key and tls_ca)")
     tls_key: str | None = Field(None, description="remote: the client certificate's PEM private key")
+    judge_model: str | None = Field(None, description="judge with address: the model name the endpoint serves")
+    template: str | None = Field(
+        None, description="judge: the rubric, a string with {prompt}, {completion} and (compare mode; optional in "
+        "grade mode) {reference} placeholders, or a file holding one; sent as-is (a raw completion, not a chat). "
+        "null: a built-in rubric asking for 'Score: N' on 1-10 (grade) or 'Winner: A|B|tie' (compare)"
+    )
+    judge_mode: Literal["grade", "compare"] = Field(
+        "grade", description="judge: grade the completion on score_range, or compare it (answer A) with the "
+        "reference answer (answer B): A wins 1.0, B wins 0.0, tie 0.5"
+    )
+    score_pattern: str | None = Field(
+        None, description="judge: a regular expression whose first group captures the score (grade) or the verdict "
+        "A / B / tie (compare) in the judge's answer; its last match counts. null: 'Score: N' / 'Winner: X', any case"
+    )
+    score_range: tuple[float, float] = Field(
+        (1.0, 10.0), description="judge, grade mode: [lo, hi] of the judge's scores, mapped to [0, 1]; a score "
+        "outside it is an error"
+    )
+    judge_max_tokens: int = Field(16, ge=1, description="judge: tokens the judge may answer with")
 
     @model_validator(mode="after")
     def _required_fields(self) -> "ScorerConfig":
         used = SCORER_FIELDS[self.kind]
         check_used(self, self.kind, used, _users(SCORER_FIELDS))
+        if self.kind == "judge":  # its path and address differ from the other kinds'
+            problem = judge_problem(self)
+            if problem:
+                raise SettingError(*problem)
+            return self
         # path and address have no default: a kind that reads one needs it
         if "path" in used and not self.path:
             raise ValueError(f"kind '{self.kind}' needs path")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from services.core.config import SCORER_FIELDS, FlywheelConfig, UnusedSetting, used_dump
+from services.core.config import SCORER_FIELDS, FlywheelConfig, SettingError, used_dump
 from services.core.errors import UserError
 
 PRESET_PACKAGE = "services.presets"
@@ -123,7 +123,7 @@ def _format_errors(
     for err in exc.errors():
         loc = tuple(err["loc"])
         cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, UnusedSetting):  # the error belongs to the field, not its section
+        if isinstance(cause, SettingError):  # the error belongs to the field, not its section
             loc = (*loc, cause.key)
             given = err["input"].get(cause.key) if isinstance(err["input"], dict) else None
             err = {**err, "msg": str(cause), "input": given}

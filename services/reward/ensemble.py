@@ -19,7 +19,8 @@ from services.core.service_metrics import ServiceMetrics
 from services.core.errors import UserError
 from services.reward.aggregate import EnsembleScores, aggregate_scores
 from services.reward.scorers import (
-    Columns, Scorer, ScorerOutputError, build_scorer, resolve_scorer_config, scorer_env, scorer_error, scorer_name,
+    Columns, Scorer, ScorerError, ScorerOutputError, build_scorer, resolve_scorer_config, scorer_env, scorer_error,
+    scorer_name,
 )
 
 
@@ -57,11 +58,12 @@ class ScorerActor(ServiceActor):
               columns: Columns | None = None) -> tuple[list[float], list[list[float]] | None]:
         """The member's scores, and its per-step scores if it is a process reward (else None);
         a bad output is a ScorerOutputError, anything the scorer's code raises becomes a
-        ScorerError naming the member (never a silent 0 or None)."""
+        ScorerError naming the member (never a silent 0 or None); a ScorerError the scorer
+        raised itself already names it."""
         with self.metrics.track("score"):
             try:
                 return self.scorer.score_steps(prompts, completions, columns)
-            except (ScorerOutputError, UserError):
+            except (ScorerOutputError, ScorerError, UserError):
                 raise
             except Exception as exc:
                 raise scorer_error(self.scorer, self.field, exc) from exc

@@ -13,7 +13,10 @@ Kinds (``ScorerConfig.kind``):
   (services/reward/verifiable.py);
 - ``toy_gold``: the toy world's hidden gold reward;
 - ``toy_noisy_gold``: gold + N(0, noise_std²) noise fixed per (seed, prompt, completion), a
-  stand-in for imperfect learned reward models in an ensemble.
+  stand-in for imperfect learned reward models in an ensemble;
+- ``judge``: an LLM judge (RLAIF) grading the completion with a rubric, or comparing it with a
+  reference answer, served by a local vLLM engine or an OpenAI-compatible endpoint
+  (services/reward/judge.py).
 
 Every score is validated (length N, finite) by :meth:`Scorer.score`; a bad output raises
 :class:`ScorerOutputError` naming the scorer and the first bad index.
@@ -148,10 +151,11 @@ class Scorer:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-# kind name -> Scorer subclass: the kinds of this module, and the verifiable ones
-# (services/reward/verifiable.py, imported on the first lookup)
+# kind name -> Scorer subclass: the kinds of this module, the verifiable ones
+# (services/reward/verifiable.py) and the LLM judge (services/reward/judge.py), those two
+# imported on the first lookup
 SCORER_KINDS: Registry[type[Scorer]] = Registry(
-    "reward scorer kind", "reward.scorers[].kind", modules=("services.reward.verifiable",)
+    "reward scorer kind", "reward.scorers[].kind", modules=("services.reward.verifiable", "services.reward.judge")
 )
 
 

@@ -14,6 +14,7 @@ from services.core import toy_world as tw
 from services.core.config import SCORER_FIELDS, RewardConfig, ScorerConfig
 from services.core.errors import UserError
 from services.reward.ensemble import RewardEnsemble
+from services.reward.judge import JudgeScorer
 from services.reward.scorers import (
     SCORER_KINDS, HFScorer, PythonScorer, RemoteScorer, ScorerOutputError, ToyGoldScorer, ToyNoisyGoldScorer,
     build_scorer, resolve_scorer_config, reward_model_text, sample_noise, scorer_env, validate_scores,
@@ -77,7 +78,9 @@ def test_registered_kinds_are_the_configs_kinds():
     """A kind added to SCORER_KINDS, SCORER_FIELDS or ScorerConfig.kind alone fails here."""
     literal = set(typing.get_args(ScorerConfig.model_fields["kind"].annotation))
     assert set(SCORER_KINDS.names()) == set(SCORER_FIELDS) == literal
-    assert literal == {"hf", "python", "remote", "toy_gold", "toy_noisy_gold", "math_verify", "exact_match", "regex"}
+    assert literal == {
+        "hf", "python", "remote", "toy_gold", "toy_noisy_gold", "math_verify", "exact_match", "regex", "judge"
+    }
     assert all({"kind", "name"} <= fields for fields in SCORER_FIELDS.values())
 
 
@@ -93,6 +96,8 @@ def minimal_config(kind: str, tmp_path) -> ScorerConfig:
         return ScorerConfig(kind="remote", address="localhost:50051")
     if kind == "regex":
         return ScorerConfig(kind="regex", pattern=r"(-?\d+)")
+    if kind == "judge":  # an endpoint: building does not contact it (a vLLM judge: tests/integration)
+        return ScorerConfig(kind="judge", address="http://127.0.0.1:8000/v1", judge_model="judge")
     return ScorerConfig(kind=kind)
 
 
@@ -114,6 +119,9 @@ def test_every_registered_kind_builds_from_a_minimal_config(kind, tmp_path):
         assert type(scorer) is HFScorer and all(math.isfinite(x) for x in scorer.score(PROMPTS, COMPLETIONS))
     elif kind == "remote":  # building does not contact the server (nothing listens there)
         assert type(scorer) is RemoteScorer and scorer.client.address == "localhost:50051"
+    elif kind == "judge":  # nor does a judge at an endpoint (tests/unit/test_judge_scorer.py scores with one)
+        assert type(scorer) is JudgeScorer and scorer.backend.url == "http://127.0.0.1:8000/v1/completions"
+        assert type(scorer).columns_needed(minimal_config(kind, tmp_path)) == []
     elif kind in ("math_verify", "exact_match", "regex"):  # against the default answer_key column 'answer'
         answers = {"answer": ["3", "1", "19", "4", "2"]}
         assert scorer.score(PROMPTS, COMPLETIONS, answers) == [0.0, 0.0, 1.0, 0.0, 0.0]
@@ -124,7 +132,7 @@ def test_every_registered_kind_builds_from_a_minimal_config(kind, tmp_path):
 
 def test_unknown_kind_names_the_field_and_the_registered_kinds(tmp_path):
     cfg = ScorerConfig.model_construct(**{**ScorerConfig().model_dump(), "kind": "llm_judge"})  # past the Literal
-    registered = "exact_match, hf, math_verify, python, regex, remote, toy_gold, toy_noisy_gold"
+    registered = "exact_match, hf, judge, math_verify, python, regex, remote, toy_gold, toy_noisy_gold"
     for call in (build_scorer, resolve_scorer_config, scorer_env):
         with pytest.raises(UserError) as err:
             call(cfg, 2)
