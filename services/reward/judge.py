@@ -34,6 +34,7 @@ from services.core.errors import UserError
 from services.core.judge_settings import (
     DEFAULT_PATTERNS, DEFAULT_TEMPLATES, PLACEHOLDER, VERDICTS, is_template_file, template_problem,
 )
+from services.reward.judge_backends import EndpointJudge, EngineJudge
 from services.reward.scorers import SCORER_KINDS, Scorer, ScorerError, ScorerOutputError, bearer_token, required_path
 from services.reward.verifiable import regex_answer
 
@@ -157,8 +158,6 @@ class JudgeScorer(Scorer):
 
     @classmethod
     def from_config(cls, cfg, name, field):
-        from services.reward.judge_backends import EndpointJudge, EngineJudge
-
         who = f"reward scorer '{name}'"
         if cfg.path:
             backend = EngineJudge(who, cfg.path, f"{field}.path", cfg.max_length, cfg.judge_max_tokens, cfg.seed,

@@ -20,8 +20,10 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+from services.core.config import FlywheelConfig
 from services.core.errors import UserError
 from services.reward.scorers import ScorerError
+from services.rollout.vllm_engine import start_llm
 
 RETRY_STATUSES = (429, 500, 502, 503, 504)  # worth another attempt; any other HTTP error is final
 BODY_CHARS = 500  # of a bad response shown in an error
@@ -39,9 +41,6 @@ class EngineJudge:
     def __init__(self, who: str, path: str, field: str, max_length: int, max_tokens: int, seed: int,
                  batch_size: int):
         from transformers import AutoConfig
-
-        from services.core.config import FlywheelConfig
-        from services.rollout.vllm_engine import start_llm
 
         self.who, self.max_tokens, self.batch_size = who, max_tokens, batch_size
         try:

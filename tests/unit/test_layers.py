@@ -67,6 +67,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.data": "base",
     "services.core.errors": "base",
     "services.core.estimators": "base",
+    "services.core.judge_settings": "base",  # the judge scorer's defaults and checks, for the config layer
     "services.core.learner_batches": "base",
     "services.core.prompts": "base",  # a prompt (string or chat messages) as text and token ids
     "services.core.registry": "base",
