@@ -38,7 +38,8 @@ class StepInputs:
     the rollout engine; values [B, T] critic values or None; learner: the learner group,
     for algorithms that need extra forwards (online DPO's CHES scores); step_rewards [B, T]:
     with ``algorithm.step_rewards``, the process reward's step scores on the tokens that end
-    the steps (plus the rewards of other sources on the last token), else None."""
+    the steps (plus the rewards of other sources on the last token), else None; preference:
+    the run's ``PreferenceModel`` for algorithms that ``needs_preference``."""
 
     trajectories: list[Trajectory]
     scores: list[float]
@@ -51,6 +52,7 @@ class StepInputs:
     cfg: FlywheelConfig
     learner: Any = None
     step_rewards: Tensor | None = None
+    preference: Any = None
 
     @property
     def tis_sampler(self) -> Tensor | None:
@@ -73,6 +75,7 @@ class Algorithm:
     group_relative: ClassVar[bool] = False
     group_reason: ClassVar[str] = ""
     tracks_displacement: ClassVar[bool] = False
+    needs_preference: ClassVar[bool] = False  # make_batch compares samples with StepInputs.preference
     settings: ClassVar[frozenset[str]] = frozenset()  # the algorithm.* fields it reads besides the common ones
     defaults: ClassVar[dict[str, Any]] = {}  # its published values of algorithm.* fields a config leaves out
 

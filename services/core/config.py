@@ -458,8 +458,30 @@ class RewardVarianceConfig(Section):
     threshold: float = Field(0.01, ge=0, description="report the fraction of prompts whose variance is below this")
 
 
+class PreferenceConfig(Section):
+    """A pairwise preference model P(a preferred to b | prompt), for ``online_ipo``."""
+
+    kind: Literal["bt", "python"] = Field(
+        "bt", description="bt: sigmoid((r(a) - r(b)) / temperature) from the rewards trained on (Bradley-Terry over "
+        "reward.scorers); python: path's function(prompts, completions_a, completions_b, **columns) -> P(a > b) each"
+    )
+    path: str | None = Field(None, description="python: 'path/to/file.py:fn' or 'package.module:fn'")
+    temperature: float = Field(1.0, gt=0, description="bt: the reward difference is divided by this")
+
+    @model_validator(mode="after")
+    def _path_for_python(self) -> "PreferenceConfig":
+        if self.kind == "python" and not self.path:
+            raise ValueError("kind 'python' needs path")
+        if self.kind == "bt" and self.path:
+            raise ValueError("kind 'bt' reads no path (it compares the reward ensemble's scores)")
+        return self
+
+
 class RewardConfig(Section):
     scorers: list[ScorerConfig] = Field(default_factory=lambda: [ScorerConfig()], min_length=1)
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="online_ipo: the preference model that compares two samples"
+    )
     aggregate: Literal["mean", "wco", "uwo"] = "mean"
     uwo_lambda: float = Field(1.0, ge=0)
     replicas: int = Field(1, ge=1, description="copies of the whole ensemble; requests go round-robin")
@@ -535,7 +557,7 @@ PAIR_SETTINGS = frozenset({"dpo_beta", "dpo_loss", "ches_log", "ches_filter_top"
 
 class AlgorithmConfig(Section):
     name: str = Field("sft", description="sft, or a registered RL algorithm (services/algorithms/): grpo, ppo, "
-                      "online_dpo, rloo, gspo, dapo, dr_grpo, reinforce_pp, reinforce_pp_baseline; an algorithm's "
+                      "online_dpo, online_ipo, rloo, gspo, dapo, dr_grpo, reinforce_pp, reinforce_pp_baseline; an algorithm's "
                       "published defaults fill the settings a config leaves out")
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"

@@ -98,12 +98,15 @@ class PolicyBatch:
 @dataclass
 class PairBatch:
     """Preference pairs for a DPO / IPO update: chosen and rejected TokenBatches [B, T]
-    (their own widths) and the reference's summed response log-probs [B] of each."""
+    (their own widths) and the reference's summed response log-probs [B] of each.
+    preference [B]: for soft pairs (online IPO), P(chosen preferred to rejected) from a
+    preference model, and the loss is ``rl_variants.soft_ipo_loss``; None: hard pairs."""
 
     chosen: TokenBatch
     rejected: TokenBatch
     ref_chosen_logps: Tensor
     ref_rejected_logps: Tensor
+    preference: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -111,7 +114,8 @@ class PairBatch:
 
     def _with_rows(self, rows: slice | Tensor) -> "PairBatch":
         return PairBatch(tokens_rows(self.chosen, rows), tokens_rows(self.rejected, rows),
-                         self.ref_chosen_logps[rows], self.ref_rejected_logps[rows])
+                         self.ref_chosen_logps[rows], self.ref_rejected_logps[rows],
+                         None if self.preference is None else self.preference[rows])
 
     def rows(self, start: int, stop: int) -> "PairBatch":
         return self._with_rows(slice(start, stop))
@@ -121,7 +125,7 @@ class PairBatch:
 
     def trim(self) -> "PairBatch":
         return PairBatch(trim_tokens(self.chosen), trim_tokens(self.rejected), self.ref_chosen_logps,
-                         self.ref_rejected_logps)
+                         self.ref_rejected_logps, self.preference)
 
     def loss_count(self, agg_mode: str) -> float:
         """Pairs: the DPO loss is a mean over pairs."""

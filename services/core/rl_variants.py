@@ -1,6 +1,6 @@
-"""Pure tensor math of the policy-gradient variants beyond PPO / GRPO / RLOO (``rl_math``
-holds those): GSPO's sequence-level ratio and clipping, REINFORCE++'s advantages, and the
-sizes of DAPO's dynamic-sampling refills.
+"""Pure tensor math of the variants beyond PPO / GRPO / RLOO / DPO (``rl_math`` holds those):
+GSPO's sequence-level ratio and clipping, REINFORCE++'s advantages, the sizes of DAPO's
+dynamic-sampling refills, and online IPO's loss against a preference model.
 
 Only ``torch`` and ``rl_math`` are imported; conventions are ``rl_math``'s (per-token
 quantities [B, T], ``mask`` 1 on response tokens, sequence quantities [B]).
@@ -119,3 +119,31 @@ def refill_prompts(missing_groups: int, kept_groups: int, drawn_groups: int, cap
     if kept_groups <= 0:
         return cap
     return max(missing_groups, min(cap, math.ceil(missing_groups * drawn_groups / kept_groups)))
+
+
+def soft_ipo_loss(
+    policy_a_logps: Tensor, policy_b_logps: Tensor, ref_a_logps: Tensor, ref_b_logps: Tensor, preference: Tensor,
+    beta: float,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Online IPO against a preference model (Azar et al. 2024; Calandriello et al. 2024), on
+    sequence-summed log-probs [B] of two samples a, b of each prompt:
+
+    h = (log pi(a) - log ref(a)) - (log pi(b) - log ref(b)),  loss = mean (h - (p - 1/2) / beta)^2
+
+    with p = P(a preferred to b) [B]. It is IPO's expected loss over the label (a wins with
+    probability p: (h - 1/(2 beta))^2, else (h + 1/(2 beta))^2) less a constant in h, so the
+    optimum is h = (p - 1/2) / beta. Stats: margin (mean h), target (mean (p - 1/2) / beta),
+    agreement (share of pairs where h and p - 1/2 have the same sign, ties excluded)."""
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    h = (policy_a_logps - ref_a_logps) - (policy_b_logps - ref_b_logps)
+    target = (preference.to(h.dtype) - 0.5) / beta
+    loss = ((h - target) ** 2).mean()
+    with torch.no_grad():
+        decided = target != 0
+        agree = (torch.sign(h) == torch.sign(target)) & decided
+        stats = {
+            "margin": h.detach().mean(), "target": target.mean(),
+            "agreement": agree.float().sum() / decided.float().sum().clamp_min(1.0),
+        }
+    return loss, stats

@@ -42,6 +42,7 @@ from services.driver.stop_signals import StopSignals
 from services.driver.wiring import Services, build_services
 from services.learner.losses import LossSpec
 from services.reward.aggregate import EnsembleScores, soft_overlong_penalty
+from services.reward.preference import PreferenceModel
 from services.reward.process_steps import step_reward_rows
 from services.reward.stats import summarize_variances, variance_by_prompt
 from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
@@ -91,6 +92,7 @@ class Driver:
         self.scaler = RolloutScaler(self.rollout, cfg, self.out)
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx, self.tokenizer = None, services.tokenizer
+        self.preference = PreferenceModel(cfg.reward.preference) if self.algo.needs_preference else None
         if self.spec.algorithm.ptx_coef:
             self.ptx = PtxBatches(cfg, services.tokenizer)
 
@@ -270,7 +272,8 @@ class Driver:
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
         steps = self._step_rewards(kept, ensemble, scores, tokens) if self.cfg.algorithm.step_rewards else None
         batch, stats = self.algo.make_batch(
-            StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner, steps)
+            StepInputs(kept, scores, tokens, ref, old, sampler, values, self.pad_id, self.cfg, self.learner, steps,
+                       self.preference)
         )
         record.update(stats)
         if prescored is not None:

@@ -36,6 +36,7 @@ from services.core.ray_session import ray_address
 from services.core.registry import ALGORITHMS
 from services.driver.checkpoint import CheckpointStore, model_fingerprint, read_state
 from services.learner.sft_data import sft_rows
+from services.reward.preference import check_preference
 from services.reward.scorers import ScorerError, ScorerOutputError
 
 # the keys vLLM derives a model's context length from (smallest wins; model_max_length overrides)
@@ -81,6 +82,10 @@ def check_rl_settings(cfg: FlywheelConfig) -> None:
             f"rollout.n_samples: {name} needs at least 2 samples per prompt, got {cfg.rollout.n_samples} "
             f"({algorithm.group_reason})"
         )
+    if algorithm.needs_preference:
+        check_preference(cfg.reward.preference)
+    elif "preference" in cfg.reward.model_fields_set:
+        raise UserError(f"reward.preference: {name} does not compare pairs (online_ipo does); remove it")
     minibatch, ranks = cfg.algorithm.ppo_minibatch_size, cfg.learner.num_ranks
     rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
     count = -(-rows // minibatch) if minibatch is not None else 1

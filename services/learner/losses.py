@@ -27,6 +27,7 @@ from services.core.batch_types import TokenBatch
 from services.core.config import AlgorithmConfig, FlywheelConfig, LearnerConfig
 from services.core.learner_batches import LearnerBatch, PairBatch, PolicyBatch
 from services.core.estimators import POLICY_LOSSES
+from services.core.rl_variants import soft_ipo_loss
 
 KINDS = ("ppo", "dpo", "sft")
 
@@ -239,6 +240,12 @@ def dpo_terms(
     """DPO / IPO loss of one micro-batch of pairs: (loss, detached stats)."""
     chosen = sequence_logps(chosen_logits, micro.chosen)
     rejected = sequence_logps(rejected_logits, micro.rejected)
+    if micro.preference is not None:  # soft pairs: online IPO against a preference model
+        loss, st = soft_ipo_loss(chosen, rejected, _device(micro.ref_chosen_logps, chosen),
+                                 _device(micro.ref_rejected_logps, chosen), _device(micro.preference, chosen),
+                                 spec.algorithm.dpo_beta)
+        return loss, {"loss": loss.detach(), "ipo_loss": loss.detach(), "ipo_margin": st["margin"],
+                      "ipo_target": st["target"], "ipo_agreement": st["agreement"]}
     loss, st = rl_math.dpo_loss(
         chosen, rejected, _device(micro.ref_chosen_logps, chosen), _device(micro.ref_rejected_logps, chosen),
         beta=spec.algorithm.dpo_beta, loss_type=spec.algorithm.dpo_loss,
