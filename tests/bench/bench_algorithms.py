@@ -7,8 +7,11 @@ GSM8K-format word problems with addends up to 10, its Qwen2 chat model), `flywhe
 sft-chat` on them, then `flywheel train grpo-math` with ``algorithm.name`` set to each
 algorithm in turn, the same seed, prompts, steps and learning rate. Each run evaluates the
 held-out split (pass@1 of 48 problems x 4 samples) before the first step and after the last.
-The preset sets kl_coef 0.01, which would override the published "no KL" of GSPO and DAPO,
-so those runs set kl_coef 0 again; DAPO also gets its soft overlong penalty (8 tokens of 32).
+Each run's algorithm section is grpo-math's with only ``name``: GSPO, DAPO and REINFORCE++
+get their published defaults (no KL for GSPO and DAPO; the KL in the reward for
+REINFORCE++), GRPO, Dr. GRPO and RLOO the preset's KL loss (0.01, k3); DAPO also gets its
+soft overlong penalty (8 tokens of 32), online IPO a Bradley-Terry preference over the
+math_verify reward (temperature 0.5).
 
 Prints one row per algorithm: median step time (steps 2.. without an evaluation), held-out
 pass@1 before and after, the mean reward of the last 3 steps, and DAPO's refills. ``--work``
@@ -28,12 +31,28 @@ from statistics import median
 
 REPO = Path(__file__).resolve().parents[2]
 FLYWHEEL = [sys.executable, "-m", "services.cli"]
-ALGORITHMS = ["grpo", "gspo", "dapo", "dr_grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp"]
-EXTRA = {
-    "gspo": ["algorithm.kl_coef=0"],
-    "dapo": ["algorithm.kl_coef=0", "reward.overlong_buffer=8"],
+ALGORITHMS = ["grpo", "gspo", "dapo", "dr_grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp", "online_ipo"]
+PRESET_KL = {"kl_coef": 0.01, "kl_estimator": "k3"}  # grpo-math's, for the algorithms without published values
+ALGORITHM_SETTINGS = {"grpo": PRESET_KL, "dr_grpo": PRESET_KL, "rloo": PRESET_KL, "online_ipo": {"dpo_beta": 0.1}}
+OVERRIDES = {
+    "dapo": ["reward.overlong_buffer=8"],
     "reinforce_pp": ["rollout.n_samples=1", "rollout.prompts_per_step=64"],  # the same samples per step
+    "online_ipo": ["reward.preference={kind: bt, temperature: 0.5}"],
 }
+
+
+def config_for(name: str, steps: int, work: Path) -> Path:
+    """grpo-math with its algorithm section replaced: ``name``, the steps, an evaluation
+    before and after, and only the settings the algorithm reads beyond its published defaults."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "services" / "presets" / "grpo-math.yaml").read_text())
+    cfg["algorithm"] = {"name": name, "total_steps": steps, "eval_every": steps, "max_staleness": 0,
+                        **ALGORITHM_SETTINGS.get(name, {})}
+    path = work / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
 
 
 def flywheel(*args: str) -> None:
@@ -55,9 +74,9 @@ def prepare(work: Path) -> tuple[Path, Path]:
 
 
 def run(name: str, steps: int, example: Path, policy: Path, out: Path) -> dict:
-    flywheel("train", "grpo-math", "--out", str(out), f"model.path={policy}", f"data.source={example / 'train.jsonl'}",
-             f"data.eval_source={example / 'test.jsonl'}", f"algorithm.name={name}", f"algorithm.total_steps={steps}",
-             f"algorithm.eval_every={steps}", "eval.max_prompts=48", *EXTRA.get(name, []))
+    flywheel("train", str(config_for(name, steps, out.parent.parent)), "--out", str(out), f"model.path={policy}",
+             f"data.source={example / 'train.jsonl'}", f"data.eval_source={example / 'test.jsonl'}",
+             "eval.max_prompts=48", *OVERRIDES.get(name, []))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r["eval/pass@1"] for r in records if "eval/pass@1" in r}
     trained = [r for r in records if r["step"] >= 1]
@@ -84,7 +103,8 @@ def main() -> None:
         out = work / "runs" / f"{name}-{int(time.time())}"
         rows[name] = run(name, args.steps, example, policy, out)
         print(f"  {name}: {rows[name]}", flush=True)
-    print(f"\n{args.steps} steps of 64 samples each (16 prompts x 4; reinforce_pp 64 x 1), same seed and lr")
+    print(f"\n{args.steps} steps of 64 samples each (16 prompts x 4; reinforce_pp 64 x 1), same seed and lr; "
+          f"pass@1: 48 held-out problems x 4 samples")
     print(f"{'algorithm':<24}{'median step s':>14}{'pass@1 before':>15}{'pass@1 after':>14}{'reward last 3':>15}"
           f"{'refills':>9}")
     for name, r in rows.items():
