@@ -63,6 +63,7 @@ LAYER_OF: dict[str, str] = {
     "services.core": "base",  # the empty package __init__
     "services.core.batch_types": "base",
     "services.core.config": "base",
+    "services.core.config_base": "base",
     "services.core.config_loading": "base",
     "services.core.data": "base",
     "services.core.errors": "base",
@@ -70,6 +71,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.judge_settings": "base",  # the judge scorer's defaults and checks, for the config layer
     "services.core.learner_batches": "base",
     "services.core.prompts": "base",  # a prompt (string or chat messages) as text and token ids
+    "services.core.reward_config": "base",  # the reward section of the config
     "services.core.registry": "base",
     "services.core.rl_math": "base",
     "services.core.rl_variants": "base",
