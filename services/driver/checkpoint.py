@@ -145,8 +145,27 @@ def resolve_resume(resume_from: str | None, resume_latest: bool, out: Path) -> P
     return None
 
 
+
+def write_policy(target: Path, policy_dir: str | Path, weights: dict) -> Path:
+    """A HF policy directory at ``target``: ``policy_dir``'s config and tokenizer, ``weights``
+    as model.safetensors."""
+    from safetensors.torch import save_file
+
+    copy_policy_files(policy_dir, target)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def stopped_hint(out: Path, step: int) -> str:
+    """What a run that failed after step ``step`` tells its user: where to continue from."""
+    latest = CheckpointStore(out / "checkpoints").latest()
+    where = (f"`flywheel train ... --out {out} --resume` continues from {latest}" if latest is not None
+             else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
+    return f"the run stopped during step {step + 1} (steps 1..{step} are in metrics.jsonl); {where}"
+
 __all__ = [
-    "CheckpointStore", "FORMAT_VERSION", "STATE_FILE", "checkpoint_step", "copy_policy_files",
+    "CheckpointStore", "FORMAT_VERSION", "STATE_FILE", "checkpoint_step", "copy_policy_files", "stopped_hint",
+    "write_policy",
     "model_fingerprint", "read_state", "resolve_resume",
 ]
 

@@ -27,7 +27,9 @@ from services.core.config_loading import dump_config
 from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
-from services.driver.checkpoint import CheckpointStore, copy_policy_files, model_fingerprint, trim_metrics
+from services.driver.checkpoint import (
+    CheckpointStore, copy_policy_files, model_fingerprint, stopped_hint, trim_metrics, write_policy,
+)
 from services.driver.dynamic_sampling import filled_rollout
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, episode_stats, step_shares
 from services.driver.exporter import MetricsExporter, RunMetrics
@@ -44,7 +46,7 @@ from services.learner.losses import LossSpec
 from services.reward.aggregate import EnsembleScores, soft_overlong_penalty
 from services.reward.preference import PreferenceModel
 from services.reward.process_steps import step_reward_rows
-from services.reward.stats import summarize_variances, variance_by_prompt
+from services.reward.stats import variance_by_prompt, variance_record
 from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
 
 
@@ -226,13 +228,7 @@ class Driver:
         if isinstance(self.prompts, VarianceSelectedPrompts):
             self.prompts.observe(variances)
             selection = {"data/prompts_seen": float(self.prompts.prompts_drawn)}
-        if not variances:
-            return selection
-        stats = summarize_variances(list(variances.values()), self.cfg.reward.variance.threshold)
-        return {
-            **selection, "reward/var_mean": stats["mean"], "reward/var_p10": stats["p10"],
-            "reward/var_p50": stats["p50"], "reward/var_frac_below": stats["fraction_below_threshold"],
-        }
+        return {**selection, **variance_record(variances, self.cfg.reward.variance.threshold)}
 
     def _chosen_logps(self, batch: PairBatch):
         """Summed log p(chosen response) [B] under the learner now."""
@@ -408,7 +404,7 @@ class Driver:
             else:
                 print(f"stopped after step {last} of {total} (--stop-after); continue with --resume")
         except ServiceFailure as exc:
-            raise ServiceFailure(f"{exc}\n{self._stopped_hint(completed)}") from None
+            raise ServiceFailure(f"{exc}\n{stopped_hint(self.out, completed)}") from None
         finally:
             restore_signal()
             if exporter is not None:
@@ -451,13 +447,6 @@ class Driver:
         forward would serve only the gap (``_learner_old_due``)."""
         every = self.cfg.rollout.logprob_gap_every
         return every > 0 and (step - 1) % every == 0
-
-    def _stopped_hint(self, step: int) -> str:
-        """What a run that failed after step ``step`` tells its user: where to continue from."""
-        latest = CheckpointStore(self.out / "checkpoints").latest()
-        where = (f"`flywheel train ... --out {self.out} --resume` continues from {latest}" if latest is not None
-                 else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
-        return f"the run stopped during step {step + 1} (steps 1..{step} are in metrics.jsonl); {where}"
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -513,13 +502,7 @@ class Driver:
 
     def save_policy(self) -> Path:
         """The trained policy as a HF directory (weights from the learner, config/tokenizer copied)."""
-        from safetensors.torch import save_file
-
-        target = self.out / "policy"
-        copy_policy_files(self.policy_dir, target)
-        weights = self.learner.export_weights()
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(target / "model.safetensors"), metadata={"format": "pt"})
-        return target
+        return write_policy(self.out / "policy", self.policy_dir, self.learner.export_weights())
 
 
 def complete_groups(trajectories: list[Trajectory], group_size: int) -> list[Trajectory]:

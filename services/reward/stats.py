@@ -123,9 +123,19 @@ def mean_pass_at_k(correct_by_prompt: Sequence[Sequence[bool]], k: int) -> float
     return fmean(pass_at_k(len(flags), sum(map(bool, flags)), k) for flags in correct_by_prompt)
 
 
+
+def variance_record(variances: dict, threshold: float) -> dict[str, float]:
+    """metrics.jsonl's ``reward/var_*`` figures of per-prompt reward variances (none: {})."""
+    if not variances:
+        return {}
+    stats = summarize_variances(list(variances.values()), threshold)
+    return {"reward/var_mean": stats["mean"], "reward/var_p10": stats["p10"], "reward/var_p50": stats["p50"],
+            "reward/var_frac_below": stats["fraction_below_threshold"]}
+
+
 __all__ = [
     "pass_at_k", "mean_pass_at_k",
     "pairwise_accuracy", "gold_order_accuracy", "order_disagreement", "pearson", "mean_pairwise_correlation",
     "centered_member_std", "variance_by_prompt", "per_prompt_variance", "quantile", "summarize_variances",
-    "variance_summary",
+    "variance_summary", "variance_record",
 ]
