@@ -255,7 +255,7 @@ PAIR_SETTINGS = frozenset({"dpo_beta", "dpo_loss", "ches_log", "ches_filter_top"
 
 class AlgorithmConfig(Section):
     name: str = Field("sft", description="sft, or a registered RL algorithm (services/algorithms/): grpo, ppo, "
-                      "online_dpo, online_ipo, rloo, gspo, dapo, dr_grpo, reinforce_pp, reinforce_pp_baseline; an algorithm's "
+                      "online_dpo, online_ipo, nash_md, rloo, gspo, dapo, dr_grpo, reinforce_pp, reinforce_pp_baseline; an algorithm's "
                       "published defaults fill the settings a config leaves out")
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -281,6 +281,10 @@ class AlgorithmConfig(Section):
     max_refills: int = Field(
         3, ge=0, description="dynamic_sampling: refills drawn at most per step; then the step trains on the varied "
         "groups it has (train/groups_short counts the missing ones)"
+    )
+    mixture_coef: float = Field(
+        0.5, ge=0, le=1, description="nash_md: beta of the opponent policy pi^(1-beta) * ref^beta (0: the policy "
+        "itself, 1: the reference)"
     )
     dpo_beta: float = Field(0.1, gt=0)
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"

@@ -1,6 +1,7 @@
 """Pure tensor math of the variants beyond PPO / GRPO / RLOO / DPO (``rl_math`` holds those):
 GSPO's sequence-level ratio and clipping, REINFORCE++'s advantages, the sizes of DAPO's
-dynamic-sampling refills, and online IPO's loss against a preference model.
+dynamic-sampling refills, online IPO's loss against a preference model, and Nash-MD's
+advantages against a mixture opponent.
 
 Only ``torch`` and ``rl_math`` are imported; conventions are ``rl_math``'s (per-token
 quantities [B, T], ``mask`` 1 on response tokens, sequence quantities [B]).
@@ -147,3 +148,32 @@ def soft_ipo_loss(
             "agreement": agree.float().sum() / decided.float().sum().clamp_min(1.0),
         }
     return loss, stats
+
+
+def mixture_weights(ref_seq_logps: Tensor, policy_seq_logps: Tensor, beta: float) -> Tensor:
+    """Self-normalised importance weights that turn samples of pi into samples of the
+    geometric mixture pi^(1-beta) * ref^beta (Nash-MD's opponent, Munos et al. 2024): for
+    each sample i of a group, w_ij over the group's other samples j is proportional to
+    (ref(y_j) / pi(y_j))^beta. Inputs [G, n] sequence log-probs; returns [G, n, n] with
+    w_ii = 0 and each row summing to 1 (n >= 2)."""
+    if ref_seq_logps.shape != policy_seq_logps.shape or ref_seq_logps.dim() != 2:
+        raise ValueError(f"expected two [G, n] tensors, got {tuple(ref_seq_logps.shape)} and "
+                         f"{tuple(policy_seq_logps.shape)}")
+    n = ref_seq_logps.shape[1]
+    if n < 2:
+        raise ValueError("the mixture opponent needs another sample of the prompt (n >= 2)")
+    log_w = beta * (ref_seq_logps - policy_seq_logps)  # [G, n]: the weight of opponent j
+    logits = log_w[:, None, :].expand(-1, n, -1).clone()
+    logits.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # not oneself
+    return torch.softmax(logits, dim=-1)
+
+
+def nash_md_advantages(preference: Tensor, ref_seq_logps: Tensor, policy_seq_logps: Tensor,
+                       beta: float) -> Tuple[Tensor, Tensor]:
+    """Nash-MD's policy-gradient signal (Munos et al. 2024): A_i = P(y_i beats the mixture
+    opponent) - 1/2, the opponent's law estimated by ``mixture_weights`` over the group's
+    other samples: P_i = sum_j w_ij * preference[g, i, j]. ``preference`` [G, n, n]:
+    P(y_i preferred to y_j). Returns (A [G, n], the weights [G, n, n])."""
+    weights = mixture_weights(ref_seq_logps, policy_seq_logps, beta)
+    won = (weights * preference.to(weights.dtype)).sum(dim=-1)
+    return won - 0.5, weights

@@ -11,7 +11,7 @@ Each run's algorithm section is grpo-math's with only ``name``: GSPO, DAPO and R
 get their published defaults (no KL for GSPO and DAPO; the KL in the reward for
 REINFORCE++), GRPO, Dr. GRPO and RLOO the preset's KL loss (0.01, k3); DAPO also gets its
 soft overlong penalty (8 tokens of 32), online IPO a Bradley-Terry preference over the
-math_verify reward (temperature 0.5).
+math_verify reward (temperature 0.5), and so does Nash-MD (mixture 0.5, the preset's KL).
 
 Prints one row per algorithm: median step time (steps 2.. without an evaluation), held-out
 pass@1 before and after, the mean reward of the last 3 steps, and DAPO's refills. ``--work``
@@ -31,13 +31,16 @@ from statistics import median
 
 REPO = Path(__file__).resolve().parents[2]
 FLYWHEEL = [sys.executable, "-m", "services.cli"]
-ALGORITHMS = ["grpo", "gspo", "dapo", "dr_grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp", "online_ipo"]
+ALGORITHMS = ["grpo", "gspo", "dapo", "dr_grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp", "online_ipo",
+              "nash_md"]
 PRESET_KL = {"kl_coef": 0.01, "kl_estimator": "k3"}  # grpo-math's, for the algorithms without published values
-ALGORITHM_SETTINGS = {"grpo": PRESET_KL, "dr_grpo": PRESET_KL, "rloo": PRESET_KL, "online_ipo": {"dpo_beta": 0.1}}
+ALGORITHM_SETTINGS = {"grpo": PRESET_KL, "dr_grpo": PRESET_KL, "rloo": PRESET_KL, "online_ipo": {"dpo_beta": 0.1},
+                      "nash_md": PRESET_KL}
 OVERRIDES = {
     "dapo": ["reward.overlong_buffer=8"],
     "reinforce_pp": ["rollout.n_samples=1", "rollout.prompts_per_step=64"],  # the same samples per step
     "online_ipo": ["reward.preference={kind: bt, temperature: 0.5}"],
+    "nash_md": ["reward.preference={kind: bt, temperature: 0.5}"],
 }
 
 

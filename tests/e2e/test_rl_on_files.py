@@ -196,10 +196,10 @@ def correct_first(prompts, a, b, answer):
 """
 
 
-def test_online_ipo_against_a_python_preference_model(chat_run, ray_session, tmp_path):
+def test_online_ipo_and_nash_md_against_a_python_preference_model(chat_run, ray_session, tmp_path):
     """Online IPO on the prompts file, 3 steps: samples paired in order, P(a preferred to b)
     from a python preference function over the answer column; the logged mean preference is
-    recomputed from the dumped samples."""
+    recomputed from the dumped samples. Then 3 steps of Nash-MD against the same model."""
     (tmp_path / "pref.py").write_text(PREFERENCE)
     records = train(tmp_path / "run", "ipo-toy", chat_run, "algorithm.total_steps=3", "rollout.prompts_per_step=8",
                     f"reward.preference={{kind: python, path: '{tmp_path / 'pref.py'}:correct_first'}}")
@@ -216,3 +216,12 @@ def test_online_ipo_against_a_python_preference_model(chat_run, ray_session, tmp
         correct = [float(math_verify_correct(s.response, s.columns["answer"])) for s in samples]
         p = [0.5 + 0.5 * (correct[i] - correct[i + 1]) for i in range(0, len(samples), 2)]
         assert record["reward/preference_mean"] == pytest.approx(sum(p) / len(p))
+    # Nash-MD with the same preference model: every sample against the mixture opponent
+    nash = train(tmp_path / "nash", "nash-toy", chat_run, "algorithm.total_steps=3", "rollout.prompts_per_step=8",
+                 f"reward.preference={{kind: python, path: '{tmp_path / 'pref.py'}:correct_first'}}")
+    assert [r["step"] for r in nash] == [1, 2, 3]
+    for record in nash:
+        assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+        assert 1.0 <= record["nash/opponent_ess_mean"] <= 3.0  # 4 samples: 3 possible opponents
+        # the win probabilities against the opponent average 1/2 only when the opponent is the policy itself
+        assert 0.0 <= record["reward/preference_vs_mixture"] <= 1.0 and "train/kl" in record

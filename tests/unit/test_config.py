@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from services.core.config import FlywheelConfig, ToyModelConfig
 from services.core.config_loading import dump_config, load_config, parse_override, preset_names
 from services.core.errors import UserError
+from services.core.registry import ALGORITHMS
 
 
 def write(tmp_path, text: str, name: str = "cfg.yaml"):
@@ -272,7 +273,9 @@ def test_restart_budgets_are_not_negative(field):
 
 
 def test_tis_cap_only_on_policy_with_policy_gradient_algorithms():
-    assert "algorithm.tis_cap: 'online_dpo' does not use tis_cap (a setting of dapo, dr_grpo, grpo, gspo, ppo, reinforce_pp, reinforce_pp_baseline, rloo)" in load_error(
+    users = ", ".join(sorted(n for n in ALGORITHMS.names() if "tis_cap" in ALGORITHMS.get(n).settings))
+    assert "grpo, gspo, nash_md, ppo" in users and "online_dpo" not in users
+    assert f"algorithm.tis_cap: 'online_dpo' does not use tis_cap (a setting of {users})" in load_error(
         "dpo-toy", ["algorithm.tis_cap=2"])
     assert "max_staleness: 0" in load_error("grpo-toy", ["algorithm.max_staleness=1", "algorithm.tis_cap=2"])
     assert "algorithm.tis_cap: Input should be greater than 0" in load_error("grpo-toy", ["algorithm.tis_cap=0"])

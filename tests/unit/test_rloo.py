@@ -65,5 +65,5 @@ def test_rloo_is_registered_everywhere_a_name_is_checked():
     check_rl_settings(cfg)
     with pytest.raises(UserError, match="rollout.n_samples: rloo needs at least 2 samples per prompt.*leave-one-out"):
         check_rl_settings(load_config("grpo-toy", ["algorithm.name=rloo", "rollout.n_samples=1"]))
-    with pytest.raises(UserError, match="algorithm.name: unknown RL algorithm 'reinforce'; registered: dapo, dr_grpo, grpo, gspo, online_dpo"):
+    with pytest.raises(UserError, match="algorithm.name: unknown RL algorithm 'reinforce'; registered: dapo, dr_grpo, grpo, gspo, nash_md, online_dpo"):
         ALGORITHMS.get("reinforce")

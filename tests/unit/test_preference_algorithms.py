@@ -1,6 +1,7 @@
-"""Online IPO against a preference model: the soft IPO loss by hand and as IPO's expected loss
-over the label, the preference models (Bradley-Terry, a python function, their checks), the
-pairing, and the batch the learner gets."""
+"""Online IPO and Nash-MD against a preference model: the soft IPO loss by hand and as IPO's
+expected loss over the label, the preference models (Bradley-Terry, a python function, their
+checks), the pairing and the batch the learner gets; Nash-MD's mixture weights and
+advantages by hand and against the geometric mixture itself (a slow loop)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,71 @@ def test_pairs_and_the_learner_batch():
     target = [(1 / (1 + math.exp(-1)) - 0.5) / 0.1, 0.0]
     assert loss.item() == pytest.approx(sum((x - y) ** 2 for x, y in zip(h, target)) / 2, rel=1e-5)
     assert set(logged) >= {"ipo_loss", "ipo_margin", "ipo_target", "ipo_agreement"}
+
+
+# ---------------------------------------------------------------------------- Nash-MD
+
+def test_nash_md_mixture_weights_and_advantages_by_hand():
+    from services.core.rl_variants import mixture_weights, nash_md_advantages
+
+    # log weights beta * (ref - pi) = 0.5 * ([-1, -2, -3] - -1.5) = 0.25, -0.25, -0.75 for opponents 0, 1, 2
+    ref, pi = t([[-1.0, -2.0, -3.0]]), t([[-1.5, -1.5, -1.5]])
+    w = mixture_weights(ref, pi, 0.5)[0]
+    s = 1 / (1 + math.exp(-0.5))  # e^-0.25 / (e^-0.25 + e^-0.75)
+    r = 1 / (1 + math.exp(-1.0))  # e^0.25 / (e^0.25 + e^-0.75)
+    torch.testing.assert_close(w, t([[0, s, 1 - s], [r, 0, 1 - r], [s, 1 - s, 0]]))
+    # P(0 > 1) = 0.8, P(0 > 2) = 0.6, P(1 > 2) = 0.3 and the complements
+    p = t([[[0.5, 0.8, 0.6], [0.2, 0.5, 0.3], [0.4, 0.7, 0.5]]])
+    advantages, _ = nash_md_advantages(p, ref, pi, 0.5)
+    expected = [s * 0.8 + (1 - s) * 0.6 - 0.5, r * 0.2 + (1 - r) * 0.3 - 0.5, s * 0.4 + (1 - s) * 0.7 - 0.5]
+    torch.testing.assert_close(advantages[0], t(expected))
+    assert advantages[0].tolist() == pytest.approx([0.224492, -0.273106, 0.013262], abs=1e-6)
+    uniform = mixture_weights(ref, pi, 0.0)[0]  # beta 0: the opponent is the policy itself, every other sample alike
+    torch.testing.assert_close(uniform, t([[0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]]))
+
+
+def test_the_weighted_opponents_follow_the_geometric_mixture():
+    """A slow loop: many samples of pi over 3 outcomes, weighted as opponents of sample 0, put
+    their weight where pi^(1-beta) * ref^beta / Z does."""
+    import random
+
+    from services.core.rl_variants import mixture_weights
+
+    pi, ref, beta = [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], 0.5
+    rng = random.Random(0)
+    draws = [0] + rng.choices(range(3), weights=pi, k=20000)
+    w = mixture_weights(t([[math.log(ref[k]) for k in draws]]), t([[math.log(pi[k]) for k in draws]]), beta)[0, 0]
+    mass = [0.0, 0.0, 0.0]
+    for k, weight in zip(draws, w.tolist()):
+        mass[k] += weight
+    target = [pi[k] ** (1 - beta) * ref[k] ** beta for k in range(3)]
+    assert mass == pytest.approx([x / sum(target) for x in target], abs=0.01)
+
+
+def test_nash_md_batch_asks_both_ways_and_averages(tmp_path):
+    (tmp_path / "pref.py").write_text('''
+def first_wins(prompts, a, b, **columns):
+    return [0.7 for _ in a]  # a model that favours the first position only
+
+def longer(prompts, a, b, **columns):
+    return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
+''')
+    cfg = load_config("nash-toy", ["rollout.n_samples=2", "algorithm.mixture_coef=0.25"])
+    assert cfg.algorithm.loss_agg_mode == "seq-mean-token-sum"  # the published REINFORCE form
+    trajectories = [traj("a", 0, [7, 8]), traj("a", 1, [9]), traj("b", 0, [7]), traj("b", 1, [8, 9, 10])]
+    tokens = batches.build_tokens(trajectories, 0)
+    sampler = batches.sampler_logprobs(trajectories, tokens)
+    algorithm = get_algorithm("nash_md")
+
+    def step(fn):
+        model = PreferenceModel(PreferenceConfig(kind="python", path=f"{tmp_path / 'pref.py'}:{fn}"))
+        return algorithm.make_batch(StepInputs(trajectories, [0.0] * 4, tokens, ref=sampler - 0.1, old=sampler,
+                                               sampler=sampler, values=None, pad_id=0, cfg=cfg, preference=model))
+
+    biased, stats = step("first_wins")
+    assert biased.advantages.abs().max() == 0 and stats["reward/preference_vs_mixture"] == 0.5  # 0.7 and 1 - 0.7
+    longer, stats = step("longer")
+    # n = 2: the only opponent is the other sample; the longer one wins: A = +1/2, the shorter -1/2
+    mask = longer.tokens.response_mask.bool()
+    torch.testing.assert_close(longer.advantages, t([0.5, -0.5, -0.5, 0.5]).float()[:, None] * mask)
+    assert stats["nash/opponent_ess_mean"] == 1.0
