@@ -94,7 +94,8 @@ class Driver:
         self.scaler = RolloutScaler(self.rollout, cfg, self.out)
         self.spec = LossSpec.from_config(cfg, self.algo.loss_kind, self.algo.policy_loss)
         self.ptx, self.tokenizer = None, services.tokenizer
-        self.preference = PreferenceModel(cfg.reward.preference) if self.algo.needs_preference else None
+        self.preference = (PreferenceModel(cfg.reward.preference, remote=self.reward.compare)
+                           if self.algo.needs_preference else None)
         if self.spec.algorithm.ptx_coef:
             self.ptx = PtxBatches(cfg, services.tokenizer)
 

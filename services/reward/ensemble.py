@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.core.actor_group import ActorGroup, ServiceActor
-from services.core.config import RewardConfig, ScorerConfig
+from services.core.config import PreferenceConfig, RewardConfig, ScorerConfig
 from services.core.service_metrics import ServiceMetrics
 from services.core.errors import UserError
 from services.reward.aggregate import EnsembleScores, aggregate_scores
+from services.reward.preference import PreferenceModel
 from services.reward.scorers import (
     Columns, Scorer, ScorerError, ScorerOutputError, build_scorer, resolve_scorer_config, scorer_env, scorer_error,
     scorer_name,
@@ -53,6 +54,16 @@ class ScorerActor(ServiceActor):
         self.name = self.scorer.name
         self.field = f"reward.scorers.{index}"
         self.metrics = ServiceMetrics(service="reward", replica=f"{replica}/{self.scorer.name}")
+        self.preference: PreferenceModel | None = None
+
+    def compare(self, cfg: PreferenceConfig, prompts: Sequence[str], completions_a: Sequence[str],
+                completions_b: Sequence[str], columns: Columns | None = None) -> list[float]:
+        """P(a preferred to b) for each pair from ``reward.preference``'s python function,
+        loaded in this actor on the first call (online IPO, Nash-MD; see ``RewardService.compare``)."""
+        with self.metrics.track("compare"):
+            if self.preference is None:
+                self.preference = PreferenceModel(cfg)
+            return self.preference.compare(prompts, completions_a, completions_b, dict(columns or {}))
 
     def score(self, prompts: Sequence[str], completions: Sequence[str],
               columns: Columns | None = None) -> tuple[list[float], list[list[float]] | None]:
@@ -145,6 +156,21 @@ class RewardService(ActorGroup):
         timeout: float | None = None,
     ) -> EnsembleScores:
         return self.submit(prompts, completions, columns).result(timeout)
+
+    def compare(self, cfg: PreferenceConfig, prompts: Sequence[str], completions_a: Sequence[str],
+                completions_b: Sequence[str], columns: Columns | None = None) -> list[float]:
+        """A python preference model's P(a preferred to b) per pair, computed in the first
+        member actor of the next replica, supervised like scoring (a dead or stuck actor is
+        restarted and asked again; ``reward.timeout_s``)."""
+        import ray
+
+        replica = self._next % len(self.replicas)
+        self._next += 1
+        index = replica * len(self.member_names)
+        args = [cfg, ray.put(list(prompts)), ray.put(list(completions_a)), ray.put(list(completions_b)),
+                ray.put(dict(columns or {}))]
+        return self.call_supervised([index], lambda i: self.actors[i].compare.remote(*args), "compare",
+                                    self.cfg.timeout_s, "reward.timeout_s")[0]
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -5,15 +5,16 @@
 - ``python``: a function ``fn(prompts, completions_a, completions_b, **columns)`` returning
   one probability in [0, 1] per pair (a preference model that need not be transitive).
 
-The model runs in the driver's process (the function is imported before Ray starts, by
-``check_preference``). Every output is checked: a wrong count, a non-number, or a value
+A python function runs in a reward member's Ray actor, supervised like scoring
+(``RewardService.compare``); it is imported before Ray starts too (``check_preference``), so
+a bad path fails at once. Every output is checked: a wrong count, a non-number, or a value
 outside [0, 1] is an error naming ``reward.preference`` and the pair.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.core.config import PreferenceConfig
@@ -23,16 +24,23 @@ FIELD = "reward.preference"
 
 
 class PreferenceModel:
-    def __init__(self, cfg: PreferenceConfig):
-        self.cfg = cfg
-        self.fn = load_python_function(cfg.path, f"{FIELD}.path") if cfg.kind == "python" else None
+    """``reward.preference`` as a callable model. ``remote``: where a python function runs
+    instead of this process, ``remote(cfg, prompts, completions_a, completions_b, columns)``
+    (the run passes ``RewardService.compare``: the function then runs in a supervised reward
+    actor); None runs it here (that actor itself, the unit tests)."""
+
+    def __init__(self, cfg: PreferenceConfig, remote: Callable[..., list[float]] | None = None):
+        self.cfg, self.remote = cfg, remote
+        self.fn = load_python_function(cfg.path, f"{FIELD}.path") if cfg.kind == "python" and remote is None else None
 
     def compare(self, prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str],
-                columns: Columns, rewards_a: Sequence[float], rewards_b: Sequence[float]) -> list[float]:
+                columns: Columns, rewards_a: Sequence[float] = (), rewards_b: Sequence[float] = ()) -> list[float]:
         """P(a preferred to b) for each pair; ``rewards_*``: the rewards trained on (bt)."""
         n = len(prompts)
-        if self.fn is None:
+        if self.cfg.kind == "bt":
             return [sigmoid((ra - rb) / self.cfg.temperature) for ra, rb in zip(rewards_a, rewards_b, strict=True)]
+        if self.remote is not None:
+            return checked_probabilities(self.remote(self.cfg, prompts, completions_a, completions_b, columns), n)
         try:
             out = self.fn(list(prompts), list(completions_a), list(completions_b), **columns)
         except Exception as exc:

@@ -82,6 +82,24 @@ def test_preference_models(tmp_path):
         PreferenceConfig(kind="python")
 
 
+def test_a_python_preference_runs_in_a_reward_member_actor(tmp_path):
+    """The member actor's body (ScorerActor) without Ray: the function loads there on the first
+    call; the driver's side checks what comes back."""
+    from services.core.config import ScorerConfig
+    from services.reward.ensemble import ScorerActor
+
+    (tmp_path / "pref.py").write_text(PREFERENCES)
+    actor = ScorerActor(ScorerConfig(kind="toy_gold"), 0)
+    cfg = PreferenceConfig(kind="python", path=f"{tmp_path / 'pref.py'}:longer")
+    assert actor.compare(cfg, ["q", "q"], ["abc", "a"], ["a", "abc"]) == [1.0, 0.0]
+    assert 'flywheel_requests_total{method="compare",replica="0/toy_gold-0",service="reward"} 1.0' in actor.metrics_text()
+    model = PreferenceModel(cfg, remote=actor.compare)
+    assert model.fn is None and model.compare(["q"], ["ab"], ["ab"], {}) == [0.5]
+    broken = PreferenceModel(cfg, remote=lambda *args: [0.5, 0.5])  # two answers for one pair
+    with pytest.raises(ScorerOutputError, match="expected a list of 1 probabilities, got 2"):
+        broken.compare(["q"], ["a"], ["b"], {})
+
+
 def test_settings_are_checked_before_ray(tmp_path):
     check_rl_settings(load_config("ipo-toy", []))
     with pytest.raises(UserError, match=r"reward.preference.path: no python file"):
