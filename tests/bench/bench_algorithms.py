@@ -1,6 +1,6 @@
 """Benchmark: every policy-gradient algorithm on the same workload and budget, side by side.
 
-    .venv/bin/python tests/bench/bench_algorithms.py [--steps 15] [--algorithms grpo,gspo,...] [--work DIR]
+    .venv/bin/python tests/bench/bench_algorithms.py [--steps 30] [--seed 0] [--algorithms grpo,gspo,...] [--work DIR]
 
 The real-datasets workload of tests/e2e/test_rl_on_files.py: `flywheel example` (2,000
 GSM8K-format word problems with addends up to 10, its Qwen2 chat model), `flywheel sft
@@ -44,15 +44,16 @@ OVERRIDES = {
 }
 
 
-def config_for(name: str, steps: int, work: Path) -> Path:
+def config_for(name: str, steps: int, work: Path, seed: int = 0) -> Path:
     """grpo-math with its algorithm section replaced: ``name``, the steps, an evaluation
     before and after, and only the settings the algorithm reads beyond its published defaults."""
     import yaml
 
     cfg = yaml.safe_load((REPO / "services" / "presets" / "grpo-math.yaml").read_text())
+    cfg["seed"] = seed
     cfg["algorithm"] = {"name": name, "total_steps": steps, "eval_every": steps, "max_staleness": 0,
                         **ALGORITHM_SETTINGS.get(name, {})}
-    path = work / "configs" / f"{name}.yaml"
+    path = work / "configs" / f"{name}-seed{seed}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -76,8 +77,8 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return example, sft / "model"
 
 
-def run(name: str, steps: int, example: Path, policy: Path, out: Path) -> dict:
-    flywheel("train", str(config_for(name, steps, out.parent.parent)), "--out", str(out), f"model.path={policy}",
+def run(name: str, steps: int, example: Path, policy: Path, out: Path, seed: int = 0) -> dict:
+    flywheel("train", str(config_for(name, steps, out.parent.parent, seed)), "--out", str(out), f"model.path={policy}",
              f"data.source={example / 'train.jsonl'}", f"data.eval_source={example / 'test.jsonl'}",
              "eval.max_prompts=48", *OVERRIDES.get(name, []))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -93,8 +94,9 @@ def run(name: str, steps: int, example: Path, policy: Path, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--seed", type=int, default=0, help="the RL runs' seed (the SFT policy stays the same)")
     parser.add_argument("--work", type=Path, default=None, help="keeps the example and SFT policy (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-algorithms-"))
@@ -103,10 +105,10 @@ def main() -> None:
     example, policy = prepare(work)
     rows = {}
     for name in args.algorithms.split(","):
-        out = work / "runs" / f"{name}-{int(time.time())}"
-        rows[name] = run(name, args.steps, example, policy, out)
+        out = work / "runs" / f"{name}-seed{args.seed}-{int(time.time())}"
+        rows[name] = run(name, args.steps, example, policy, out, args.seed)
         print(f"  {name}: {rows[name]}", flush=True)
-    print(f"\n{args.steps} steps of 64 samples each (16 prompts x 4; reinforce_pp 64 x 1), same seed and lr; "
+    print(f"\n{args.steps} steps of 64 samples each (16 prompts x 4; reinforce_pp 64 x 1), seed {args.seed}, same lr; "
           f"pass@1: 48 held-out problems x 4 samples")
     print(f"{'algorithm':<24}{'median step s':>14}{'pass@1 before':>15}{'pass@1 after':>14}{'reward last 3':>15}"
           f"{'refills':>9}")
