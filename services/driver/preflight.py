@@ -29,7 +29,7 @@ import socket
 import sys
 from pathlib import Path
 
-from services.core.config import FlywheelConfig
+from services.core.config import FlywheelConfig, PreferenceConfig
 from services.core.config_loading import load_config
 from services.core.errors import UserError
 from services.core.ray_session import ray_address
@@ -84,8 +84,8 @@ def check_rl_settings(cfg: FlywheelConfig) -> None:
         )
     if algorithm.needs_preference:
         check_preference(cfg.reward.preference)
-    elif "preference" in cfg.reward.model_fields_set:
-        raise UserError(f"reward.preference: {name} does not compare pairs (online_ipo does); remove it")
+    elif cfg.reward.preference != PreferenceConfig():  # the default, as a resolved config.yaml holds it, is fine
+        raise UserError(f"reward.preference: {name} does not compare pairs (online_ipo and nash_md do); remove it")
     minibatch, ranks = cfg.algorithm.ppo_minibatch_size, cfg.learner.num_ranks
     rows = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
     count = -(-rows // minibatch) if minibatch is not None else 1

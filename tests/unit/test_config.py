@@ -12,6 +12,7 @@ from services.core.config import FlywheelConfig, ToyModelConfig
 from services.core.config_loading import dump_config, load_config, parse_override, preset_names
 from services.core.errors import UserError
 from services.core.registry import ALGORITHMS
+from services.driver.preflight import check_rl_settings
 
 
 def write(tmp_path, text: str, name: str = "cfg.yaml"):
@@ -323,8 +324,17 @@ def test_a_setting_the_choice_does_not_read_is_an_error_naming_it(tmp_path):
         """)
     assert f"{path}:3: reward.scorers.0.noise_std: 'toy_gold' does not use noise_std (a setting of toy_noisy_gold)" \
         in load_error(str(path))
-    # the resolved config.yaml lists only what each choice reads, so it loads again
-    for preset in ("grpo-toy", "ppo-toy", "dpo-toy", "rm-toy"):
+    # the resolved config.yaml lists only what each choice reads, so it loads again, and a run
+    # started from it (a Ray job's, a resumed one's) passes the pre-flight checks too
+    for preset in ("grpo-toy", "ppo-toy", "dpo-toy", "rm-toy", "ipo-toy", "nash-toy", "grpo-math"):
         cfg = load_config(preset)
-        again = write(tmp_path, dump_config(cfg))
-        assert load_config(str(again)) == cfg, preset
+        again = load_config(str(write(tmp_path, dump_config(cfg))))
+        assert again == cfg, preset
+        if cfg.algorithm.name != "sft":
+            check_rl_settings(again)
+    for name in ALGORITHMS.names():  # every algorithm's published defaults survive the round trip
+        if ALGORITHMS.get(name).loss_kind == "ppo" and name != "ppo":
+            cfg = FlywheelConfig.model_validate({"algorithm": {"name": name}, "rollout": {"n_samples": 4}})
+            again = load_config(str(write(tmp_path, dump_config(cfg))))
+            assert again == cfg, name
+            check_rl_settings(again)

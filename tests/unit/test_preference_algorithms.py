@@ -105,7 +105,7 @@ def test_settings_are_checked_before_ray(tmp_path):
     with pytest.raises(UserError, match=r"reward.preference.path: no python file"):
         check_rl_settings(load_config("ipo-toy", [f"reward.preference={{kind: python, path: '{tmp_path}/no.py:f'}}"]))
     with pytest.raises(UserError, match="reward.preference: grpo does not compare pairs"):
-        check_rl_settings(load_config("grpo-toy", ["reward.preference={kind: bt}"]))
+        check_rl_settings(load_config("grpo-toy", ["reward.preference={kind: bt, temperature: 2}"]))
     with pytest.raises(UserError, match="rollout.n_samples: online_ipo needs at least 2 samples"):
         check_rl_settings(load_config("ipo-toy", ["rollout.n_samples=1"]))
 
