@@ -20,7 +20,7 @@ from torch import Tensor
 
 from services.algorithms import batches
 from services.algorithms.base import ALGORITHMS, Algorithm, StepInputs
-from services.core.batch_types import trajectory_columns
+from services.algorithms.online_ipo import compare_rows
 from services.core.config import POLICY_GRADIENT_SETTINGS
 from services.core.estimators import ADVANTAGE_ESTIMATORS, AdvantageInputs, outcome_on_tokens
 from services.core.learner_batches import LearnerBatch
@@ -36,11 +36,9 @@ def preference_margin(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 def preference_matrix(x: StepInputs, n: int) -> Tensor:
     """[G, n, n]: P(y_i preferred to y_j) within each prompt group, from the preference model
     asked for every ordered pair (i, j), i != j, averaged with 1 - P(y_j preferred to y_i)."""
-    t, groups = x.trajectories, len(x.trajectories) // n
+    groups = len(x.trajectories) // n
     pairs = [(g * n + i, g * n + j) for g in range(groups) for i in range(n) for j in range(n) if i != j]
-    a, b = [t[i] for i, _ in pairs], [t[j] for _, j in pairs]
-    p = x.preference.compare([s.prompt for s in a], [s.response for s in a], [s.response for s in b],
-                             trajectory_columns(a), [x.scores[i] for i, _ in pairs], [x.scores[j] for _, j in pairs])
+    p = compare_rows(x, pairs)
     asked = torch.full((groups, n, n), 0.5, dtype=torch.float64)
     for (i, j), value in zip(pairs, p):
         asked[i // n, i % n, j % n] = value

@@ -23,6 +23,15 @@ def sample_pairs(n_rows: int, group_size: int) -> list[tuple[int, int]]:
     return [(start + k, start + k + 1) for start in range(0, n_rows, group_size) for k in range(0, group_size - 1, 2)]
 
 
+def compare_rows(x: StepInputs, pairs: list[tuple[int, int]]) -> list[float]:
+    """P(row a preferred to row b) for each (a, b) of ``pairs`` from ``x.preference`` (the
+    rewards trained on go with them, for Bradley-Terry)."""
+    t = x.trajectories
+    a, b = [t[i] for i, _ in pairs], [t[j] for _, j in pairs]
+    return x.preference.compare([s.prompt for s in a], [s.response for s in a], [s.response for s in b],
+                                trajectory_columns(a), [x.scores[i] for i, _ in pairs], [x.scores[j] for _, j in pairs])
+
+
 @ALGORITHMS.register("online_ipo")
 class OnlineIPO(Algorithm):
     settings = frozenset({"dpo_beta"})
@@ -35,9 +44,7 @@ class OnlineIPO(Algorithm):
         t = x.trajectories
         pairs = sample_pairs(len(t), x.cfg.rollout.n_samples)
         a, b = [t[i] for i, _ in pairs], [t[j] for _, j in pairs]
-        columns = trajectory_columns(a)
-        p = x.preference.compare([s.prompt for s in a], [s.response for s in a], [s.response for s in b], columns,
-                                 [x.scores[i] for i, _ in pairs], [x.scores[j] for _, j in pairs])
+        p = compare_rows(x, pairs)
         ref_rows = batches.sequence_sums(x.ref, x.tokens)
         batch = batches.dpo_batch(a, b, ref_rows[[i for i, _ in pairs]], ref_rows[[j for _, j in pairs]], x.pad_id)
         batch.preference = torch.tensor(p, dtype=torch.float32)

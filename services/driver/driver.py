@@ -136,12 +136,16 @@ class Driver:
     def _rewards(self, trajectories: list[Trajectory]) -> tuple[EnsembleScores, list[float]]:
         """The reward ensemble's scores of ``trajectories`` and the rewards trained on; a
         reward-variance selector sees them all (a tied group that is dropped counts as seen)."""
-        ensemble = self.reward.submit([t.prompt for t in trajectories], [t.response for t in trajectories],
-                                      trajectory_columns(trajectories)).result()
+        ensemble = self._submit_rewards(trajectories).result()
         rewards, _ = self._trained_rewards(ensemble.scores, trajectories)
         if isinstance(self.prompts, VarianceSelectedPrompts):
             self.prompts.observe(variance_by_prompt([t.prompt_id for t in trajectories], rewards))
         return ensemble, rewards
+
+    def _submit_rewards(self, trajectories: list[Trajectory]):
+        """The reward ensemble's scoring of ``trajectories``, sent (``.result()`` waits)."""
+        return self.reward.submit([t.prompt for t in trajectories], [t.response for t in trajectories],
+                                  trajectory_columns(trajectories))
 
     def _trained_rewards(self, scores: list[float], kept: list[Trajectory]) -> tuple[list[float], dict]:
         """The rewards trained on: the ensemble's aggregate ``scores``, plus a multi-turn
@@ -171,9 +175,7 @@ class Driver:
         timing/reference_s, each from the start of scoring."""
         started, timing = time.perf_counter(), {}
         if ensemble is None:
-            pending = self.reward.submit([t.prompt for t in trajectories], [t.response for t in trajectories],
-                                         trajectory_columns(trajectories))
-            reward_future = self.executor.submit(pending.result)
+            reward_future = self.executor.submit(self._submit_rewards(trajectories).result)
             reward_future.add_done_callback(
                 lambda _: timing.setdefault("timing/reward_s", time.perf_counter() - started))
         else:

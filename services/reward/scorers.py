@@ -260,7 +260,7 @@ class PythonScorer(Scorer):
     def compute(self, prompts, completions, columns):
         if self.step_delimiter is None:
             return self.fn(prompts, completions, **columns)
-        return [reduce_steps(steps, self.step_reduce) for steps in self.score_steps(prompts, completions, columns)[1]]
+        return self.score_steps(prompts, completions, columns)[0]
 
     def score_steps(self, prompts, completions, columns=None):
         if self.step_delimiter is None:
