@@ -64,6 +64,14 @@ def _scores(name: str, values, n: int) -> torch.Tensor:
 # shared pieces
 # ---------------------------------------------------------------------------
 
+def complete_groups(trajectories: list[Trajectory], group_size: int) -> list[Trajectory]:
+    """Only prompt groups that still have all ``group_size`` samples (after staleness drops)."""
+    by_prompt: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_prompt.setdefault(t.prompt_id + f"@{t.policy_version}", []).append(t)
+    return [t for group in by_prompt.values() if len(group) == group_size for t in group]
+
+
 def filter_stale(
     trajectories: Sequence[Trajectory], learner_version: int, max_staleness: int
 ) -> tuple[list[Trajectory], int]:

@@ -288,7 +288,12 @@ class AlgorithmConfig(Section):
     )
     dpo_beta: float = Field(0.1, gt=0)
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    max_staleness: int = Field(0, ge=0)
+    max_staleness: int = Field(
+        0, ge=0, le=64, description="0: every batch is sampled by the weights it trains (on-policy); k >= 1: the "
+        "rollouts of the next k batches run while the learner trains, and a batch is trained on k policy versions "
+        "after the one that sampled it (its first k batches: 0 .. k-1). The PPO ratio takes the sampler's log-probs "
+        "as old ones; with tis_cap, the learner's (one more forward) times the truncated weight over the sampler's"
+    )
     ptx_coef: float = Field(
         0.0, ge=0, description="ppo/grpo: weight of an SFT loss on data.ptx_source rows mixed into each update (PPO-ptx)"
     )
@@ -309,9 +314,10 @@ class AlgorithmConfig(Section):
         "clip_range, dual_clip and value_clip act"
     )
     tis_cap: float | None = Field(
-        None, gt=0, description="ppo/grpo with max_staleness 0: multiply each token's policy loss by "
-        "min(pi_learner_old / pi_sampler, tis_cap), the truncated importance weight that corrects for the rollout "
-        "engine computing log-probs differently from the learner (bf16 on GPUs; Yao et al. 2025). null: off"
+        None, gt=0, description="ppo/grpo: multiply each token's policy loss by min(pi_learner_old / pi_sampler, "
+        "tis_cap), the truncated importance weight that corrects for the rollout engine computing log-probs "
+        "differently from the learner (bf16 on GPUs; Yao et al. 2025) and, with max_staleness >= 1, for the "
+        "older policy that sampled (the decoupled PPO objective of AReaL). null: off"
     )
 
     @field_validator("name")
@@ -339,11 +345,6 @@ class AlgorithmConfig(Section):
                     self.__dict__[key] = value  # not setattr: assignment would validate (and come here) again
         if self.dynamic_sampling and self.max_staleness:
             raise ValueError("dynamic_sampling refills the batch from the current policy; it needs max_staleness: 0")
-        if self.tis_cap is not None and self.max_staleness:
-            raise ValueError(
-                "tis_cap corrects the learner's old log-probs for the sampler's; with max_staleness >= 1 the PPO "
-                "ratio already uses the sampler's log-probs (set max_staleness: 0, or drop tis_cap)"
-            )
         return self
     total_steps: int = Field(100, ge=1)
     eval_every: int = Field(

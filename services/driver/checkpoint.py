@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from services.core.errors import UserError
+from services.rpc.trajectory_io import read_trajectories, write_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,6 @@ def stopped_hint(out: Path, step: int) -> str:
              else "no checkpoint was written yet (checkpoint.every_steps), so a new run starts from step 1")
     return f"the run stopped during step {step + 1} (steps 1..{step} are in metrics.jsonl); {where}"
 
-__all__ = [
-    "CheckpointStore", "FORMAT_VERSION", "STATE_FILE", "checkpoint_step", "copy_policy_files", "stopped_hint",
-    "write_policy",
-    "model_fingerprint", "read_state", "resolve_resume",
-]
 
 
 def trim_metrics(path: Path, last_step: int) -> int:
@@ -191,3 +187,46 @@ def trim_metrics(path: Path, last_step: int) -> int:
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
     return len(kept)
+
+
+PENDING_FILE = "pending_rollouts.pb"  # a streaming run's batches sampled for the steps after the checkpoint
+
+
+def write_pending(path: Path, step: int, pending: list[tuple[list, float, dict]]) -> list[dict]:
+    """The batches sampled ahead for steps ``step + 1 ..`` (each record's step: the step it is
+    for) into ``path``; returns their rollout figures, for the checkpoint's state."""
+    for ahead, (batch, _, _) in enumerate(pending, start=1):
+        write_trajectories(path, batch, [None] * len(batch), step=step + ahead)
+    return [dict(stats) for _, _, stats in pending]
+
+
+def read_pending(path: Path, stats: list[dict] | dict) -> list[tuple[list, float, dict]]:
+    """The batches a checkpoint saved for the next steps (``Driver.save_checkpoint``), in order.
+    A checkpoint of max_staleness 1 from before the buffer saved one batch without steps and
+    its figures as one dict."""
+    if not path.is_file():
+        return []
+    by_step: dict = {}
+    for record in read_trajectories(path):
+        by_step.setdefault(record.step, []).append(record.trajectory)
+    stats = [stats] if isinstance(stats, dict) else stats
+    if len(stats) != len(by_step):
+        raise UserError(f"checkpoint: {path} holds {len(by_step)} batches but the state names {len(stats)}")
+    return [(batch, 0.0, dict(figures)) for batch, figures in zip(by_step.values(), stats)]
+
+
+__all__ = [
+    "CheckpointStore",
+    "FORMAT_VERSION",
+    "STATE_FILE",
+    "checkpoint_step",
+    "copy_policy_files",
+    "stopped_hint",
+    "write_policy",
+    "model_fingerprint",
+    "read_state",
+    "resolve_resume",
+    "PENDING_FILE",
+    "read_pending",
+    "write_pending",
+]

@@ -86,14 +86,14 @@ STEP_PHASES = {"rollout": "timing/rollout_s", "scoring": "timing/reward_s", "ref
 def step_shares(record: dict, streaming: bool) -> dict[str, float]:
     """``perf/share/<phase>``: each timed phase of the step over ``timing/step_s``, and
     ``perf/share/driver``: the rest of the step, outside the rollout (a streaming run: only the
-    wait for it, ``timing/rollout_wait_s``), the score phase (``timing/score_s``: reward,
+    wait for it, ``timing/rollout_wait_s``, which includes the syncs), the score phase (``timing/score_s``: reward,
     reference and learner log-probs together), training, sync and evaluation."""
     step = record.get("timing/step_s") or 0.0
     if step <= 0:
         return {}
     shares = {f"perf/share/{name}": record[key] / step for name, key in STEP_PHASES.items() if key in record}
-    on_path = ["timing/score_s", "timing/train_s", "timing/sync_s", "timing/eval_s"]
-    on_path += ["timing/rollout_wait_s"] if streaming else ["timing/rollout_s"]
+    on_path = ["timing/score_s", "timing/train_s", "timing/eval_s"]  # a streaming run syncs on the rollout thread
+    on_path += ["timing/rollout_wait_s"] if streaming else ["timing/rollout_s", "timing/sync_s"]
     shares["perf/share/driver"] = max(0.0, step - sum(record.get(key, 0.0) for key in on_path)) / step
     return shares
 

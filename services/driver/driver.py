@@ -2,9 +2,9 @@
 
 One step: prompts -> rollout -> (reward ensemble | reference log-probs | critic values, run
 concurrently) -> advantages or DPO pairs (pure functions) -> learner update -> weight sync.
-With ``algorithm.max_staleness >= 1`` the rollout of the next batch runs while the learner
-trains on this one; every trajectory carries the policy version that produced it and one
-older than the bound is dropped, never trained on.
+With ``algorithm.max_staleness`` = k >= 1 the rollouts of the next k batches run while the
+learner trains on this one (``rollout_buffer.RolloutBuffer``); every trajectory carries the
+policy version that produced it and one older than the bound is dropped, never trained on.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from services.core.errors import RunStopped, ServiceFailure, UserError
 from services.core.learner_batches import PairBatch
 from services.core.metrics import MetricsWriter
 from services.driver.checkpoint import (
-    CheckpointStore, copy_policy_files, model_fingerprint, stopped_hint, trim_metrics, write_policy,
+    PENDING_FILE, CheckpointStore, copy_policy_files, model_fingerprint, read_pending, stopped_hint, trim_metrics,
+    write_pending, write_policy,
 )
 from services.driver.dynamic_sampling import filled_rollout
 from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, episode_stats, step_shares
@@ -39,6 +40,7 @@ from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, sampling_seed, toy_prompt_source
 from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
+from services.driver.rollout_buffer import RolloutBuffer
 from services.driver.rollout_scaling import RolloutScaler
 from services.driver.stop_signals import StopSignals
 from services.driver.wiring import Services, build_services
@@ -47,7 +49,7 @@ from services.reward.aggregate import EnsembleScores, soft_overlong_penalty
 from services.reward.preference import PreferenceModel
 from services.reward.process_steps import step_reward_rows
 from services.reward.stats import variance_by_prompt, variance_record
-from services.rpc.trajectory_io import read_trajectories, trim_trajectories, write_trajectories
+from services.rpc.trajectory_io import trim_trajectories, write_trajectories
 
 
 class Driver:
@@ -74,6 +76,7 @@ class Driver:
         self.services: list = []
         self.placement_group = None
         self.draws = 0  # rollout batches drawn so far: with the run seed it fixes the sampling seeds
+        self.buffer: RolloutBuffer | None = None  # streaming runs' queued rollouts
         self.start_step = 0  # the step a resumed run continues after
         self.stop = StopSignals()
 
@@ -104,6 +107,8 @@ class Driver:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.buffer is not None:
+            self.buffer.close()
         for service in reversed(self.services):
             service.shutdown()
         self.services = []
@@ -119,12 +124,19 @@ class Driver:
         """The next ``prompts`` (default ``rollout.prompts_per_step``) prompts' trajectories, the
         rollout time and the pool's figures (prompts generated again after a worker died, the
         versions the workers hold afterwards)."""
-        started = time.perf_counter()
+        return self._generate(self._draw(prompts))
+
+    def _draw(self, prompts: int | None = None) -> list:
+        """The next ``prompts`` (default ``rollout.prompts_per_step``) prompts, each with the
+        sampling seed of this draw."""
         self.draws += 1
-        batch = [
+        return [
             dataclasses.replace(item, seed=sampling_seed(self.cfg.seed, self.draws, item.id))
             for item in self.prompts.next_batch(prompts or self.cfg.rollout.prompts_per_step)
         ]
+
+    def _generate(self, batch: list) -> tuple[list[Trajectory], float, dict]:
+        started = time.perf_counter()
         trajectories, stats = self.rollout.generate_with_stats(batch)
         return trajectories, time.perf_counter() - started, stats
 
@@ -252,7 +264,7 @@ class Driver:
         learner_version = self.learner.policy_version
         kept, dropped = alg.filter_stale(trajectories, learner_version, self.cfg.algorithm.max_staleness)
         if self.algo.group_relative:  # keep whole prompt groups
-            kept = complete_groups(kept, self.cfg.rollout.n_samples)
+            kept = alg.complete_groups(kept, self.cfg.rollout.n_samples)
         record: dict = {"step": step, "rollout/trajectories": len(trajectories), "rollout/dropped_stale": dropped,
                         **(prescored[1] if prescored else {})}
         if not kept:
@@ -267,7 +279,7 @@ class Driver:
         record.update(reward_record)
         record["timing/score_s"] = time.perf_counter() - score_started
         record.update(timing)
-        if learner_old:  # old: the learner's, under the version that sampled
+        if learner_old and not self.cfg.algorithm.max_staleness:  # old: the learner's, under the version that sampled
             record.update(self.logprob_gap.update(step, learner_version, old, sampler, tokens.response_mask))
         steps = self._step_rewards(kept, ensemble, scores, tokens) if self.cfg.algorithm.step_rewards else None
         batch, stats = self.algo.make_batch(
@@ -305,6 +317,7 @@ class Driver:
             record["gold/mean"] = mean(toy_world.gold_reward([t.prompt for t in kept], [t.response for t in kept]))
         record["rollout/response_length_mean"] = mean(len(t.response_ids) for t in kept)
         record["rollout/staleness_max"] = max(staleness)
+        record["rollout/staleness_mean"] = mean(staleness)
         record["rollout/stop_fraction"] = mean(t.finish_reason == "stop" for t in kept)
         record["rollout/truncated_fraction"] = mean(t.finish_reason == "length" for t in kept)  # hit max_tokens
         record["timing/rollout_s"] = rollout_s
@@ -324,7 +337,7 @@ class Driver:
         from tqdm import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        pending = self.resume(resume) if resume is not None else None  # refuses a mismatched checkpoint first
+        pending = self.resume(resume) if resume is not None else []  # refuses a mismatched checkpoint first
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         run_metrics = RunMetrics()
         exporter = None
@@ -345,25 +358,25 @@ class Driver:
                 total=total, initial=self.start_step, desc=self.algorithm, unit="step", disable=not progress
             ) as bar:
                 if self.held_out is not None and self.start_step == 0 and self.cfg.eval.before_training:
-                    baseline = {"step": 0, "policy_version": self.learner.policy_version, **self._evaluate(None)}
+                    baseline = {"step": 0, "policy_version": self.learner.policy_version, **self._evaluate()}
                     writer.write(baseline)  # the policy before RL: what the later evaluations compare with
                     run_metrics.update(baseline)
-                in_flight = None
+                ahead = self.cfg.algorithm.max_staleness  # batches queued beyond the one trained on
                 if stream:
-                    in_flight = done_future(pending) if pending else self.executor.submit(self._rollout)
+                    self._start_buffer(pending, min(total, self.start_step + ahead))
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
                     sync_s = 0.0
                     gap: dict = {}
                     if stream:
-                        trajectories, rollout_s, rollout_stats = in_flight.result()
-                        prescored = None
+                        trajectories, rollout_s, rollout_stats = self.buffer.take()
+                        prescored, scaled = None, {}
                         rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
-                        sync_s = self._sync()  # engines are idle now
-                        scaled = self.scaler.update(records[-1] if records else None)
-                        in_flight = self.executor.submit(self._rollout) if step < total else None
-                        if in_flight is not None and self._probe_due(step):
-                            gap = self._probe_gap(step, in_flight.result()[0])
+                        sync_s = rollout_stats.pop("timing/sync_s", 0.0)  # the sync before this batch's rollout
+                        if step + ahead <= total:
+                            self.buffer.queue_next(records[-1] if records else None)
+                        if self.buffer and self._probe_due(step):
+                            gap = self._probe_gap(step, self.buffer.newest()[0])
                     else:
                         sync_s = self._sync()
                         scaled = self.scaler.update(records[-1] if records else None)
@@ -371,7 +384,7 @@ class Driver:
                             self._rollout_filled() if self.cfg.algorithm.dynamic_sampling else (*self._rollout(), None))
                     record = self.step(step, trajectories, rollout_s, prescored)
                     if self.held_out is not None and self.held_out.due(step):
-                        record.update(self._evaluate(in_flight))
+                        record.update(self._evaluate())
                     record.update(gap)
                     record.update(rollout_stats, **scaled)
                     record["policy_version"] = self.learner.policy_version
@@ -394,8 +407,7 @@ class Driver:
                     bar.update(1)
                     stopping = self.stop.name is not None or step == last
                     if stopping or (every and step % every == 0):
-                        next_batch, _, next_stats = in_flight.result() if in_flight is not None else (None, 0.0, {})
-                        path = self.save_checkpoint(step, next_batch, next_stats)
+                        path = self.save_checkpoint(step, self.buffer.pending() if stream else [])
                         bar.write(f"checkpoint: {path}")
                     if self.stop.name is not None:
                         raise RunStopped(
@@ -410,21 +422,32 @@ class Driver:
             raise ServiceFailure(f"{exc}\n{stopped_hint(self.out, completed)}") from None
         finally:
             restore_signal()
+            if self.buffer is not None:
+                self.buffer.close()
+                self.buffer = None
             if exporter is not None:
                 exporter.close()
         report = write_report(self.out)
         print(f"report: {report}")
         return records
 
-    def _evaluate(self, in_flight: Future | None) -> dict:
+    def _start_buffer(self, pending: list, queued_through: int) -> None:
+        """Streaming: the buffer, with a resumed run's saved batches first, then the rollouts of
+        the steps after them through ``queued_through``, by the weights the engines hold."""
+        self.buffer = RolloutBuffer(self.learner, self.rollout, self.scaler, self._draw, self._generate)
+        self.buffer.start(pending, queued_through - self.start_step - len(pending))
+
+    def _evaluate(self) -> dict:
         """The held-out evaluation of the weights the learner has now: the engines take them
-        first (after a streaming rollout in flight has finished, as a sync needs idle engines;
-        the next step's sync is then a no-op, so the run trains on what it would without it)."""
+        first (in a streaming run after the rollouts queued ahead, as a sync needs idle engines;
+        the next queued rollout's sync is then a no-op, so the run trains on what it would
+        without it)."""
         started = time.perf_counter()
-        if in_flight is not None:
-            in_flight.result()
-        self._sync()
-        record = self.held_out.run(self.rollout, self.reward)
+        if self.buffer is None:
+            self._sync()
+            record = self.held_out.run(self.rollout, self.reward)
+        else:
+            record = self.buffer.run(lambda: self.held_out.run(self.rollout, self.reward))
         record["timing/eval_s"] = time.perf_counter() - started
         return record
 
@@ -435,10 +458,13 @@ class Driver:
         and the sampler's log-probs stand in on the others: one optimizer step on the whole
         batch (ppo_epochs 1, no ppo_minibatch_size) takes the ratio at the sampling weights, 1
         either way within float noise in fp32 (the gap is ~3e-6 there), and no tis_cap. The
-        forward cost 1.1 s of an 8.5 s step on the bench-grpo workload (2 cores)."""
+        forward cost 1.1 s of an 8.5 s step on the bench-grpo workload (2 cores).
+
+        Streaming runs: only with ``tis_cap`` (the decoupled objective: the ratio against the
+        learner's weights now, times the truncated weight of those over the sampler's)."""
         a = self.cfg.algorithm
         if a.max_staleness:
-            return False
+            return a.tis_cap is not None
         single_update = a.ppo_epochs == 1 and a.ppo_minibatch_size is None
         if not single_update or a.tis_cap is not None or self.cfg.model.dtype != "fp32":
             return True
@@ -464,10 +490,10 @@ class Driver:
             state["ptx"] = self.ptx.state_dict()
         return state
 
-    def save_checkpoint(self, step: int, pending: list[Trajectory] | None = None,
-                        pending_stats: dict | None = None) -> Path:
-        """``pending``: the streaming batch already sampled for the next step, with its rollout
-        figures (``_rollout``'s stats), so a resumed run trains on and logs exactly that."""
+    def save_checkpoint(self, step: int, pending: list[tuple[list[Trajectory], float, dict]] = ()) -> Path:
+        """``pending``: a streaming run's batches sampled already for the next steps, in order,
+        as the buffer holds them (trajectories, rollout seconds, rollout figures), so a resumed
+        run trains on and logs exactly those."""
         store = CheckpointStore(self.out / "checkpoints", self.cfg.checkpoint.keep_last)
         tmp = store.begin(step)
         self.learner.save_checkpoint(str(tmp / "learner"))
@@ -475,14 +501,14 @@ class Driver:
         (tmp / "config.yaml").write_text(dump_config(self.cfg))
         state = self.state_dict()
         if pending:
-            write_trajectories(tmp / "pending_rollouts.pb", pending, [None] * len(pending))
-            state["pending_rollout_stats"] = dict(pending_stats or {})
+            state["pending_rollout_stats"] = write_pending(tmp / PENDING_FILE, step, pending)
         return store.commit(tmp, step, state)
 
-    def resume(self, checkpoint: Path) -> tuple[list[Trajectory], float, dict] | None:
+    def resume(self, checkpoint: Path) -> list[tuple[list[Trajectory], float, dict]]:
         """Restore learner and driver state from ``checkpoint``, re-sync the rollout weights,
-        trim metrics.jsonl to the checkpoint's step; returns the saved next batch, if any, as
-        ``_rollout`` returns a batch (trajectories, rollout time 0, its rollout figures)."""
+        trim metrics.jsonl to the checkpoint's step; returns the saved batches of the next steps
+        (a streaming run's), in order, as ``_rollout`` returns a batch (trajectories, rollout
+        time 0, its rollout figures)."""
         state = check_resume(checkpoint, Path(self.policy_dir), self.algorithm)  # `flywheel train` ran it already
         try:
             self.prompts.load_state_dict(state["prompts"])
@@ -497,23 +523,11 @@ class Driver:
         trim_metrics(self.out / "metrics.jsonl", self.start_step)
         trim_trajectories(self.out / "rollouts.pb", self.start_step)
         print(f"resumed from {checkpoint}: step {self.start_step}, policy version {version}")
-        pending_file = Path(checkpoint) / "pending_rollouts.pb"
-        if pending_file.is_file():
-            batch = [record.trajectory for record in read_trajectories(pending_file)]
-            return batch, 0.0, dict(state.get("pending_rollout_stats", {}))
-        return None
+        return read_pending(Path(checkpoint) / PENDING_FILE, state.get("pending_rollout_stats", []))
 
     def save_policy(self) -> Path:
         """The trained policy as a HF directory (weights from the learner, config/tokenizer copied)."""
         return write_policy(self.out / "policy", self.policy_dir, self.learner.export_weights())
-
-
-def complete_groups(trajectories: list[Trajectory], group_size: int) -> list[Trajectory]:
-    """Only prompt groups that still have all ``group_size`` samples (after staleness drops)."""
-    by_prompt: dict[str, list[Trajectory]] = {}
-    for t in trajectories:
-        by_prompt.setdefault(t.prompt_id + f"@{t.policy_version}", []).append(t)
-    return [t for group in by_prompt.values() if len(group) == group_size for t in group]
 
 
 def done_future(value) -> Future:

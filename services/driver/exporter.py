@@ -77,6 +77,9 @@ GAUGES = {  # metrics.jsonl key -> (gauge name, help)
     "rollout/staleness_max": (
         "flywheel_trajectory_staleness_max", "Largest policy-version lag of a trajectory trained on at the last step"
     ),
+    "rollout/staleness_mean": (
+        "flywheel_trajectory_staleness_mean", "Mean policy-version lag of the trajectories trained on at the last step"
+    ),
     "rollout/logprob_gap_max": (
         "flywheel_logprob_gap_max",
         "Largest |engine - learner| log-prob of a sampled token under the same weights, last measurement",

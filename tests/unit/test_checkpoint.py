@@ -91,3 +91,26 @@ def test_ptx_cursor_state_round_trips():
     b = Fake()
     b.load_state_dict(state)
     assert [b.next_indices() for _ in range(4)] == expected
+
+
+def test_pending_batches_round_trip_in_step_order_and_read_the_one_batch_format(tmp_path):
+    from services.core.batch_types import Trajectory
+    from services.driver.checkpoint import read_pending, write_pending
+    from services.rpc.trajectory_io import write_trajectories
+
+    def batch(tag: str) -> list[Trajectory]:
+        return [Trajectory(prompt_id=f"{tag}{i}", prompt="p", prompt_ids=[1], response=tag, response_ids=[2 + i],
+                           logprobs=[-0.5], finish_reason="stop", policy_version=3, sample_index=i) for i in range(2)]
+
+    pending = [(batch(tag), 1.5, {"rollout/workers": float(n)}) for n, tag in enumerate("abc")]
+    figures = write_pending(tmp_path / "new.pb", 7, pending)
+    assert figures == [{"rollout/workers": 0.0}, {"rollout/workers": 1.0}, {"rollout/workers": 2.0}]
+    back = read_pending(tmp_path / "new.pb", figures)
+    assert [[t.prompt_id for t in b] for b, _, _ in back] == [["a0", "a1"], ["b0", "b1"], ["c0", "c1"]]
+    assert [(seconds, stats) for _, seconds, stats in back] == [(0.0, f) for f in figures]  # no rollout time here
+    write_trajectories(tmp_path / "old.pb", batch("x"), [None, None])  # max_staleness 1 before the buffer
+    (old,) = read_pending(tmp_path / "old.pb", {"rollout/workers": 1.0})
+    assert [t.prompt_id for t in old[0]] == ["x0", "x1"] and old[2] == {"rollout/workers": 1.0}
+    assert read_pending(tmp_path / "missing.pb", []) == []
+    with pytest.raises(UserError, match="holds 3 batches but the state names 2"):
+        read_pending(tmp_path / "new.pb", figures[:2])

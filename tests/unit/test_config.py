@@ -273,12 +273,15 @@ def test_restart_budgets_are_not_negative(field):
     assert f"{field}: Input should be greater than or equal to 0 (got -1)" in load_error("grpo-toy", [f"{field}=-1"])
 
 
-def test_tis_cap_only_on_policy_with_policy_gradient_algorithms():
+def test_tis_cap_only_with_policy_gradient_algorithms():
     users = ", ".join(sorted(n for n in ALGORITHMS.names() if "tis_cap" in ALGORITHMS.get(n).settings))
     assert "grpo, gspo, nash_md, ppo" in users and "online_dpo" not in users
     assert f"algorithm.tis_cap: 'online_dpo' does not use tis_cap (a setting of {users})" in load_error(
         "dpo-toy", ["algorithm.tis_cap=2"])
-    assert "max_staleness: 0" in load_error("grpo-toy", ["algorithm.max_staleness=1", "algorithm.tis_cap=2"])
+    streaming = load_config("grpo-toy", ["algorithm.max_staleness=4", "algorithm.tis_cap=2"])  # the decoupled objective
+    assert (streaming.algorithm.max_staleness, streaming.algorithm.tis_cap) == (4, 2.0)
+    assert "algorithm.max_staleness: Input should be less than or equal to 64" in load_error(
+        "grpo-toy", ["algorithm.max_staleness=65"])
     assert "algorithm.tis_cap: Input should be greater than 0" in load_error("grpo-toy", ["algorithm.tis_cap=0"])
     cfg = FlywheelConfig.model_validate({"algorithm": {"name": "grpo", "tis_cap": 2.0}})
     assert cfg.algorithm.tis_cap == 2.0

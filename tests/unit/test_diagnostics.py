@@ -55,8 +55,9 @@ def test_step_shares_on_policy_and_streaming():
         "perf/share/training": 0.4, "perf/share/sync": 0.05,
         "perf/share/driver": 0.05,  # 10 - (2 + 3 + 4 + 0.5) = 0.5 s outside the phases
     })
-    # streaming: the rollout ran beside training; only the 0.25 s the step waited for it is on its path
+    # streaming: the rollout (and the sync before it) ran beside training on the rollout thread; only the
+    # 0.25 s the step waited for it is on its path
     streamed = step_shares({**record, "timing/rollout_wait_s": 0.25}, streaming=True)
     assert streamed["perf/share/rollout"] == pytest.approx(0.2)
-    assert streamed["perf/share/driver"] == pytest.approx((10 - 0.25 - 3 - 4 - 0.5) / 10)
+    assert streamed["perf/share/driver"] == pytest.approx((10 - 0.25 - 3 - 4) / 10)
     assert step_shares({"timing/step_s": 0.0}, streaming=False) == {}

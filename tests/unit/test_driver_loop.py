@@ -19,6 +19,7 @@ from services.core.metrics import read_metrics
 from services.driver.checkpoint import CheckpointStore
 from services.driver.driver import Driver
 from services.driver.prompt_data import toy_eval_rows
+from services.rpc.trajectory_io import read_trajectories
 from tests.fakes import FakeLearner, FakeRollout, fake_policy_dir, fake_services, token_logprob
 
 REQUIRED = [
@@ -43,6 +44,15 @@ def run(tmp_path, *overrides, out="run", make=None, stop_after=None, resume=None
     finally:
         driver.shutdown()
     return records, make.made
+
+
+def ledger(out) -> dict[int, list[tuple]]:
+    """Every trained-on trajectory (``metrics.dump_rollouts``) by step: prompt, sample, tokens, version."""
+    steps: dict[int, list[tuple]] = {}
+    for r in read_trajectories(out / "rollouts.pb"):
+        t = r.trajectory
+        steps.setdefault(r.step, []).append((t.prompt_id, t.sample_index, tuple(t.response_ids), t.policy_version))
+    return steps
 
 
 GAP = ["rollout/logprob_gap_max", "rollout/logprob_gap_mean", "rollout/logprob_gap_ratio_outside"]
@@ -88,6 +98,46 @@ def test_streaming_never_trains_on_trajectories_staler_than_allowed(tmp_path):
     assert [r["policy_version"] for r in records] == list(range(1, 7))
 
 
+def test_max_staleness_4_trains_each_batch_four_versions_after_the_weights_that_sampled_it(tmp_path):
+    records, made = run(tmp_path, "algorithm.total_steps=10", "algorithm.max_staleness=4", "rollout.logprob_gap_every=3",
+                        "metrics.dump_rollouts=true")
+    assert [r["policy_version"] for r in records] == list(range(1, 11))
+    # the batch for step s was sampled by version max(0, s - 5), so trained on 0, 1, 2, 3, then 4 versions late
+    assert [{t.policy_version for t in batch} for batch in made.rollout.generated] == [{max(0, s - 5)} for s in range(1, 11)]
+    assert [r["rollout/staleness_max"] for r in records] == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4]
+    assert [r["rollout/staleness_mean"] for r in records] == [0, 1, 2, 3, 4, 4, 4, 4, 4, 4]
+    assert [version for version, _ in made.learner.trained] == list(range(10))
+    assert made.rollout.synced == [1, 2, 3, 4, 5]  # before sampling the batches of steps 6 .. 10
+    # the ledger: 8 prompts, 4 per step, every prompt once in each pair of steps, in the order drawn
+    trained = ledger(tmp_path / "run")
+    assert sorted(trained) == list(range(1, 11))
+    ids = [sorted(p for p, k, _, _ in trained[step] if k == 0) for step in range(1, 11)]
+    for first, second in zip(ids[::2], ids[1::2]):
+        assert sorted(first + second) == sorted(set(first + second)) and len(first + second) == 8
+    assert [{v for *_, v in trained[s]} for s in range(1, 11)] == [{max(0, s - 5)} for s in range(1, 11)]
+    # the gap probe waits for the batch queued at the step, sampled by the learner's version then: steps 1
+    # and 4 (7 and 10 queue none, as the run ends at 10)
+    assert [r["step"] for r in records if "rollout/logprob_gap_max" in r] == [1, 4]
+    assert all(r["rollout/logprob_gap_max"] < 1e-6 for r in records if "rollout/logprob_gap_max" in r)
+    assert all(r["perf/share/driver"] >= 0 and "timing/rollout_wait_s" in r for r in records)
+
+
+def test_streaming_with_tis_cap_takes_the_ratio_against_the_learner_and_weights_by_the_sampler(tmp_path):
+    records, made = run(tmp_path, "algorithm.total_steps=6", "algorithm.max_staleness=2", "algorithm.tis_cap=2",
+                        "rollout.logprob_gap_every=0")
+    assert made.learner.logprob_calls == 6  # the learner's forward for the old log-probs on every step
+    for step, (version, batch) in enumerate(made.learner.trained, start=1):
+        sampled = max(0, step - 3)
+        mask = batch.tokens.response_mask.bool()
+        ids = batch.tokens.input_ids[mask]
+        expected_old = -0.1 * (1 + ids % 5).float() - 0.01 * version  # the fake learner's log-probs now
+        assert batch.old_logprobs[mask].tolist() == pytest.approx(expected_old.tolist())
+        assert batch.sampler_logprobs[mask].tolist() == pytest.approx([token_logprob(int(t), sampled) for t in ids])
+    assert [r["rollout/staleness_max"] for r in records] == [0, 1, 2, 2, 2, 2]
+    # the learner's log-probs of a batch sampled by an older version are no train-inference gap: none is logged
+    assert not any("rollout/logprob_gap_max" in r for r in records)
+
+
 def test_stale_samples_are_dropped_and_never_trained_on(tmp_path):
     records, made = run(tmp_path, "algorithm.total_steps=3", make=fake_services(stale_groups=1))
     assert [r["rollout/dropped_stale"] for r in records] == [0, 2, 2]  # one group of 2 labelled v-1 from step 2
@@ -121,9 +171,10 @@ def test_the_gap_monitor_catches_an_engine_that_ignores_syncs(tmp_path, caplog):
     assert sum("log-prob" in m or "logprob" in m for m in caplog.messages) == 1  # once per streak
 
 
-@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "streaming"])
+@pytest.mark.parametrize("staleness", [0, 1, 4], ids=["on-policy", "streaming", "staleness-4"])
 def test_stopped_and_resumed_run_repeats_the_same_steps(staleness, tmp_path):
-    overrides = ["algorithm.total_steps=6", f"algorithm.max_staleness={staleness}", "checkpoint.keep_last=1"]
+    overrides = ["algorithm.total_steps=8", f"algorithm.max_staleness={staleness}", "checkpoint.keep_last=1",
+                 "metrics.dump_rollouts=true"]
     whole, whole_made = run(tmp_path, *overrides, out="whole")
     first, _ = run(tmp_path, *overrides, out="split", stop_after=3)
     assert [r["step"] for r in first] == [1, 2, 3]
@@ -131,8 +182,8 @@ def test_stopped_and_resumed_run_repeats_the_same_steps(staleness, tmp_path):
         metrics.write('{"step": 4, "reward/me')  # as if a crash had cut the next record short
     checkpoint = CheckpointStore(tmp_path / "split" / "checkpoints").latest()
     second, second_made = run(tmp_path, *overrides, out="split", resume=checkpoint)
-    assert [r["step"] for r in second] == [4, 5, 6]
-    assert [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in second] == [4, 5, 6, 7, 8]
+    assert [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == list(range(1, 9))
     for a, b in zip(whole[3:], second):
         assert set(a) == set(b)
         for key in a:
@@ -142,14 +193,12 @@ def test_stopped_and_resumed_run_repeats_the_same_steps(staleness, tmp_path):
     def samples(batches):
         return [[(t.prompt_id, t.sample_index, t.response_ids, t.policy_version) for t in batch] for batch in batches]
 
-    resumed_batches = second_made.rollout.generated
-    if staleness:  # the batch for step 4 came from the checkpoint, not from the engine
-        assert samples(resumed_batches) == samples(whole_made.rollout.generated[4:])
-    else:
-        assert samples(resumed_batches) == samples(whole_made.rollout.generated[3:])
+    # the batches for steps 4 .. 3 + staleness came from the checkpoint, not from the engine
+    assert samples(second_made.rollout.generated) == samples(whole_made.rollout.generated[3 + staleness:])
+    assert ledger(tmp_path / "split") == ledger(tmp_path / "whole")  # nothing in flight lost or trained twice
 
 
-@pytest.mark.parametrize("staleness", [0, 1], ids=["on-policy", "streaming"])
+@pytest.mark.parametrize("staleness", [0, 1, 4], ids=["on-policy", "streaming", "staleness-4"])
 def test_held_out_evaluation_runs_on_the_latest_weights_and_changes_no_training(tmp_path, staleness):
     common = ["algorithm.total_steps=5", f"algorithm.max_staleness={staleness}", "eval.n_samples=3"]
     records, made = run(tmp_path, *common, "algorithm.eval_every=2", out="eval", held_out=True)
