@@ -96,6 +96,8 @@ class FakeRollout(FakeService):
     ``stale_groups``: that many prompt groups of each batch come back labelled one version
     older (as if generated before the last sync), to exercise the staleness filter."""
 
+    max_words = 4  # a response has 1 .. max_words words (a subclass may draw longer ones)
+
     def __init__(self, n_samples: int, stale_groups: int = 0):
         self.version, self.n, self.stale_groups = 0, n_samples, stale_groups
         self.synced: list[int] = []  # versions pushed, in order
@@ -123,15 +125,17 @@ class FakeRollout(FakeService):
         for g, item in enumerate(prompts):
             stale = sampling is None and g < self.stale_groups and self.version > 0
             version = self.version - 1 if stale else self.version
-            prompt_ids = [2 + ord(c) % 40 for c in item.prompt[:6]] or [2]
-            for k in range(n):
+            prompt_ids = item.prompt_ids or [2 + ord(c) % 40 for c in item.prompt[:6]] or [2]
+            for k in range(n if item.n is None else item.n):  # a prompt's own bounds: a partial rollout's pieces
                 rng = random.Random(item.seed + k)
-                words = [rng.randrange(len(WORDS)) for _ in range(rng.randint(1, 4))]
+                words = [rng.randrange(len(WORDS)) for _ in range(rng.randint(1, self.max_words))]
+                cut = item.max_tokens is not None and len(words) > item.max_tokens
+                words = words[: item.max_tokens] if cut else words
                 ids = [10 + w for w in words]
                 out.append(Trajectory(
                     prompt_id=item.id, prompt=item.prompt, prompt_ids=prompt_ids,
-                    response=" ".join(WORDS[w] for w in words), response_ids=ids,
-                    logprobs=[token_logprob(t, version) for t in ids], finish_reason="stop",
+                    response="".join(" " + WORDS[w] for w in words)[0 if item.prompt_ids else 1:], response_ids=ids,
+                    logprobs=[token_logprob(t, version) for t in ids], finish_reason="length" if cut else "stop",
                     policy_version=version, sample_index=k, columns=dict(item.columns or {}),
                 ))
         (self.generated if sampling is None else self.evaluated).append(out)

