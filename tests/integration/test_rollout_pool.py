@@ -54,6 +54,32 @@ def test_generate_returns_complete_versioned_trajectories(pool):
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(t.logprobs), atol=1e-4, rtol=0)
 
 
+def test_partial_rollouts_continue_responses_on_real_engines(pool):
+    """Pieces of 3 tokens (rollout.partial_tokens) up to 12: each response continued from its
+    prompt and the pieces so far is one the engine scores token by token as it sampled it."""
+    from services.driver.partial_rollouts import PartialRollouts
+    from services.rollout.worker import PromptItem
+
+    cfg = FlywheelConfig.model_validate({"rollout": {"partial_tokens": 3, "max_tokens": 12, "n_samples": 2},
+                                         "algorithm": {"max_staleness": 3}})
+    partial = PartialRollouts(cfg)
+    items = [PromptItem(p.id, p.prompt, p.columns, seed=40 + i) for i, p in enumerate(_prompts(6))]
+    done, stats = partial.generate(items, 0, pool.generate_with_stats)
+    rollouts = 1
+    while partial.groups:
+        more, _ = partial.generate([], 0, pool.generate_with_stats)
+        done, rollouts = done + more, rollouts + 1
+    assert sorted((t.prompt_id, t.sample_index) for t in done) == sorted((p.id, k) for p in items for k in range(2))
+    assert rollouts > 1 and max(len(t.response_ids) for t in done) > 3  # some responses took several pieces
+    plain = {t.prompt_id: t.prompt_ids for t in pool.generate(items[:6], None)}
+    for t in done:
+        assert t.prompt_ids == plain[t.prompt_id]  # the prompt's own tokens, not the continuation's prompt
+        assert t.finish_reason in ("stop", "length") and len(t.logprobs) == len(t.response_ids) <= 12
+    scored = pool.sequence_logprobs([t.prompt_ids for t in done], [t.response_ids for t in done])
+    for t, lps in zip(done, scored):
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(t.logprobs), atol=1e-4, rtol=0)
+
+
 def test_work_is_spread_over_both_workers(pool):
     from prometheus_client.parser import text_string_to_metric_families
 
