@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-async bench-env bench-vs-trl lock clean protos
+.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-async bench-partial bench-env bench-vs-trl lock clean protos
 
 install: $(STAMP) prometheus
 
@@ -59,6 +59,10 @@ bench-algorithms: install
 # on-policy against max_staleness 1 and 4 (and 4 with tis_cap) on bench-algorithms' workload (~10 min on 2 cores)
 bench-async: install
 	$(BIN)/python tests/bench/bench_async.py
+
+# partial rollouts on against off, on a policy with geometric response lengths (~5 min on 2 cores)
+bench-partial: install
+	$(BIN)/python tests/bench/bench_partial.py
 
 # TRL, for tests/bench/bench_vs_trl.py only: never a runtime dependency. .venv-bench sees
 # Flywheel's venv through a .pth file (the same torch, transformers, datasets, math-verify),

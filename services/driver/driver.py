@@ -19,7 +19,6 @@ from statistics import mean, pstdev
 
 from services.algorithms import batches as alg
 from services.algorithms.base import StepInputs, get_algorithm
-from services.core import toy_world
 from services.core.actor_group import takes_all_cores
 from services.core.batch_types import Trajectory, pad_response_values, trajectory_columns
 from services.core.config import FlywheelConfig
@@ -32,7 +31,9 @@ from services.driver.checkpoint import (
     write_pending, write_policy,
 )
 from services.driver.dynamic_sampling import filled_rollout
-from services.driver.diagnostics import LikelihoodDisplacementMonitor, LogprobGapMonitor, episode_stats, step_shares
+from services.driver.diagnostics import (
+    LikelihoodDisplacementMonitor, LogprobGapMonitor, episode_stats, learner_old_due, probe_due, step_shares,
+)
 from services.driver.exporter import MetricsExporter, RunMetrics
 from services.driver.held_out_eval import HeldOutEval
 from services.driver.preflight import check_resume, check_rl_settings, optimizer_steps_per_step
@@ -43,6 +44,7 @@ from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
 from services.driver.rollout_buffer import RolloutBuffer
 from services.driver.rollout_scaling import RolloutScaler
+from services.driver.step_record import batch_figures, restart_figures
 from services.driver.stop_signals import StopSignals
 from services.driver.wiring import Services, build_services
 from services.learner.losses import LossSpec
@@ -215,7 +217,7 @@ class Driver:
         ref = pad_response_values(alg.policy_token_values(ref_future.result(), trajectories), tokens)
         values = values_future.result() if values_future else None
         sampler = alg.sampler_logprobs(trajectories, tokens)
-        # strictly on-policy: the learner's own log-probs (where _learner_old_due); off-policy: the
+        # strictly on-policy: the learner's own log-probs (where learner_old_due); off-policy: the
         # sampler's, so the PPO ratio corrects for the staler policy that produced the samples
         old = old_future.result() if old_future else sampler
         return scores, tokens, ref, values, sampler, old, timing
@@ -276,7 +278,7 @@ class Driver:
         if not kept:
             return record
         score_started = time.perf_counter()
-        learner_old = self._learner_old_due(step)
+        learner_old = learner_old_due(self.cfg, step)
         if prescored is not None and len(prescored[0].scores) != len(kept):
             raise AssertionError(f"{len(prescored[0].scores)} scores for {len(kept)} trajectories")
         ensemble, tokens, ref, values, sampler, old, timing = self._score(
@@ -319,20 +321,10 @@ class Driver:
         record.setdefault("train/kl", record["rollout/kl"])
         record["reward/std"] = pstdev(scores) if len(scores) > 1 else 0.0
         record.update(self._reward_variance(kept, scores))
-        if self.cfg.data.source == "toy":
-            record["gold/mean"] = mean(toy_world.gold_reward([t.prompt for t in kept], [t.response for t in kept]))
-        record["rollout/response_length_mean"] = mean(len(t.response_ids) for t in kept)
-        record["rollout/staleness_max"] = max(staleness)
-        record["rollout/staleness_mean"] = mean(staleness)
-        record["rollout/stop_fraction"] = mean(t.finish_reason == "stop" for t in kept)
-        record["rollout/truncated_fraction"] = mean(t.finish_reason == "length" for t in kept)  # hit max_tokens
+        record.update(batch_figures(kept, trajectories, staleness, self.cfg.data.source == "toy", rollout_s,
+                                    record["timing/train_s"]))
         record["timing/rollout_s"] = rollout_s
         record["timing/learn_s"] = time.perf_counter() - started
-        # 0 where the batch took no rollout time here (a resumed run's first batch, from its checkpoint)
-        generated = sum(len(t.response_ids) for t in trajectories)
-        record["perf/generated_tokens_per_s"] = generated / rollout_s if rollout_s > 0 else 0.0
-        trained = sum(len(t.prompt_ids) + len(t.response_ids) for t in kept)
-        record["perf/train_tokens_per_s"] = trained / record["timing/train_s"] if record["timing/train_s"] > 0 else 0.0
         return record
 
     # ------------------------------------------------------------------ the loop
@@ -383,7 +375,7 @@ class Driver:
                         sync_s = rollout_stats.pop("timing/sync_s", 0.0)  # the sync before this batch's rollout
                         if step + ahead <= total:
                             self.buffer.queue_next(records[-1] if records else None)
-                        if self.buffer and self._probe_due(step):
+                        if self.buffer and probe_due(self.cfg, step):
                             gap = self._probe_gap(step, self.buffer.newest()[0])
                     else:
                         sync_s = self._sync()
@@ -395,6 +387,8 @@ class Driver:
                         record.update(self._evaluate())
                     record.update(gap)
                     record.update(rollout_stats, **scaled)
+                    if rollout_s > 0 and "rollout/partial_tokens_generated" in rollout_stats:  # this rollout's own
+                        record["perf/generated_tokens_per_s"] = rollout_stats["rollout/partial_tokens_generated"] / rollout_s
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
                     record["timing/step_s"] = time.perf_counter() - step_started
@@ -402,9 +396,7 @@ class Driver:
                         record["timing/rollout_wait_s"] = rollout_wait_s
                     record.update(step_shares(record, streaming=stream))
                     restarts = self.restarts()
-                    for service, count in restarts.items():
-                        record[f"workers/restarts/{service}"] = count - restarts_logged.get(service, 0)
-                    record["workers/restarts"] = sum(restarts.values()) - sum(restarts_logged.values())
+                    record.update(restart_figures(restarts, restarts_logged))
                     restarts_logged = restarts
                     writer.write(record)
                     run_metrics.update(record)
@@ -458,32 +450,6 @@ class Driver:
             record = self.buffer.run(lambda: self.held_out.run(self.rollout, self.reward))
         record["timing/eval_s"] = time.perf_counter() - started
         return record
-
-    def _learner_old_due(self, step: int) -> bool:
-        """On-policy runs: whether this step runs the learner's forward for the batch's old
-        log-probs (the PPO ratio's denominator, and the learner's side of the log-prob gap).
-        Where it changes nothing else, only on the steps that measure the gap (``_probe_due``),
-        and the sampler's log-probs stand in on the others: one optimizer step on the whole
-        batch (ppo_epochs 1, no ppo_minibatch_size) takes the ratio at the sampling weights, 1
-        either way within float noise in fp32 (the gap is ~3e-6 there), and no tis_cap. The
-        forward cost 1.1 s of an 8.5 s step on the bench-grpo workload (2 cores).
-
-        Streaming runs: only with ``tis_cap`` (the decoupled objective: the ratio against the
-        learner's weights now, times the truncated weight of those over the sampler's)."""
-        a = self.cfg.algorithm
-        if a.max_staleness:
-            return a.tis_cap is not None
-        single_update = a.ppo_epochs == 1 and a.ppo_minibatch_size is None
-        if not single_update or a.tis_cap is not None or self.cfg.model.dtype != "fp32":
-            return True
-        return self._probe_due(step)
-
-    def _probe_due(self, step: int) -> bool:
-        """Measure the log-prob gap on step 1 and every ``rollout.logprob_gap_every`` steps after
-        it (the same steps in a resumed run): streaming runs, and on-policy runs whose learner
-        forward would serve only the gap (``_learner_old_due``)."""
-        every = self.cfg.rollout.logprob_gap_every
-        return every > 0 and (step - 1) % every == 0
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -65,12 +65,12 @@ def test_partial_rollouts_continue_responses_on_real_engines(pool):
     partial = PartialRollouts(cfg)
     items = [PromptItem(p.id, p.prompt, p.columns, seed=40 + i) for i, p in enumerate(_prompts(6))]
     done, stats = partial.generate(items, 0, pool.generate_with_stats)
-    rollouts = 1
+    rounds = stats["rollout/partial_rounds"]
     while partial.groups:
-        more, _ = partial.generate([], 0, pool.generate_with_stats)
-        done, rollouts = done + more, rollouts + 1
+        more, stats = partial.generate([], 0, pool.generate_with_stats)
+        done, rounds = done + more, rounds + stats["rollout/partial_rounds"]
     assert sorted((t.prompt_id, t.sample_index) for t in done) == sorted((p.id, k) for p in items for k in range(2))
-    assert rollouts > 1 and max(len(t.response_ids) for t in done) > 3  # some responses took several pieces
+    assert rounds > 1 and max(len(t.response_ids) for t in done) > 3  # some responses took several pieces
     plain = {t.prompt_id: t.prompt_ids for t in pool.generate(items[:6], None)}
     for t in done:
         assert t.prompt_ids == plain[t.prompt_id]  # the prompt's own tokens, not the continuation's prompt
