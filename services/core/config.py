@@ -463,6 +463,9 @@ class FlywheelConfig(Section):
         for name, clash in clashes.items():
             if clash:
                 raise ValueError(f"rollout.partial_tokens does not work with {name} yet")
+        if r.n_samples % self.learner.num_ranks:  # a step trains whole groups, however many finished
+            raise ValueError(f"rollout.partial_tokens: learner.num_ranks ({self.learner.num_ranks}) must divide "
+                             f"rollout.n_samples ({r.n_samples}), as a step's batch is some number of prompt groups")
         return self
 
     @model_validator(mode="after")

@@ -98,6 +98,9 @@ def test_config_refuses_partial_rollouts_it_cannot_bound():
         load_config("grpo-toy", ["algorithm.max_staleness=1", "rollout.partial_tokens=4"])
     with pytest.raises(UserError, match="rollout.stop"):
         load_config("grpo-toy", ["algorithm.max_staleness=2", "rollout.partial_tokens=4", "rollout.stop=[x]"])
+    with pytest.raises(UserError, match=r"learner.num_ranks \(4\) must divide rollout.n_samples \(2\)"):
+        load_config("grpo-toy", ["algorithm.max_staleness=2", "rollout.partial_tokens=4", "rollout.n_samples=2",
+                                 "learner.num_ranks=4"])
     with pytest.raises(UserError, match="partial_tokens: Input should be greater than 0"):
         load_config("grpo-toy", ["algorithm.max_staleness=2", "rollout.partial_tokens=0"])
 
