@@ -11,9 +11,11 @@ grpo-math's (16 prompts x 4 samples, math_verify) with rollout.max_tokens 192; t
 on these responses, so the policy hardly moves and the lengths stay geometric through the run.
 
 Runs, one after the other: ``max_staleness 2`` without and with ``rollout.partial_tokens``
-(pieces of --pieces tokens). Prints trained samples per minute over the loop (a partial run's
-step trains the groups that finished, so its batch size varies), steps per minute, the median
-rollout and wait per step, and the share of trained responses that spanned two versions.
+(pieces of --pieces tokens). Prints trained samples and trained response tokens per minute
+over the loop (a partial run's step trains the groups that finished, so its batch size
+varies, and early on it trains the short ones first), steps per minute, the rollout's own
+generated tokens per second, the median rollout and wait per step, and the share of trained
+responses that spanned two versions.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def run(label: str, steps: int, example: Path, policy: Path, work: Path, extra: 
     loop_s = sum(r["timing/step_s"] for r in trained)
     return {
         "samples_per_min": 60 * sum(r["rollout/trajectories"] for r in trained) / loop_s,
+        "tokens_per_min": 60 * sum(r["rollout/trajectories"] * r["rollout/response_length_mean"] for r in trained)
+        / loop_s,
+        "generated_per_s": median(r["perf/generated_tokens_per_s"] for r in trained[1:]),
         "steps_per_min": 60 * len(trained) / loop_s,
         "rollout_s": median(r["timing/rollout_s"] for r in trained[1:]),
         "wait_s": median(r["timing/rollout_wait_s"] for r in trained[1:]),
@@ -93,15 +98,17 @@ def main() -> None:
         f"pieces of {args.pieces}": run("pieces", args.steps, example, policy, work,
                                         [f"rollout.partial_tokens={args.pieces}"]),
     }
-    base = rows["whole"]["samples_per_min"]
+    base = rows["whole"]
     print(f"\ngrpo-math on a geometric-length policy (mean {args.mean_length:g} tokens, max_tokens 192), "
           f"{args.steps} steps, max_staleness 2")
-    print(f"{'rollouts':<16}{'samples/min':>12}{'vs whole':>10}{'steps/min':>11}{'median rollout s':>18}"
-          f"{'median wait s':>15}{'mean length':>13}{'continued':>11}{'max stale':>11}")
+    print(f"{'rollouts':<16}{'samples/min':>12}{'vs whole':>10}{'trained tok/min':>16}{'vs whole':>10}"
+          f"{'steps/min':>11}{'rollout tok/s':>15}{'median rollout s':>18}{'median wait s':>15}{'mean length':>13}"
+          f"{'continued':>11}{'max stale':>11}")
     for label, r in rows.items():
-        print(f"{label:<16}{r['samples_per_min']:>12.0f}{r['samples_per_min'] / base:>9.2f}x{r['steps_per_min']:>11.1f}"
-              f"{r['rollout_s']:>18.2f}{r['wait_s']:>15.2f}{r['length']:>13.1f}{r['continued']:>11.2f}"
-              f"{r['staleness']:>11}")
+        print(f"{label:<16}{r['samples_per_min']:>12.0f}{r['samples_per_min'] / base['samples_per_min']:>9.2f}x"
+              f"{r['tokens_per_min']:>16.0f}{r['tokens_per_min'] / base['tokens_per_min']:>9.2f}x"
+              f"{r['steps_per_min']:>11.1f}{r['generated_per_s']:>15.0f}{r['rollout_s']:>18.2f}{r['wait_s']:>15.2f}"
+              f"{r['length']:>13.1f}{r['continued']:>11.2f}{r['staleness']:>11}")
 
 
 if __name__ == "__main__":
