@@ -151,3 +151,32 @@ def test_packed_reference_equals_padded(model_dir):
     for a, b in zip(got, response_values(learner.logprobs(tokens), tokens)):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     assert ours.logprobs([], []) == []
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_packed_ranks_make_the_one_rank_padded_update(model_dir, ray_session, zero_stage):
+    """Rank 0's shard packs into 3 micro-batches, rank 1's into 1: the ranks agree on 3 (an
+    all-reduce of the count), since ZeRO-2 reduces gradients in every backward and ZeRO-3
+    gathers weights in every forward. The update is the one padded rank's."""
+    from services.core.config import Resources
+    from services.learner.group import LearnerGroup
+
+    free = Resources(num_cpus=0)
+    two = LearnerGroup(str(model_dir), packed(num_ranks=2, zero_stage=zero_stage, resources=free, lr=LR,
+                                              step_timeout_s=120))
+    one = LearnerGroup(str(model_dir), config(num_ranks=1, resources=free, lr=LR))
+    try:
+        tokens = make_tokens([4, 3, 2, 1, 2, 2, 2, 2], [10, 10, 10, 2, 2, 2, 2, 2], seed=11)  # 14 13 12 3 | 4 4 4 4
+        assert len(pack_bins([14, 13, 12, 3], BUDGET)) == 3 and len(pack_bins([4] * 4, BUDGET)) == 1
+        torch.testing.assert_close(two.logprobs(tokens), one.logprobs(tokens), atol=1e-5, rtol=0)
+        old = one.logprobs(tokens)
+        advantages = torch.randn(tokens.input_ids.shape, generator=torch.Generator().manual_seed(12))
+        batch = PolicyBatch(tokens=tokens, old_logprobs=old, advantages=advantages, ref_logprobs=old - 0.1)
+        spec = loss_spec("ppo", kl_coef=0.1, entropy_coef=0.01)
+        m2, m1 = two.train_step(batch, spec), one.train_step(batch, spec)
+        assert max_diff(two.export_weights(), one.export_weights()) < 1e-5
+        for key in ("train/loss", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    finally:
+        two.shutdown()
+        one.shutdown()
