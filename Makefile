@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-env bench-vs-trl lock clean protos
+.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-packing bench-env bench-vs-trl lock clean protos
 
 install: $(STAMP) prometheus
 
@@ -55,6 +55,10 @@ bench: install
 # every policy-gradient algorithm and online IPO on one workload and budget (~25 min on 2 cores)
 bench-algorithms: install
 	$(BIN)/python tests/bench/bench_algorithms.py
+
+# sequence packing vs padded micro-batches: learner train_step and reference log-probs (~2 min)
+bench-packing: install
+	$(BIN)/python tests/bench/bench_packing.py
 
 # TRL, for tests/bench/bench_vs_trl.py only: never a runtime dependency. .venv-bench sees
 # Flywheel's venv through a .pth file (the same torch, transformers, datasets, math-verify),
