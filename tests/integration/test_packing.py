@@ -180,3 +180,68 @@ def test_two_packed_ranks_make_the_one_rank_padded_update(model_dir, ray_session
     finally:
         two.shutdown()
         one.shutdown()
+
+
+class InProcessLearner(PolicyLearner):
+    """The real learner (one rank, no Ray) with what the driver asks of every service."""
+
+    def publish_weights(self):
+        return {"version": torch.tensor([float(self.policy_version)])}  # what FakeRollout checks
+
+    def count_quiet_restarts(self) -> int:
+        return 0
+
+    def metrics_texts(self) -> list[str]:
+        return [self.metrics_text()]
+
+    def shutdown(self) -> None:
+        pass
+
+
+class InProcessReference(ReferenceServer):
+    def count_quiet_restarts(self) -> int:
+        return 0
+
+    def metrics_texts(self) -> list[str]:
+        return [self.metrics_text()]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_driver_loop_with_packing_equals_padded(model_dir, tmp_path):
+    """Two GRPO steps of the driver's loop with the real learner and reference (rollout and
+    reward: the in-process fakes of tests/fakes.py), packed and padded: the same metrics."""
+    from services.core.config_loading import load_config
+    from services.driver.driver import Driver
+    from services.driver.wiring import Services
+    from tests.fakes import FakeReward, FakeRollout
+
+    def make(cfg, policy_dir, needs_critic, optimizer_steps):
+        learner = InProcessLearner(str(policy_dir), cfg.learner, total_steps=optimizer_steps)
+        reference = InProcessReference(str(policy_dir), cfg.reference)
+        rollout = FakeRollout(cfg.rollout.n_samples)
+        services = Services(learner, reference, FakeReward(), rollout, pad_id=1)
+        services.started = [learner, reference, services.reward, rollout]
+        make.made = services
+        return services
+
+    runs = {}
+    for name, settings in (("padded", ["learner.micro_batch_size=3"]),
+                           ("packed", ["learner.packing=true", "learner.max_tokens_per_micro_batch=24",
+                                       "reference.packing=true", "reference.max_tokens_per_micro_batch=24"])):
+        cfg = load_config("grpo-toy", [f"model.path={model_dir}", "rollout.prompts_per_step=4", "data.toy_size=8",
+                                       "rollout.n_samples=2", "algorithm.total_steps=2", "learner.lr=1e-4",
+                                       "learner.warmup_steps=0", "rollout.logprob_gap_every=0", *settings])
+        driver = Driver(cfg, tmp_path / name, str(model_dir))
+        driver.build(make)
+        try:
+            runs[name] = driver.run(progress=False)
+        finally:
+            driver.shutdown()
+        runs[name + "-weights"] = make.made.learner.export_weights()
+    assert [r["step"] for r in runs["packed"]] == [1, 2]
+    for want, got in zip(runs["padded"], runs["packed"]):
+        for key in ("train/loss", "train/pg_loss", "train/kl", "train/entropy", "train/grad_norm", "reward/mean"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert max_diff(runs["packed-weights"], runs["padded-weights"]) < 1e-5
