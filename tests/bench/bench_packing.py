@@ -1,15 +1,16 @@
 """Benchmark: sequence packing vs right-padded micro-batches, side by side in one run.
 
-    make bench-packing    (or: .venv/bin/python tests/bench/bench_packing.py [--rows 48] [--repeats 3])
+    make bench-packing    (or: .venv/bin/python tests/bench/bench_packing.py [--max-tokens 1024 2048] [--repeats 3])
 
 A randomly initialised Qwen2 (4 layers, hidden 256, head_dim 64, vocab 4096; fp32 on CPU)
 and one batch of prompt + response sequences with a long-tailed length distribution (most
 responses short, a few long, as RL rollouts are). Prints real (non-padding) tokens per second
 of the learner's PPO train_step (DeepSpeed, ZeRO-0, world of one) and of the reference
 server's log-probs, padded (``micro_batch_size`` rows) vs packed
-(``max_tokens_per_micro_batch``), plus the tokens each path actually computes (padding
-included) and the best-of-``repeats`` seconds (the two paths timed in turn). Timings only: no
-assertion.
+(``max_tokens_per_micro_batch``, one path per budget), the token positions each path runs
+(padding included) and the query x key pairs its attention scores (a packed row of L tokens
+scores L^2 pairs: the block-diagonal mask is dense with sdpa and eager), and best-of-``repeats``
+seconds, the paths timed in turn. Timings only: no assertion.
 """
 
 from __future__ import annotations
@@ -70,16 +71,24 @@ def alternating(repeats: int, fns: dict) -> dict[str, float]:
     return best
 
 
-def computed_tokens(lengths: list[int], bins: list[list[int]], packed: bool) -> int:
-    """Token positions the model runs: the real ones packed, rows x longest row padded."""
-    return sum(sum(lengths[i] for i in b) if packed else len(b) * max(lengths[i] for i in b) for b in bins)
+def computed(lengths: list[int], bins: list[list[int]], packed: bool) -> tuple[int, int]:
+    """(token positions the model runs, query x key pairs its attention scores): packed, the
+    real tokens and L^2 per packed row (the block-diagonal mask is dense); padded, rows x
+    longest row and rows x longest^2."""
+    tokens = attention = 0
+    for b in bins:
+        total, longest = sum(lengths[i] for i in b), max(lengths[i] for i in b)
+        tokens += total if packed else len(b) * longest
+        attention += total**2 if packed else len(b) * longest**2
+    return tokens, attention
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--micro-batch-size", type=int, default=8, help="padded: rows per micro-batch")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="packed: tokens per micro-batch")
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1024, 2048],
+                        help="packed: tokens per micro-batch (one packed path per budget)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -90,42 +99,41 @@ def main() -> int:
     print(f"batch: {args.rows} sequences, {real} tokens, lengths {min(lengths)}..{max(lengths)} "
           f"(median {sorted(lengths)[len(lengths) // 2]}); torch threads {torch.get_num_threads()}")
     spec = loss_spec("ppo", kl_coef=0.05)
-    padded_bins = row_bins(len(lengths), args.micro_batch_size)
     by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])  # the reference sorts by length
-    ref_padded_bins = [by_length[s : s + args.micro_batch_size] for s in range(0, len(lengths), args.micro_batch_size)]
-    packed_bins = pack_bins(lengths, args.max_tokens)
-    settings = {"padded": {}, "packed": {"packing": True, "max_tokens_per_micro_batch": args.max_tokens}}
+    step = args.micro_batch_size
+    paths = {"padded": ({}, row_bins(len(lengths), step), [by_length[s : s + step] for s in range(0, len(lengths), step)])}
+    for budget in args.max_tokens:
+        bins = pack_bins(lengths, budget)
+        paths[f"packed {budget}"] = ({"packing": True, "max_tokens_per_micro_batch": budget}, bins, bins)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(save_model(Path(tmp) / "qwen2"))
-        learners = {name: PolicyLearner(model_dir, LearnerConfig(lr=1e-5, warmup_steps=0,
-                                                                 micro_batch_size=args.micro_batch_size, **extra))
-                    for name, extra in settings.items()}
+        learners = {name: PolicyLearner(model_dir, LearnerConfig(lr=1e-5, warmup_steps=0, micro_batch_size=step, **extra))
+                    for name, (extra, _, _) in paths.items()}
         old = learners["padded"].logprobs(tokens)
-        learners["packed"].logprobs(tokens)  # warm-up
+        for learner in learners.values():
+            learner.logprobs(tokens)  # warm-up
         g = torch.Generator().manual_seed(1)
         batch = PolicyBatch(tokens=tokens, old_logprobs=old, advantages=torch.randn(old.shape, generator=g),
                             ref_logprobs=old)
         train_s = alternating(args.repeats, {n: (lambda l=l: l.train_step(batch, spec)) for n, l in learners.items()})
         logprob_s = alternating(args.repeats, {n: (lambda l=l: l.logprobs(tokens)) for n, l in learners.items()})
         del learners
-        references = {name: ReferenceServer(model_dir, ReferenceConfig(micro_batch_size=args.micro_batch_size, **extra))
-                      for name, extra in settings.items()}
+        references = {name: ReferenceServer(model_dir, ReferenceConfig(micro_batch_size=step, **extra))
+                      for name, (extra, _, _) in paths.items()}
         for reference in references.values():
             reference.logprobs(prompts, responses)  # warm-up
         ref_s = alternating(args.repeats, {n: (lambda r=r: r.logprobs(prompts, responses)) for n, r in references.items()})
-    rows = []
-    for name, bins, ref_bins in (("padded", padded_bins, ref_padded_bins), ("packed", packed_bins, packed_bins)):
-        packing = name == "packed"
-        rows.append((name, len(bins), computed_tokens(lengths, bins, packing), computed_tokens(lengths, ref_bins, packing),
-                     train_s[name], logprob_s[name], ref_s[name]))
-    print(f"\n{'path':<7} {'micro':>5} {'computed':>9} {'ref_comp':>9} {'train_s':>8} {'train_tok/s':>11} "
-          f"{'logp_tok/s':>10} {'ref_s':>7} {'ref_tok/s':>9}")
-    for name, micro, computed, ref_computed, train_s, logprob_s, ref_s in rows:
-        print(f"{name:<7} {micro:>5} {computed:>9} {ref_computed:>9} {train_s:8.2f} {real / train_s:11.0f} "
-              f"{real / logprob_s:10.0f} {ref_s:7.2f} {real / ref_s:9.0f}")
-    padded, packed = rows
-    print(f"\npacked / padded speed-up: train_step {padded[4] / packed[4]:.2f}x, learner log-probs "
-          f"{padded[5] / packed[5]:.2f}x, reference log-probs {padded[6] / packed[6]:.2f}x")
+    print(f"\n{'path':<12} {'micro':>5} {'tokens':>7} {'attn_M':>7} {'train_s':>8} {'train_tok/s':>11} {'logp_tok/s':>10} "
+          f"{'ref_tokens':>10} {'ref_attn_M':>10} {'ref_s':>6} {'ref_tok/s':>9}")
+    for name, (extra, bins, ref_bins) in paths.items():
+        (run, attn), (ref_run, ref_attn) = computed(lengths, bins, bool(extra)), computed(lengths, ref_bins, bool(extra))
+        print(f"{name:<12} {len(bins):>5} {run:>7} {attn / 1e6:7.2f} {train_s[name]:8.2f} {real / train_s[name]:11.0f} "
+              f"{real / logprob_s[name]:10.0f} {ref_run:>10} {ref_attn / 1e6:10.2f} {ref_s[name]:6.2f} "
+              f"{real / ref_s[name]:9.0f}")
+    print("\npacked / padded speed-up (tokens/s):")
+    for name in list(paths)[1:]:
+        print(f"  {name}: train_step {train_s['padded'] / train_s[name]:.2f}x, learner log-probs "
+              f"{logprob_s['padded'] / logprob_s[name]:.2f}x, reference log-probs {ref_s['padded'] / ref_s[name]:.2f}x")
     return 0
 
 

@@ -85,3 +85,13 @@ def test_packing_settings():
         load_config("grpo-toy", ["reference.max_tokens_per_micro_batch=512"])
     with pytest.raises(UserError, match="learner.max_tokens_per_micro_batch"):
         load_config("grpo-toy", ["learner.packing=true", "learner.max_tokens_per_micro_batch=0"])
+
+
+def test_stages_with_their_own_padded_loop_refuse_packing(tmp_path):
+    from services.learner.reward_model import run_train_rm
+    from services.learner.sft import run_sft
+
+    with pytest.raises(UserError, match="`flywheel sft` trains on padded micro-batches"):
+        run_sft(load_config("sft-toy", ["learner.packing=true"]), tmp_path / "sft")
+    with pytest.raises(UserError, match="`flywheel train-rm` trains on padded micro-batches"):
+        run_train_rm(load_config("rm-toy", ["learner.packing=true"]), tmp_path / "rm")
