@@ -214,16 +214,23 @@ PACKING_HELP = (
     "tokens, each run as one row whose position ids restart per sequence (block-diagonal attention); off: "
     "micro-batches of micro_batch_size right-padded rows"
 )
+PACKING_TOKENS = 4096
 MAX_TOKENS_HELP = (
-    "with packing: the token budget of one micro-batch (dynamic batching: a sequence longer than it runs alone)"
+    "with packing: the token budget of one micro-batch (dynamic batching: a sequence longer than it runs alone); "
+    f"null: {PACKING_TOKENS}"
 )
 
 
 def check_packing(section: Section) -> None:
     """max_tokens_per_micro_batch is a packing setting: set without packing it is an error."""
-    if not section.packing and "max_tokens_per_micro_batch" in section.model_fields_set:
+    if not section.packing and section.max_tokens_per_micro_batch is not None:
         raise SettingError("max_tokens_per_micro_batch", "max_tokens_per_micro_batch is used only with packing: true; "
                            "set packing: true or remove it")
+
+
+def packing_budget(section: Section) -> int:
+    """The token budget of a packed micro-batch (``max_tokens_per_micro_batch``, or its default)."""
+    return section.max_tokens_per_micro_batch or PACKING_TOKENS
 
 
 class ReferenceConfig(Section):
@@ -231,7 +238,7 @@ class ReferenceConfig(Section):
     resources: Resources = Field(default_factory=Resources)
     micro_batch_size: int = Field(32, ge=1)
     packing: bool = Field(False, description=PACKING_HELP)
-    max_tokens_per_micro_batch: int = Field(4096, ge=1, description=MAX_TOKENS_HELP)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description=MAX_TOKENS_HELP)
     timeout_s: float = Field(
         300.0, gt=0, description="a replica that returns no log-probs for its share of a batch this long is "
         "killed, restarted and asked again"
@@ -257,7 +264,7 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     packing: bool = Field(False, description=PACKING_HELP)
-    max_tokens_per_micro_batch: int = Field(4096, ge=1, description=MAX_TOKENS_HELP)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description=MAX_TOKENS_HELP)
     max_grad_norm: float = Field(1.0, gt=0)
     critic: bool = Field(False, description="train a value model (PPO): the policy backbone + a 1-output head")
     critic_lr: float | None = Field(None, gt=0, description="critic learning rate; null uses lr")

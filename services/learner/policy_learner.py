@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from services.core.batch_types import TokenBatch
-from services.core.config import LearnerConfig
+from services.core.config import LearnerConfig, packing_budget
 from services.core.errors import UserError
 from services.core.rl_math import TORCH_DTYPES, response_hidden_sum
 from services.core.service_metrics import ServiceMetrics
@@ -137,11 +137,11 @@ class PolicyLearner:
         if not self.cfg.packing:
             bins = row_bins(len(lengths), self.cfg.micro_batch_size)
         else:
-            bins = pack_bins(lengths, self.cfg.max_tokens_per_micro_batch)
+            bins = pack_bins(lengths, packing_budget(self.cfg))
             if self.world_size > 1:
                 count = torch.tensor([len(bins)], device=self.engine.device)
                 torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-                bins = pack_bins(lengths, self.cfg.max_tokens_per_micro_batch, min_bins=int(count.item()))
+                bins = pack_bins(lengths, packing_budget(self.cfg), min_bins=int(count.item()))
         return [torch.tensor(b, dtype=torch.long) for b in bins]
 
     def _run(self, engine, tokens: TokenBatch, causal_lm: bool = True, **kwargs):

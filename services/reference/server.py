@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from services.core.batch_types import TokenBatch, pack_sequences, response_values
-from services.core.config import ReferenceConfig
+from services.core.config import ReferenceConfig, packing_budget
 from services.core.errors import UserError
 from services.core.actor_group import ActorGroup, ServiceActor, use_cpu_threads
 from services.core.packing import pack_bins, pack_row
@@ -67,7 +67,7 @@ class ReferenceServer(ServiceActor):
                 raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
             lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
             if self.cfg.packing:
-                groups = pack_bins(lengths, self.cfg.max_tokens_per_micro_batch)
+                groups = pack_bins(lengths, packing_budget(self.cfg))
             else:  # micro-batches of similar lengths pad less
                 order = sorted(range(len(lengths)), key=lambda i: lengths[i])
                 step = self.cfg.micro_batch_size

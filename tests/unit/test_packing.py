@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.core.config import packing_budget
 from services.core.config_loading import load_config
 from services.core.errors import UserError
 from services.core.packing import pack_bins, pack_row, row_bins
@@ -77,7 +78,8 @@ def test_packing_settings():
     cfg = load_config("grpo-toy", ["learner.packing=true", "learner.max_tokens_per_micro_batch=512",
                                    "reference.packing=true"])
     assert cfg.learner.packing and cfg.learner.max_tokens_per_micro_batch == 512
-    assert cfg.reference.packing and cfg.reference.max_tokens_per_micro_batch == 4096
+    assert cfg.reference.packing and packing_budget(cfg.reference) == 4096  # null: the default budget
+    assert packing_budget(cfg.learner) == 512
     assert not load_config("grpo-toy").learner.packing  # off by default
     with pytest.raises(UserError, match="max_tokens_per_micro_batch is used only with packing: true"):
         load_config("grpo-toy", ["learner.max_tokens_per_micro_batch=512"])
