@@ -114,6 +114,8 @@ def main() -> int:
         model_dir = str(save_model(Path(tmp) / "qwen2"))
         learners = {name: PolicyLearner(model_dir, LearnerConfig(lr=1e-5, warmup_steps=0, micro_batch_size=step, **extra))
                     for name, (extra, _, _) in paths.items()}
+        if args.threads:
+            torch.set_num_threads(args.threads)
         old = learners["padded"].logprobs(tokens)
         for learner in learners.values():
             learner.logprobs(tokens)  # warm-up
@@ -125,6 +127,8 @@ def main() -> int:
         del learners
         references = {name: ReferenceServer(model_dir, ReferenceConfig(micro_batch_size=step, **extra))
                       for name, (extra, _, _) in paths.items()}
+        if args.threads:  # a ReferenceServer sets torch's threads from reference.resources
+            torch.set_num_threads(args.threads)
         for reference in references.values():
             reference.logprobs(prompts, responses)  # warm-up
         ref_s = alternating(args.repeats, {n: (lambda r=r: r.logprobs(prompts, responses)) for n, r in references.items()})
