@@ -182,31 +182,28 @@ def test_two_packed_ranks_make_the_one_rank_padded_update(model_dir, ray_session
         one.shutdown()
 
 
-class InProcessLearner(PolicyLearner):
-    """The real learner (one rank, no Ray) with what the driver asks of every service."""
+class InProcess:
+    """What the driver asks of every service, for a real service held in this process."""
+
+    def count_quiet_restarts(self) -> int:
+        return 0
+
+    def metrics_texts(self) -> list[str]:
+        return [self.metrics_text()]
+
+    def shutdown(self) -> None:
+        pass
+
+
+class InProcessLearner(InProcess, PolicyLearner):
+    """The real learner, one rank without Ray."""
 
     def publish_weights(self):
         return {"version": torch.tensor([float(self.policy_version)])}  # what FakeRollout checks
 
-    def count_quiet_restarts(self) -> int:
-        return 0
 
-    def metrics_texts(self) -> list[str]:
-        return [self.metrics_text()]
-
-    def shutdown(self) -> None:
-        pass
-
-
-class InProcessReference(ReferenceServer):
-    def count_quiet_restarts(self) -> int:
-        return 0
-
-    def metrics_texts(self) -> list[str]:
-        return [self.metrics_text()]
-
-    def shutdown(self) -> None:
-        pass
+class InProcessReference(InProcess, ReferenceServer):
+    pass
 
 
 def test_driver_loop_with_packing_equals_padded(model_dir, tmp_path):
