@@ -56,9 +56,10 @@ bench: install
 bench-algorithms: install
 	$(BIN)/python tests/bench/bench_algorithms.py
 
-# sequence packing vs padded micro-batches: learner train_step and reference log-probs (~2 min)
+# sequence packing vs padded micro-batches: learner train_step and reference log-probs; one
+# torch thread, so that the figures hold on a shared machine (~4 min on 2 cores)
 bench-packing: install
-	$(BIN)/python tests/bench/bench_packing.py
+	$(BIN)/python tests/bench/bench_packing.py --threads 1
 
 # TRL, for tests/bench/bench_vs_trl.py only: never a runtime dependency. .venv-bench sees
 # Flywheel's venv through a .pth file (the same torch, transformers, datasets, math-verify),
