@@ -135,6 +135,25 @@ def test_packed_grpo_minibatches_ptx_and_dpo_equal_padded(model_dir):
     assert max_diff(ours.export_weights(), padded.export_weights()) < 1e-5
 
 
+def test_packed_sequence_level_loss_with_tis_equals_padded(model_dir):
+    """GSPO's sequence-level ratio (a mean over each row's tokens) and truncated IS weights
+    against sampler log-probs: row-wise quantities come out the same from packed rows."""
+    import services.algorithms.gspo  # noqa: F401 (registers the gspo policy loss)
+
+    padded, ours = PolicyLearner(str(model_dir), config(lr=LR)), PolicyLearner(str(model_dir), packed(lr=LR))
+    tokens = make_tokens(PROMPTS, RESPONSES, seed=8)
+    batch = dataclasses.replace(ppo_batch(padded, tokens), returns=None, old_values=None)
+    noise = torch.randn(tokens.input_ids.shape, generator=torch.Generator().manual_seed(9))
+    batch.sampler_logprobs = batch.old_logprobs + 0.05 * noise * tokens.response_mask
+    spec = dataclasses.replace(loss_spec("ppo", kl_coef=0.05, tis_cap=2.0), policy_loss="gspo")
+    for _ in range(2):
+        want, got = padded.train_step(batch, spec), ours.train_step(batch, spec)
+        # GSPO's clip_frac is a share of sequences weighted by token counts: it depends on the cut
+        for key in (*LOSS_METRICS, "train/tis_weight_mean"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert max_diff(ours.export_weights(), padded.export_weights()) < 1e-5
+
+
 def test_packed_reference_equals_padded(model_dir):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in [3, 7, 2, 5, 4, 6, 1]]
