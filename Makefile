@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-async bench-partial bench-env bench-vs-trl lock clean protos
+.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-async bench-partial bench-packing bench-env bench-vs-trl lock clean protos
 
 install: $(STAMP) prometheus
 
@@ -63,6 +63,11 @@ bench-async: install
 # partial rollouts on against off, on a policy with geometric response lengths (~5 min on 2 cores)
 bench-partial: install
 	$(BIN)/python tests/bench/bench_partial.py
+
+# sequence packing vs padded micro-batches: learner train_step and reference log-probs; one
+# torch thread, so that the figures hold on a shared machine (~4 min on 2 cores)
+bench-packing: install
+	$(BIN)/python tests/bench/bench_packing.py --threads 1
 
 # TRL, for tests/bench/bench_vs_trl.py only: never a runtime dependency. .venv-bench sees
 # Flywheel's venv through a .pth file (the same torch, transformers, datasets, math-verify),

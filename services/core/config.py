@@ -216,10 +216,36 @@ class RolloutConfig(Section):
         return 1e-3 if dtype == "fp32" else 1.0
 
 
+PACKING_HELP = (
+    "pack sequences (prompt + response, no padding) into micro-batches of at most max_tokens_per_micro_batch "
+    "tokens, each run as one row whose position ids restart per sequence (block-diagonal attention); off: "
+    "micro-batches of micro_batch_size right-padded rows"
+)
+PACKING_TOKENS = 4096
+MAX_TOKENS_HELP = (
+    "with packing: the token budget of one micro-batch (dynamic batching: a sequence longer than it runs alone); "
+    f"null: {PACKING_TOKENS}"
+)
+
+
+def check_packing(section: Section) -> None:
+    """max_tokens_per_micro_batch is a packing setting: set without packing it is an error."""
+    if not section.packing and section.max_tokens_per_micro_batch is not None:
+        raise SettingError("max_tokens_per_micro_batch", "max_tokens_per_micro_batch is used only with packing: true; "
+                           "set packing: true or remove it")
+
+
+def packing_budget(section: Section) -> int:
+    """The token budget of a packed micro-batch (``max_tokens_per_micro_batch``, or its default)."""
+    return section.max_tokens_per_micro_batch or PACKING_TOKENS
+
+
 class ReferenceConfig(Section):
     replicas: int = Field(1, ge=1)
     resources: Resources = Field(default_factory=Resources)
     micro_batch_size: int = Field(32, ge=1)
+    packing: bool = Field(False, description=PACKING_HELP)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description=MAX_TOKENS_HELP)
     timeout_s: float = Field(
         300.0, gt=0, description="a replica that returns no log-probs for its share of a batch this long is "
         "killed, restarted and asked again"
@@ -227,6 +253,11 @@ class ReferenceConfig(Section):
     max_restarts: int = Field(
         3, ge=0, description="times Ray restarts a dead or stuck replica; 0 makes a death or timeout fail the step"
     )
+
+    @model_validator(mode="after")
+    def _packing(self) -> "ReferenceConfig":
+        check_packing(self)
+        return self
 
 
 class LearnerConfig(Section):
@@ -239,6 +270,8 @@ class LearnerConfig(Section):
     epochs: int = Field(2, ge=1)
     micro_batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
+    packing: bool = Field(False, description=PACKING_HELP)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description=MAX_TOKENS_HELP)
     max_grad_norm: float = Field(1.0, gt=0)
     critic: bool = Field(False, description="train a value model (PPO): the policy backbone + a 1-output head")
     critic_lr: float | None = Field(None, gt=0, description="critic learning rate; null uses lr")
@@ -248,6 +281,11 @@ class LearnerConfig(Section):
         1800.0, gt=0, description="bound on every learner call (train step, log-probs, weight export, checkpoint); "
         "a late or dead rank stops the run, which `flywheel train --resume` continues from its last checkpoint"
     )
+
+    @model_validator(mode="after")
+    def _packing(self) -> "LearnerConfig":
+        check_packing(self)
+        return self
 
 
 # settings every algorithm reads; the rest belong to algorithms (``Algorithm.settings``):

@@ -51,6 +51,15 @@ def import_deepspeed():
     return deepspeed
 
 
+def unpacked_stage(learner: LearnerConfig, stage: str) -> None:
+    """``learner.packing`` is the RL learner's (``flywheel train``); a stage with its own
+    padded training loop says so rather than ignoring it."""
+    if learner.packing:
+        raise UserError(f"learner.packing: `flywheel {stage}` trains on padded micro-batches of "
+                        "learner.micro_batch_size rows and does not pack sequences; remove learner.packing "
+                        "(and learner.max_tokens_per_micro_batch) for this stage")
+
+
 def default_dtype(dtype: str | None) -> str:
     """``dtype`` or, when None, bf16 on GPUs and fp32 on CPU; fp16 on CPU is a UserError."""
     on_gpu = cuda_available()

@@ -180,43 +180,54 @@ def _device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(device=like.device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
 
 
+def token_outputs(logits: torch.Tensor, input_ids: torch.Tensor, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropy at each position of ``logits``' layout (padded
+    [B, T] or one packed row); the entropy carries a gradient only with ``entropy_coef``."""
+    logprobs = per_token_logprobs(logits, input_ids)
+    if spec.learner.entropy_coef:
+        return logprobs, per_token_entropy(logits)
+    with torch.no_grad():
+        return logprobs, per_token_entropy(logits.detach())
+
+
 def policy_terms(logits: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ppo / sft loss of one micro-batch: (loss, detached stats)."""
-    tokens = micro.tokens
-    ids = tokens.input_ids.to(logits.device)
-    mask = tokens.response_mask.to(logits.device).bool()
+    return policy_token_terms(*token_outputs(logits, micro.tokens.input_ids.to(logits.device), spec), micro, spec)
+
+
+def policy_token_terms(logprobs: torch.Tensor, entropy: torch.Tensor, micro: PolicyBatch, spec: LossSpec
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``policy_terms`` from the micro-batch's per-token log-probs and entropy [b, T] (from
+    padded or packed logits alike: ``token_outputs``)."""
+    mask = micro.tokens.response_mask.to(logprobs.device).bool()
     alg = spec.algorithm
     mode = alg.loss_agg_mode
-    logprobs = per_token_logprobs(logits, ids)
     stats: dict[str, torch.Tensor] = {}
     if spec.kind == "sft":
         loss = rl_math.aggregate_loss(-logprobs, mask, mode)
         stats["nll"] = loss.detach()
     elif spec.kind == "ppo":
-        old = _device(micro.old_logprobs, logits)
+        old = _device(micro.old_logprobs, logprobs)
         weights = None
         if alg.tis_cap is not None:
             if micro.sampler_logprobs is None:
                 raise ValueError("algorithm.tis_cap needs the batch's sampler_logprobs")
-            weights = rl_math.truncated_is_weights(old, _device(micro.sampler_logprobs, logits), alg.tis_cap)
+            weights = rl_math.truncated_is_weights(old, _device(micro.sampler_logprobs, logprobs), alg.tis_cap)
             stats["tis_weight_mean"] = rl_math.masked_mean(weights, mask)
         loss, ppo_stats = POLICY_LOSSES.get(spec.policy_loss)(
-            logprobs, old, _device(micro.advantages, logits), mask, alg, weights
+            logprobs, old, _device(micro.advantages, logprobs), mask, alg, weights
         )
         stats["pg_loss"] = loss.detach()
         stats.update(ppo_stats)
     else:
         raise ValueError(f"policy_terms handles ppo and sft, not {spec.kind!r}")
+    entropy = rl_math.aggregate_loss(entropy, mask, mode)
     if spec.learner.entropy_coef:
-        entropy = rl_math.aggregate_loss(per_token_entropy(logits), mask, mode)
         loss = loss - spec.learner.entropy_coef * entropy
-    else:
-        with torch.no_grad():
-            entropy = rl_math.aggregate_loss(per_token_entropy(logits.detach()), mask, mode)
     stats["entropy"] = entropy.detach()
     ref = micro.ref_logprobs
     if ref is not None:
-        ref = _device(ref, logits)
+        ref = _device(ref, logprobs)
         # masked positions: logprobs := ref, so they give KL 0 and no NaN gradients
         kl = rl_math.aggregate_loss(
             rl_math.kl_estimate(torch.where(mask, logprobs, ref), ref, alg.kl_estimator), mask, mode
@@ -228,18 +239,27 @@ def policy_terms(logits: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tu
     return loss, stats
 
 
+def response_logps(logprobs: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
+    """Per-token log-probs [B, T] -> the sum over each sequence's response tokens, [B]."""
+    return rl_math.masked_sum(logprobs, tokens.response_mask.to(logprobs.device).bool(), dim=-1)
+
+
 def sequence_logps(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
     """Sum of the response tokens' log-probs per sequence, [B]."""
-    mask = tokens.response_mask.to(logits.device).bool()
-    return rl_math.masked_sum(per_token_logprobs(logits, tokens.input_ids.to(logits.device)), mask, dim=-1)
+    return response_logps(per_token_logprobs(logits, tokens.input_ids.to(logits.device)), tokens)
 
 
 def dpo_terms(
     chosen_logits: torch.Tensor, rejected_logits: torch.Tensor, micro: PairBatch, spec: LossSpec
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO / IPO loss of one micro-batch of pairs: (loss, detached stats)."""
-    chosen = sequence_logps(chosen_logits, micro.chosen)
-    rejected = sequence_logps(rejected_logits, micro.rejected)
+    return pair_terms(sequence_logps(chosen_logits, micro.chosen), sequence_logps(rejected_logits, micro.rejected),
+                      micro, spec)
+
+
+def pair_terms(chosen: torch.Tensor, rejected: torch.Tensor, micro: PairBatch, spec: LossSpec
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``dpo_terms`` from the pairs' summed response log-probs [B] (``response_logps``)."""
     if micro.preference is not None:  # soft pairs: online IPO against a preference model
         loss, st = soft_ipo_loss(chosen, rejected, _device(micro.ref_chosen_logps, chosen),
                                  _device(micro.ref_rejected_logps, chosen), _device(micro.preference, chosen),
@@ -258,17 +278,15 @@ def dpo_terms(
     return loss, stats
 
 
-def ptx_nll_sum(logits: torch.Tensor, tokens: TokenBatch) -> torch.Tensor:
-    """Summed negative log-likelihood of the response tokens of SFT rows (PPO-ptx term)."""
-    mask = tokens.response_mask.to(logits.device).bool()
-    return -rl_math.masked_sum(per_token_logprobs(logits, tokens.input_ids.to(logits.device)), mask)
-
-
 def critic_terms(scores: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Value loss of one micro-batch (times vf_coef). Clipping needs ``old_values``; without
     them the loss is unclipped."""
-    mask = micro.tokens.response_mask.to(scores.device).bool()
-    values = per_token_values(scores)
+    return value_terms(per_token_values(scores), micro, spec)
+
+
+def value_terms(values: torch.Tensor, micro: PolicyBatch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``critic_terms`` from the micro-batch's per-token values [b, T] (``per_token_values``)."""
+    mask = micro.tokens.response_mask.to(values.device).bool()
     returns = _device(micro.returns, values)
     old = micro.old_values
     clip = spec.algorithm.value_clip if old is not None else None

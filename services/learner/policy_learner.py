@@ -12,7 +12,11 @@ minibatches (``algorithm.ppo_epochs`` / ``ppo_minibatch_size``), one per minibat
 epoch. Within an optimizer step, micro-batches of ``learner.micro_batch_size`` are
 accumulated with DeepSpeed's unmanaged gradient accumulation
 (``managed_gradient_accumulation: false``: any number of ``backward`` calls, then one
-``step``), each micro-batch's loss weighted as in ``services.learner.losses``.
+``step``), each micro-batch's loss weighted as in ``services.learner.losses``. With
+``learner.packing`` the micro-batches are token-budget bins of sequences instead
+(``learner.max_tokens_per_micro_batch``), each run as one packed row with no padding
+(``services.core.packing``); per-token outputs are put back in the padded layout, so the
+losses and weights are the padded path's.
 
 The critic (``learner.critic: true``) is the policy's backbone loaded as
 ``AutoModelForTokenClassification`` with one label (a zero-initialised linear value head on
@@ -29,24 +33,26 @@ from pathlib import Path
 import torch
 
 from services.core.batch_types import TokenBatch
-from services.core.config import LearnerConfig
+from services.core.config import LearnerConfig, packing_budget
 from services.core.errors import UserError
 from services.core.rl_math import TORCH_DTYPES, response_hidden_sum
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
 from services.core.learner_batches import LearnerBatch, PairBatch, tokens_rows, trim_tokens
+from services.core.packing import pack_bins, pack_row, row_bins
 from services.learner.losses import (
     LossSpec,
     UpdatePlan,
-    critic_terms,
-    dpo_terms,
     micro_weight,
+    pair_terms,
     per_token_entropy,
     per_token_logprobs,
     per_token_values,
     plan_update,
-    policy_terms,
-    ptx_nll_sum,
+    policy_token_terms,
+    response_logps,
+    token_outputs,
+    value_terms,
 )
 
 
@@ -122,33 +128,57 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ inference
 
-    @staticmethod
-    def _forward(engine, tokens: TokenBatch, causal_lm: bool = True) -> torch.Tensor:
-        kwargs = {"use_cache": False} if causal_lm else {}
-        out = engine(
-            input_ids=tokens.input_ids.to(engine.device),
-            attention_mask=tokens.attention_mask.to(engine.device),
-            **kwargs,
-        )
-        return out.logits
+    def _bins(self, lengths: list[int]) -> list[torch.Tensor]:
+        """Row indices of each micro-batch: runs of ``learner.micro_batch_size`` rows or, with
+        ``learner.packing``, token-budget bins (``pack_bins``). With several ranks every rank
+        makes as many packed micro-batches as the one that needs the most (ZeRO-2/3 reduce
+        gradients in every backward and ZeRO-3 gathers weights in every forward, so the ranks'
+        calls must pair up); the ranks' batches have equal row counts, so that always fits."""
+        if not self.cfg.packing:
+            bins = row_bins(len(lengths), self.cfg.micro_batch_size)
+        else:
+            bins = pack_bins(lengths, packing_budget(self.cfg))
+            if self.world_size > 1:
+                count = torch.tensor([len(bins)], device=self.engine.device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+                bins = pack_bins(lengths, packing_budget(self.cfg), min_bins=int(count.item()))
+        return [torch.tensor(b, dtype=torch.long) for b in bins]
 
-    def _no_grad(self, engine, batch: TokenBatch, fn) -> list[torch.Tensor]:
-        """fn(micro TokenBatch) for the micro-batches of ``learner.micro_batch_size`` rows
-        (each trimmed to its longest row), in order, in eval mode under no_grad; float, on CPU."""
-        step = self.cfg.micro_batch_size
+    def _run(self, engine, tokens: TokenBatch, causal_lm: bool = True, **kwargs):
+        """The model output on one micro-batch, the input ids in the output's layout, and the
+        map of per-position values to the micro-batch's [b, T] (``PackedRow.unpack``; padded:
+        as they are). Packed: one row, no attention mask, position ids restarting at 0 per
+        sequence, from which transformers builds the block-diagonal causal mask (needs no KV
+        cache: ``use_cache=False``, for the critic too)."""
+        if not self.cfg.packing:
+            out = engine(input_ids=tokens.input_ids.to(engine.device),
+                         attention_mask=tokens.attention_mask.to(engine.device),
+                         **({"use_cache": False} if causal_lm else {}), **kwargs)
+            return out, tokens.input_ids.to(engine.device), lambda values, shifted=True: values
+        packed = pack_row(tokens.input_ids, tokens.attention_mask)
+        out = engine(input_ids=packed.input_ids.to(engine.device), position_ids=packed.position_ids.to(engine.device),
+                     use_cache=False, **kwargs)
+        return out, packed.input_ids.to(engine.device), packed.unpack
+
+    def _response_logps(self, engine, tokens: TokenBatch) -> torch.Tensor:
+        """Summed response-token log-probs per row [b] of one micro-batch."""
+        out, ids, to_rows = self._run(engine, tokens)
+        return response_logps(to_rows(per_token_logprobs(out.logits, ids)), tokens)
+
+    def _no_grad(self, engine, batch: TokenBatch, fn) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows, fn(micro TokenBatch)) for the micro-batches (``_bins``; each trimmed to its
+        longest row), in eval mode under no_grad; float, on CPU."""
         engine.eval()
         with torch.no_grad():
-            return [fn(trim_tokens(tokens_rows(batch, slice(start, start + step)))).float().cpu()
-                    for start in range(0, batch.size, step)]
+            return [(rows, fn(trim_tokens(tokens_rows(batch, rows))).float().cpu())
+                    for rows in self._bins(batch.attention_mask.sum(dim=1).tolist())]
 
     def _per_token(self, engine, batch: TokenBatch, fn, causal_lm: bool = True) -> torch.Tensor:
-        """fn(model output, micro TokenBatch) -> [b, t], micro-batched, eval mode, no grad.
-        Zero at position 0 and on padding."""
+        """fn(model output, input ids as it saw them, map to [b, t], micro TokenBatch) -> [b, t],
+        micro-batched, eval mode, no grad. Zero at position 0 and on padding."""
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        start = 0
-        for values in self._no_grad(engine, batch, lambda micro: fn(self._forward(engine, micro, causal_lm), micro)):
-            out[start : start + values.shape[0], : values.shape[1]] = values
-            start += values.shape[0]
+        for rows, values in self._no_grad(engine, batch, lambda micro: fn(*self._run(engine, micro, causal_lm), micro)):
+            out[rows, : values.shape[1]] = values
         valid = batch.attention_mask.bool().clone()
         valid[:, 0] = False
         return torch.where(valid, out, torch.zeros(()))
@@ -157,28 +187,29 @@ class PolicyLearner:
         """Per-token log-probs [B, T] of the current policy (batch_types alignment)."""
         with self.metrics.track("logprobs"):
             return self._per_token(
-                self.engine, batch, lambda logits, mb: per_token_logprobs(logits, mb.input_ids.to(logits.device))
+                self.engine, batch, lambda out, ids, to_rows, mb: to_rows(per_token_logprobs(out.logits, ids))
             )
 
     def entropy(self, batch: TokenBatch) -> torch.Tensor:
         """Per-token entropy [B, T] of the distribution each token was drawn from."""
         with self.metrics.track("entropy"):
-            return self._per_token(self.engine, batch, lambda logits, mb: per_token_entropy(logits))
+            return self._per_token(self.engine, batch, lambda out, ids, to_rows, mb: to_rows(per_token_entropy(out.logits)))
 
     def response_hidden_sums(self, batch: TokenBatch) -> torch.Tensor:
         """[B, D]: per row, the sum of the last layer's hidden states that predict the response
         tokens (``rl_math.response_hidden_sum``), for CHES scores."""
         def hidden_sums(micro: TokenBatch) -> torch.Tensor:
-            out = self.engine(
-                input_ids=micro.input_ids.to(self.engine.device),
-                attention_mask=micro.attention_mask.to(self.engine.device),
-                output_hidden_states=True, use_cache=False,
-            )
-            return response_hidden_sum(out.hidden_states[-1].float().cpu(), micro.response_mask)
+            out, _, to_rows = self._run(self.engine, micro, output_hidden_states=True)
+            return response_hidden_sum(to_rows(out.hidden_states[-1], shifted=False).float().cpu(), micro.response_mask)
 
         with self.metrics.track("hidden_sums"):
             parts = self._no_grad(self.engine, batch, hidden_sums)
-            return torch.cat(parts) if parts else torch.zeros((0, 0))
+            if not parts:
+                return torch.zeros((0, 0))
+            sums = torch.zeros((batch.size, parts[0][1].shape[-1]))
+            for rows, part in parts:
+                sums[rows] = part
+            return sums
 
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """Critic values [B, T]: V(state before token t) at position t."""
@@ -186,7 +217,8 @@ class PolicyLearner:
             if self.critic_engine is None:
                 raise RuntimeError("values() needs a critic: set learner.critic: true")
             return self._per_token(
-                self.critic_engine, batch, lambda scores, mb: per_token_values(scores), causal_lm=False
+                self.critic_engine, batch, lambda out, ids, to_rows, mb: to_rows(per_token_values(out.logits)),
+                causal_lm=False,
             )
 
     # ------------------------------------------------------------------ training
@@ -245,18 +277,23 @@ class PolicyLearner:
         engine.train()
         lr = float(engine.get_lr()[0])
         sums: dict[str, float] = defaultdict(float)
-        step = self.cfg.micro_batch_size
-        for start in range(0, batch.size, step):
-            micro = batch.rows(start, start + step).trim()
+        if isinstance(batch, PairBatch):  # a pair's tokens: both of its sequences
+            lengths = (batch.chosen.attention_mask.sum(dim=1) + batch.rejected.attention_mask.sum(dim=1)).tolist()
+        else:
+            lengths = batch.tokens.attention_mask.sum(dim=1).tolist()
+        for rows in self._bins(lengths):
+            micro = batch.take(rows).trim()
             weight = micro_weight(micro, spec, denominator) * scale
             if critic:
-                loss, stats = critic_terms(self._forward(engine, micro.tokens, causal_lm=False), micro, spec)
+                out, _, to_rows = self._run(engine, micro.tokens, causal_lm=False)
+                loss, stats = value_terms(to_rows(per_token_values(out.logits)), micro, spec)
             elif isinstance(micro, PairBatch):
-                chosen = self._forward(engine, micro.chosen)
-                rejected = self._forward(engine, micro.rejected)
-                loss, stats = dpo_terms(chosen, rejected, micro, spec)
+                loss, stats = pair_terms(self._response_logps(engine, micro.chosen),
+                                         self._response_logps(engine, micro.rejected), micro, spec)
             else:
-                loss, stats = policy_terms(self._forward(engine, micro.tokens), micro, spec)
+                out, ids, to_rows = self._run(engine, micro.tokens)
+                logprobs, entropy = token_outputs(out.logits, ids, spec)
+                loss, stats = policy_token_terms(to_rows(logprobs), to_rows(entropy), micro, spec)
             # every micro-batch runs forward and backward (even at weight 0): under ZeRO-3
             # the ranks must make the same collective calls
             engine.backward(loss * weight, scale_wrt_gas=False)
@@ -265,9 +302,9 @@ class PolicyLearner:
         if ptx is not None:
             # PPO-ptx (Ouyang et al. 2022): + ptx_coef x token-mean NLL of the SFT rows
             rows, ptx_denominator = ptx
-            for start in range(0, rows.size, step):
-                micro_ptx = trim_tokens(tokens_rows(rows, slice(start, start + step)))
-                nll = ptx_nll_sum(self._forward(engine, micro_ptx), micro_ptx) / max(float(ptx_denominator), 1.0)
+            for part in self._bins(rows.attention_mask.sum(dim=1).tolist()):
+                micro_ptx = trim_tokens(tokens_rows(rows, part))
+                nll = -self._response_logps(engine, micro_ptx).sum() / max(float(ptx_denominator), 1.0)
                 engine.backward(spec.algorithm.ptx_coef * nll * scale, scale_wrt_gas=False)
                 sums["ptx_nll"] += float(nll.detach()) * scale
         engine.step()

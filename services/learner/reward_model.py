@@ -27,7 +27,7 @@ from services.core.data import write_jsonl
 from services.core.metrics import MetricsWriter
 from services.core.rl_math import bradley_terry_loss
 from services.driver.bootstrap import policy_dir as resolve_policy
-from services.learner.deepspeed_setup import full_state_dict, init_engine
+from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
 from services.reward.evaluation import run_evaluation
 from services.reward.preference_data import bootstrap_sample, label_noise_rate, preference_pairs
 from services.reward.scorers import encode_reward_inputs
@@ -127,6 +127,7 @@ def ensemble_reward_config(cfg: FlywheelConfig, members: list[dict]) -> RewardCo
 
 def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """Make or load the pairs, train K members, evaluate them; returns summary.json's content."""
+    unpacked_stage(cfg.learner, "train-rm")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -27,7 +27,7 @@ from services.core.prompts import prompt_text, resolve_chat_template
 from services.core.rl_math import TORCH_DTYPES
 from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.core.toy_eval import evaluate_toy
-from services.learner.deepspeed_setup import full_state_dict, init_engine
+from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
 from services.learner.sft_data import IGNORE, collate, encode_example, sft_rows, truncation_warning
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -67,6 +67,8 @@ def response_nll(model, input_ids, attention, labels):
 def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """Fine-tune, save DIR/model, and return the summary (also written to DIR/summary.json)."""
     import torch
+
+    unpacked_stage(cfg.learner, "sft")
     from tqdm import tqdm
 
     out = Path(out_dir)

@@ -3,7 +3,9 @@ it (``ReferencePool``).
 
 A plain HF causal LM in eval mode under no_grad (no DeepSpeed: nothing trains here). The
 log-probs are those of ``PolicyLearner.logprobs`` for the same weights (same alignment,
-same ``per_token_logprobs``), which is what the KL terms compare against.
+same ``per_token_logprobs``), which is what the KL terms compare against. With
+``reference.packing`` a request is cut into token-budget bins, each run as one packed row
+(``services.core.packing``), like the learner's ``learner.packing``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from pathlib import Path
 import torch
 
 from services.core.batch_types import TokenBatch, pack_sequences, response_values
-from services.core.config import ReferenceConfig
+from services.core.config import ReferenceConfig, packing_budget
 from services.core.errors import UserError
 from services.core.actor_group import ActorGroup, ServiceActor, use_cpu_threads
+from services.core.packing import pack_bins, pack_row
 from services.core.rl_math import TORCH_DTYPES
 from services.core.service_metrics import ServiceMetrics
 from services.learner.losses import per_token_logprobs
@@ -62,12 +65,15 @@ class ReferenceServer(ServiceActor):
                 raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
             if any(len(p) == 0 for p in prompt_ids):
                 raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
-            # micro-batches of similar lengths pad less; results go back in request order
-            order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
-            out: list[list[float]] = [[] for _ in order]
-            step = self.cfg.micro_batch_size
-            for start in range(0, len(order), step):
-                idx = order[start : start + step]
+            lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+            if self.cfg.packing:
+                groups = pack_bins(lengths, packing_budget(self.cfg))
+            else:  # micro-batches of similar lengths pad less
+                order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+                step = self.cfg.micro_batch_size
+                groups = [order[start : start + step] for start in range(0, len(order), step)]
+            out: list[list[float]] = [[] for _ in lengths]  # in request order
+            for idx in groups:
                 batch = pack_sequences([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], self.pad_id)
                 for i, row in zip(idx, response_values(self.token_logprobs(batch), batch)):
                     out[i] = row
@@ -75,7 +81,13 @@ class ReferenceServer(ServiceActor):
 
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """Per-token log-probs [B, T] of a packed batch (batch_types alignment), one forward."""
+        """Per-token log-probs [B, T] of a right-padded batch (batch_types alignment), one
+        forward: of the padded rows, or (``reference.packing``) of one packed row."""
+        if self.cfg.packing:
+            packed = pack_row(batch.input_ids, batch.attention_mask)
+            ids = packed.input_ids.to(self.device)
+            logits = self.model(input_ids=ids, position_ids=packed.position_ids.to(self.device), use_cache=False).logits
+            return packed.unpack(per_token_logprobs(logits, ids).float()).cpu()
         logits = self.model(
             input_ids=batch.input_ids.to(self.device),
             attention_mask=batch.attention_mask.to(self.device),
