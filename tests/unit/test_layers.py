@@ -73,6 +73,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.packing": "base",  # sequence packing: token-budget bins, one packed row and back
     "services.core.prompts": "base",  # a prompt (string or chat messages) as text and token ids
     "services.core.reward_config": "base",  # the reward section of the config
+    "services.core.rollout_config": "base",  # the rollout section of the config
     "services.core.registry": "base",
     "services.core.rl_math": "base",
     "services.core.rl_variants": "base",
