@@ -163,10 +163,14 @@ class Driver:
         return scores, record
 
     def _sync(self) -> float:
+        """Sync the engines to the learner's version; its seconds (its bytes: ``sync_bytes``)."""
         version = self.learner.policy_version
+        self.sync_bytes = 0.0
         if self.rollout.version == version:
             return 0.0
-        return self.rollout.sync_weights(self.learner.publish_weights(), version)["sync/seconds"]
+        info = self.rollout.sync_weights(self.learner.publish_weights(), version)
+        self.sync_bytes = float(info.get("sync/bytes", 0.0))  # LoRA: the adapter alone
+        return info["sync/seconds"]
 
     def _score(self, trajectories: list[Trajectory], learner_old: bool, ensemble: EnsembleScores | None = None):
         """Reward ensemble (unless its ``ensemble`` scores are given), reference log-probs and
@@ -353,19 +357,19 @@ class Driver:
                     in_flight = done_future(pending) if pending else self.executor.submit(self._rollout)
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
-                    sync_s = 0.0
+                    sync_s = sync_bytes = 0.0
                     gap: dict = {}
                     if stream:
                         trajectories, rollout_s, rollout_stats = in_flight.result()
                         prescored = None
                         rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
-                        sync_s = self._sync()  # engines are idle now
+                        sync_s, sync_bytes = self._sync(), self.sync_bytes  # engines are idle now
                         scaled = self.scaler.update(records[-1] if records else None)
                         in_flight = self.executor.submit(self._rollout) if step < total else None
                         if in_flight is not None and self._probe_due(step):
                             gap = self._probe_gap(step, in_flight.result()[0])
                     else:
-                        sync_s = self._sync()
+                        sync_s, sync_bytes = self._sync(), self.sync_bytes
                         scaled = self.scaler.update(records[-1] if records else None)
                         trajectories, rollout_s, rollout_stats, prescored = (
                             self._rollout_filled() if self.cfg.algorithm.dynamic_sampling else (*self._rollout(), None))
@@ -376,6 +380,7 @@ class Driver:
                     record.update(rollout_stats, **scaled)
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
+                    record["sync/bytes"] = sync_bytes
                     record["timing/step_s"] = time.perf_counter() - step_started
                     if stream:
                         record["timing/rollout_wait_s"] = rollout_wait_s
