@@ -18,8 +18,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_grpo_with_lora(toy_sft_run, tmp_path):
-    import json
-
     from safetensors import safe_open
 
     policy = toy_sft_run["out"] / "model"
@@ -32,18 +30,17 @@ def test_grpo_with_lora(toy_sft_run, tmp_path):
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
-        for key in ("train/loss", "train/kl", "train/grad_norm", "reward/mean", "sync/bytes", "sync/seconds"):
+        for key in ("train/loss", "train/kl", "train/grad_norm", "reward/mean", "sync/bytes", "timing/sync_s"):
             assert math.isfinite(record[key]), (key, record)
     assert records[-1]["train/kl"] > 0  # the adapter moved the policy away from the reference (the base model)
     with safe_open(str(policy / "model.safetensors"), "pt") as f:
         full_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
     synced = [r["sync/bytes"] for r in records]
     print(f"LoRA sync bytes per step {synced}; full fp32 weights {full_bytes}")
-    assert all(0 < b < full_bytes / 2 for b in synced)
+    assert synced[0] == 0  # step 1 samples with the initial policy: nothing to sync
+    assert all(0 < b < full_bytes / 4 for b in synced[1:])
+    assert not list((out / "logs").glob("reference*")), "a LoRA run starts no reference actor"
     check_sync_invariant(out, policy, versions=[0, 1, 2])
-    exported = json.loads((out / "policy" / "model.safetensors.index.json").read_text()) \
-        if (out / "policy" / "model.safetensors.index.json").exists() else None
-    assert exported is None
     with safe_open(str(out / "policy" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert names and not any("lora" in n or "base_layer" in n for n in names)
