@@ -52,10 +52,12 @@ def transformers_logprobs(weights: dict, model_dir, tokens) -> torch.Tensor:
     return torch.tensor(sum(response_values(logp, tokens), []))
 
 
-def test_lora_learner_trains_the_adapter_exports_merged_and_resumes_bit_identically(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_lora_learner_trains_the_adapter_exports_merged_and_resumes_bit_identically(tiny_model_dir, tmp_path,
+                                                                                    zero_stage):
     from services.learner.policy_learner import PolicyLearner
 
-    learner = PolicyLearner(str(tiny_model_dir), lora_learner_config(micro_batch_size=2))
+    learner = PolicyLearner(str(tiny_model_dir), lora_learner_config(micro_batch_size=2, zero_stage=zero_stage))
     trainable = [name for name, p in learner.engine.module.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
     tokens = pack_sequences([[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[14, 15, 16], [17, 18, 19, 20], [21]], pad_id=1)
