@@ -6,7 +6,7 @@ too) once step 2 is logged: the process saves a checkpoint (with the batch alrea
 for the next step) and exits 130; `flywheel train ... --resume` is then SIGKILLed two steps
 later (no process of the run may survive it), and a second `--resume` finishes the run from
 the last periodic checkpoint. (SIGTERM takes the Ctrl-C path: tests/unit/test_driver_loop.py.)
-A LoRA run (``learner.lora``: adapter-only checkpoints of the optimizer, adapter syncs) is
+A LoRA run (``learner.lora``: optimizer state of the adapter alone, adapter-only syncs) is
 stopped and resumed on-policy the same way.
 
 Tolerance: the steps after the stop must draw the same prompts and sample the same response
