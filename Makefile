@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flywheel-installed
 # (operator torchvision::nms does not exist), so the install removes them again.
 CUDA_ONLY_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-async bench-partial bench-packing bench-env bench-vs-trl lock clean protos
+.PHONY: install prometheus test test-fast demo bench bench-algorithms bench-async bench-partial bench-packing bench-lora bench-env bench-vs-trl lock clean protos
 
 install: $(STAMP) prometheus
 
@@ -51,6 +51,10 @@ bench: install
 	$(BIN)/python tests/bench/bench_staleness.py
 	$(BIN)/python tests/bench/bench_variance_selection.py
 	$(BIN)/python tests/bench/bench_grpc_overhead.py
+
+# LoRA adapter sync vs full sync, bytes and seconds, on a ~86M-parameter Qwen2 (~5 min on 2 cores)
+bench-lora: install
+	$(BIN)/python tests/bench/bench_lora_sync.py
 
 # every policy-gradient algorithm and online IPO on one workload and budget (~25 min on 2 cores)
 bench-algorithms: install

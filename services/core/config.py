@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from services.core.config_base import (  # noqa: F401 (re-exported: sections import them from here)
     Resources, Section, SettingError, UnusedSetting, _users, check_used, used_dump,
 )
+from services.core.config_lora import LoraConfig
 from services.core.registry import ALGORITHMS
 from services.core.rollout_config import EnvironmentConfig, RolloutAutoscale, RolloutConfig  # noqa: F401 (re-exported)
 from services.core.reward_config import (  # noqa: F401 (re-exported)
@@ -168,6 +169,7 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     critic: bool = Field(False, description="train a value model (PPO): the policy backbone + a 1-output head")
     critic_lr: float | None = Field(None, gt=0, description="critic learning rate; null uses lr")
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter only (RL); null: full fine-tuning")
     vf_coef: float = Field(0.5, ge=0, description="weight of the critic's value loss")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the policy loss (0 disables)")
     step_timeout_s: float = Field(

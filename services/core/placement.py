@@ -24,7 +24,8 @@ def service_plan(cfg: FlywheelConfig) -> list[tuple[str, int, Resources]]:
     """(service, actor count, resources per actor), in the order the driver builds them."""
     return [
         ("learner", cfg.learner.num_ranks, cfg.learner.resources),
-        ("reference", cfg.reference.replicas, cfg.reference.resources),
+        # LoRA: the learner answers for the reference (its base model), no actor of its own
+        ("reference", 0 if cfg.learner.lora is not None else cfg.reference.replicas, cfg.reference.resources),
         ("reward", cfg.reward.replicas * len(cfg.reward.scorers), cfg.reward.resources),
         ("rollout", cfg.rollout.num_workers, cfg.rollout.resources),
     ]

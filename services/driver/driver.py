@@ -182,11 +182,13 @@ class Driver:
             record["reward/overlong_penalty_mean"] = mean(penalties)
         return scores, record
 
-    def _sync(self) -> float:
+    def _sync(self) -> tuple[float, float]:
+        """Sync the engines to the learner's version; its seconds and bytes (LoRA: the adapter's)."""
         version = self.learner.policy_version
         if self.rollout.version == version:
-            return 0.0
-        return self.rollout.sync_weights(self.learner.publish_weights(), version)["sync/seconds"]
+            return 0.0, 0.0
+        info = self.rollout.sync_weights(self.learner.publish_weights(), version)
+        return info["sync/seconds"], float(info.get("sync/bytes", 0.0))
 
     def _score(self, trajectories: list[Trajectory], learner_old: bool, ensemble: EnsembleScores | None = None):
         """Reward ensemble (unless its ``ensemble`` scores are given), reference log-probs and
@@ -366,19 +368,20 @@ class Driver:
                     self._start_buffer(pending, min(total, self.start_step + ahead))
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
-                    sync_s = 0.0
+                    sync_s = sync_bytes = 0.0
                     gap: dict = {}
                     if stream:
                         trajectories, rollout_s, rollout_stats = self.buffer.take()
                         prescored, scaled = None, {}
                         rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
-                        sync_s = rollout_stats.pop("timing/sync_s", 0.0)  # the sync before this batch's rollout
+                        # the sync before this batch's rollout, on the rollout thread
+                        sync_s, sync_bytes = rollout_stats.pop("timing/sync_s", 0.0), rollout_stats.pop("sync/bytes", 0.0)
                         if step + ahead <= total:
                             self.buffer.queue_next(records[-1] if records else None)
                         if self.buffer and probe_due(self.cfg, step):
                             gap = self._probe_gap(step, self.buffer.newest()[0])
                     else:
-                        sync_s = self._sync()
+                        sync_s, sync_bytes = self._sync()
                         scaled = self.scaler.update(records[-1] if records else None)
                         trajectories, rollout_s, rollout_stats, prescored = (
                             self._rollout_filled() if self.cfg.algorithm.dynamic_sampling else (*self._rollout(), None))
@@ -391,6 +394,7 @@ class Driver:
                         record["perf/generated_tokens_per_s"] = rollout_stats["rollout/partial_tokens_generated"] / rollout_s
                     record["policy_version"] = self.learner.policy_version
                     record["timing/sync_s"] = sync_s
+                    record["sync/bytes"] = sync_bytes
                     record["timing/step_s"] = time.perf_counter() - step_started
                     if stream:
                         record["timing/rollout_wait_s"] = rollout_wait_s

@@ -87,17 +87,19 @@ class RolloutBuffer:
         self.published = version
         return weights, version
 
-    def _load(self, weights, version: int) -> float:
-        """On the rollout thread: ``weights`` into the engines (seconds), unless they hold ``version``."""
+    def _load(self, weights, version: int) -> dict[str, float]:
+        """On the rollout thread: ``weights`` into the engines, unless they hold ``version``;
+        the sync's seconds and bytes (LoRA: the adapter's)."""
         if weights is None or self.rollout.version >= version:
-            return 0.0
-        return self.rollout.sync_weights(weights, version)["sync/seconds"]
+            return {"timing/sync_s": 0.0, "sync/bytes": 0.0}
+        info = self.rollout.sync_weights(weights, version)
+        return {"timing/sync_s": info["sync/seconds"], "sync/bytes": float(info.get("sync/bytes", 0.0))}
 
     def _job(self, prompts: list, weights, version: int, last_record: dict | None) -> Batch:
-        sync_s = self._load(weights, version)
+        sync = self._load(weights, version)
         scaled = self.scaler.update(last_record)
         trajectories, rollout_s, stats = self._generate(prompts)
-        return trajectories, rollout_s, {**stats, **scaled, "timing/sync_s": sync_s}
+        return trajectories, rollout_s, {**stats, **scaled, **sync}
 
 
 __all__ = ["Batch", "RolloutBuffer"]

@@ -21,7 +21,7 @@ from services.core.config import FlywheelConfig
 from services.core.learner_batches import LearnerBatch
 from services.core.placement import reserve
 from services.learner.group import LearnerGroup
-from services.reference.server import ReferencePool
+from services.reference.server import LearnerReference, ReferencePool
 from services.reward.ensemble import RewardService
 from services.rollout.pool import RolloutPool
 
@@ -112,9 +112,11 @@ def build_services(cfg: FlywheelConfig, policy_dir: str, needs_critic: bool, opt
     try:  # every service starts at once (the rollout engines, the slowest, first); then each is waited for
         rollout = RolloutPool(policy_dir, cfg, placement=placement["rollout"], wait=False)
         started.append(rollout)
-        reference = ReferencePool(policy_dir, cfg.reference, dtype=cfg.model.dtype, placement=placement["reference"],
-                                  wait=False)
-        started.append(reference)
+        reference = None  # LoRA: the learner's base model (adapter disabled) is the reference, no copy of it
+        if cfg.learner.lora is None:
+            reference = ReferencePool(policy_dir, cfg.reference, dtype=cfg.model.dtype,
+                                      placement=placement["reference"], wait=False)
+            started.append(reference)
         reward = RewardService(cfg.reward, placement=placement["reward"], wait=False)
         started.append(reward)
         learner = LearnerGroup(  # returns once its ranks are up (DeepSpeed's rendezvous needs them all)
@@ -123,6 +125,7 @@ def build_services(cfg: FlywheelConfig, policy_dir: str, needs_critic: bool, opt
             placement=placement["learner"],
         )
         started.append(learner)
+        reference = reference or LearnerReference(learner, pad_id)
         for service in (reward, reference, rollout):
             service.wait_ready()
     except BaseException:

@@ -5,6 +5,7 @@ process group, no Ray):
 - ZeRO 1/2/3: DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint`` merges every
   rank's shard of the fp32 master weights (ZeRO-3 partitions included);
 - ZeRO 0: the full weights are in ``mp_rank_00_model_states.pt``.
+A LoRA run's (``learner.lora`` in its config.yaml) adapter is merged into the base weights.
 Config and tokenizer come from ``CHECKPOINT/hf``. The weights are loaded into the model class
 the config names (so tied embeddings are handled by transformers) and written with
 ``save_pretrained`` as fp32 safetensors, which transformers and vLLM load.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from services.core.errors import UserError
 from services.driver.checkpoint import CheckpointStore, read_state
+from services.learner.lora import lora_of_run, merged_state_dict
 
 
 def learner_tag_dir(checkpoint: Path) -> tuple[Path, str]:
@@ -57,8 +59,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
     root = policy.parent.parent
     hf = root / "hf"
-    trust = bool(yaml.safe_load((root / "config.yaml").read_text())["model"].get("trust_remote_code", False))
+    run_config = yaml.safe_load((root / "config.yaml").read_text())
+    trust = bool(run_config["model"].get("trust_remote_code", False))
     weights = checkpoint_state_dict(policy, tag)
+    if (lora := lora_of_run(run_config)) is not None:  # a LoRA run: the adapter merged into the base weights
+        weights = merged_state_dict(weights, lora.scaling)
     config = AutoConfig.from_pretrained(hf, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import torch
 
@@ -36,6 +37,7 @@ from services.core.errors import ServiceFailure
 from services.core.learner_batches import LearnerBatch, tokens_rows
 from services.learner.deepspeed_setup import free_port
 from services.learner.losses import LossSpec, UpdatePlan, minibatch_count, plan_update
+from services.learner.lora import AdapterPayload
 from services.learner.policy_learner import PolicyLearner
 from services.rollout.weight_sync import PublishedWeights, SharedWeights, shared_weights
 
@@ -75,9 +77,13 @@ class LearnerRank(ServiceActor):
         weights = self.learner.export_weights()  # collective under ZeRO-3: every rank calls it
         return weights if self.rank == 0 else None
 
-    def publish_weights(self) -> tuple[SharedWeights | None, int]:
-        """``export_weights`` as ``SharedWeights``, with their size; called with two returns, so
-        that Ray stores the weights (rank 0's; None elsewhere) in its object store from here."""
+    def publish_weights(self) -> tuple[SharedWeights | AdapterPayload | None, int]:
+        """``export_weights`` as ``SharedWeights`` (LoRA: the adapter alone), with their size;
+        called with two returns, so that Ray stores the weights (rank 0's; None elsewhere) in
+        its object store from here."""
+        if self.learner.cfg.lora is not None:
+            adapter = self.learner.export_adapter()  # collective under ZeRO-3
+            return (adapter, adapter.nbytes) if self.rank == 0 else (None, 0)
         weights = self.export_weights()
         if weights is None:
             return None, 0
@@ -131,6 +137,8 @@ class LearnerGroup(ActorGroup):
             starts.append(actor.start.remote(env, str(model_dir), learner, kwargs))
         self._all("start", starts, start_s)
         self.policy_version = 0
+        # calls from the driver's threads reach every rank in one order (ZeRO-3 forwards are collective)
+        self._submit = threading.Lock()
 
     def _all(self, call: str, refs: list, timeout_s: float | None = None) -> list:
         """Every rank's answer to ``call``; a dead or late rank is a LearnerFailed naming it."""
@@ -196,13 +204,18 @@ class LearnerGroup(ActorGroup):
             rows = torch.cat([rows, rows.new_full(((-size) % m,), size - 1)])
         padded = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows])
         per = padded.size // m
-        parts = self._all(method, [
-            a.per_token.remote(method, tokens_rows(padded, slice(r * per, (r + 1) * per))) for r, a in enumerate(self.actors)
-        ])
+        with self._submit:
+            refs = [a.per_token.remote(method, tokens_rows(padded, slice(r * per, (r + 1) * per)))
+                    for r, a in enumerate(self.actors)]
+        parts = self._all(method, refs)
         return torch.cat(parts)[:size]
 
     def logprobs(self, batch: TokenBatch) -> torch.Tensor:
         return self._per_token("logprobs", batch)
+
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """LoRA: the base model's log-probs (``PolicyLearner.reference_logprobs``)."""
+        return self._per_token("reference_logprobs", batch)
 
     def entropy(self, batch: TokenBatch) -> torch.Tensor:
         return self._per_token("entropy", batch)

@@ -38,6 +38,7 @@ from services.core.errors import UserError
 from services.core.rl_math import TORCH_DTYPES, response_hidden_sum
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import default_dtype, hf_state_dict, init_engine
+from services.learner.lora import AdapterPayload, adapter_payload, merged_state_dict, wrap_lora
 from services.core.learner_batches import LearnerBatch, PairBatch, tokens_rows, trim_tokens
 from services.core.packing import pack_bins, pack_row, row_bins
 from services.learner.losses import (
@@ -116,6 +117,8 @@ class PolicyLearner:
         self.metrics = ServiceMetrics(service="learner", replica=self.rank)
         torch.manual_seed(seed)
         model = load_policy(model_dir, self.dtype, trust_remote_code)
+        if learner.lora is not None:  # only the adapter trains (init_engine optimizes trainable parameters)
+            model = wrap_lora(model, learner.lora)
         self.engine = init_engine(model, learner, self.dtype, total_steps, managed_accumulation=False)
         self.critic_engine = None
         if learner.critic:
@@ -189,6 +192,14 @@ class PolicyLearner:
             return self._per_token(
                 self.engine, batch, lambda out, ids, to_rows, mb: to_rows(per_token_logprobs(out.logits, ids))
             )
+
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """LoRA: the frozen base model's per-token log-probs [B, T] (the adapter disabled), the
+        reference policy served without a copy of the model."""
+        if self.cfg.lora is None:
+            raise RuntimeError("reference_logprobs() needs learner.lora: without it the reference is a model of its own")
+        with self.engine.module.disable_adapter():
+            return self.logprobs(batch)
 
     def entropy(self, batch: TokenBatch) -> torch.Tensor:
         """Per-token entropy [B, T] of the distribution each token was drawn from."""
@@ -317,10 +328,16 @@ class PolicyLearner:
     # ------------------------------------------------------------------ weights, checkpoints
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """Full policy weights, HF names as in model.safetensors, CPU fp32 contiguous.
-        Collective under multi-rank ZeRO-3: every rank must call it."""
+        """Full policy weights, HF names as in model.safetensors, CPU fp32 contiguous (LoRA:
+        the adapter merged in). Collective under multi-rank ZeRO-3: every rank must call it."""
         with self.metrics.track("export_weights"):
-            return hf_state_dict(self.engine)
+            weights = hf_state_dict(self.engine)
+            return weights if self.cfg.lora is None else merged_state_dict(weights, self.cfg.lora.scaling)
+
+    def export_adapter(self) -> AdapterPayload:
+        """LoRA: the adapter alone, as the rollout engines load it (collective under ZeRO-3)."""
+        with self.metrics.track("export_weights"):
+            return adapter_payload(self.engine, self.cfg.lora)
 
     def save_checkpoint(self, directory: str | Path) -> None:
         """DeepSpeed checkpoint (weights, optimizer, scheduler) of policy and critic, plus

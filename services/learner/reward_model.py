@@ -28,6 +28,7 @@ from services.core.metrics import MetricsWriter
 from services.core.rl_math import bradley_terry_loss
 from services.driver.bootstrap import policy_dir as resolve_policy
 from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
+from services.learner.lora import reject_lora
 from services.reward.evaluation import run_evaluation
 from services.reward.preference_data import bootstrap_sample, label_noise_rate, preference_pairs
 from services.reward.scorers import encode_reward_inputs
@@ -84,6 +85,7 @@ def train_member(
     micro, accum = cfg.learner.micro_batch_size, cfg.learner.grad_accum_steps
     micro_per_epoch = math.ceil(len(sample) / micro)
     total_steps = max(1, micro_per_epoch * cfg.learner.epochs // accum)
+    reject_lora(cfg.learner, "train-rm")
     engine = init_engine(model, cfg.learner, cfg.model.dtype, total_steps)
     max_length, rng = reward_max_length(cfg), random.Random(seed)
     losses, accs = [], []

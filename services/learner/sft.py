@@ -28,6 +28,7 @@ from services.core.rl_math import TORCH_DTYPES
 from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.core.toy_eval import evaluate_toy
 from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
+from services.learner.lora import reject_lora
 from services.learner.sft_data import IGNORE, collate, encode_example, sft_rows, truncation_warning
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -98,6 +99,7 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     micro, accum = cfg.learner.micro_batch_size, cfg.learner.grad_accum_steps
     micro_steps_per_epoch = math.ceil(len(examples) / micro)
     total_steps = max(1, micro_steps_per_epoch * cfg.learner.epochs // accum)
+    reject_lora(cfg.learner, "sft")
     engine = init_engine(model, cfg.learner, cfg.model.dtype, total_steps)
     rng = random.Random(cfg.seed)
     step = 0

@@ -1,5 +1,6 @@
 """Reference log-probs: the frozen initial policy (``ReferenceServer``) and R Ray replicas of
-it (``ReferencePool``).
+it (``ReferencePool``); with ``learner.lora``, the learner's own model with its adapter
+disabled (``LearnerReference``: no second copy of the model).
 
 A plain HF causal LM in eval mode under no_grad (no DeepSpeed: nothing trains here). The
 log-probs are those of ``PolicyLearner.logprobs`` for the same weights (same alignment,
@@ -61,15 +62,11 @@ class ReferenceServer(ServiceActor):
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """log p(response token | prompt, earlier response tokens), one list per response."""
         with self.metrics.track("logprobs"):
-            if len(prompt_ids) != len(response_ids):
-                raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
-            if any(len(p) == 0 for p in prompt_ids):
-                raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
+            order = length_order(prompt_ids, response_ids)
             lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
             if self.cfg.packing:
                 groups = pack_bins(lengths, packing_budget(self.cfg))
             else:  # micro-batches of similar lengths pad less
-                order = sorted(range(len(lengths)), key=lambda i: lengths[i])
                 step = self.cfg.micro_batch_size
                 groups = [order[start : start + step] for start in range(0, len(order), step)]
             out: list[list[float]] = [[] for _ in lengths]  # in request order
@@ -94,6 +91,49 @@ class ReferenceServer(ServiceActor):
             use_cache=False,
         ).logits
         return per_token_logprobs(logits, batch.input_ids.to(self.device)).float().cpu()
+
+
+def length_order(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[int]:
+    """Request rows by total length (micro-batches of similar lengths pad less; results go back
+    in request order), after checking the request."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (the first token has no log-prob)")
+    return sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+
+
+class LearnerReference:
+    """The reference of a LoRA run: the learner's frozen base model, its adapter disabled
+    (``learner.reference_logprobs``, micro-batched as the learner's own log-probs). The base
+    weights never train, so this is the initial policy, as a ``ReferenceServer`` would load it,
+    without a second copy of the model in memory. No actors of its own: the learner's ranks
+    answer (its failures are the learner's)."""
+
+    def __init__(self, learner, pad_id: int):
+        self.learner, self.pad_id = learner, pad_id
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        order = length_order(prompt_ids, response_ids)
+        if not order:
+            return []
+        batch = pack_sequences([prompt_ids[i] for i in order], [response_ids[i] for i in order], self.pad_id)
+        out: list[list[float]] = [[] for _ in order]
+        for i, row in zip(order, response_values(self.learner.reference_logprobs(batch), batch)):
+            out[i] = row
+        return out
+
+    def wait_ready(self) -> None:
+        pass
+
+    def count_quiet_restarts(self) -> int:
+        return 0
+
+    def metrics_texts(self) -> list[str]:
+        return []  # the learner's ranks report the calls (method="reference_logprobs")
+
+    def shutdown(self) -> None:
+        pass  # the learner is shut down as itself
 
 
 class ReferencePool(ActorGroup):

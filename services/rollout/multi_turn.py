@@ -61,6 +61,7 @@ class EpisodeRunner:
         self.env_cls = environment_class(env_cfg.name)
         self.max_model_len = llm.llm_engine.model_config.max_model_len  # prompt + every turn must fit
         self.pool = ThreadPoolExecutor(max_workers=env_cfg.concurrency, thread_name_prefix="flywheel-env")
+        self.lora_request = None  # learner.lora: the adapter the worker serves now (None: the base model)
 
     # ------------------------------------------------------------------ episodes
 
@@ -153,7 +154,8 @@ class EpisodeRunner:
                                 max_tokens=min(s.max_tokens, room), min_tokens=min(s.min_tokens, room),
                                 stop=list(s.stop) or None, logprobs=0, seed=seed, output_kind=self.output_kind)
         request_id = f"{episode.item.id}#{episode.sample}#{episode.turn}"
-        returned = engine.add_request(request_id, TokensPrompt(prompt_token_ids=episode.episode.context_ids), params)
+        returned = engine.add_request(request_id, TokensPrompt(prompt_token_ids=episode.episode.context_ids), params,
+                                      lora_request=self.lora_request)
         episode.request_keys = {request_id, returned}  # the engine answers under one of them
         for key in episode.request_keys:
             requests[key] = episode

@@ -24,6 +24,7 @@ from services.core.actor_group import START_TIMEOUT_S, ActorGroup, actor_lost_er
 from services.core.batch_types import Trajectory
 from services.core.config import FlywheelConfig
 from services.core.errors import ServiceLost, ServiceTimeout
+from services.learner.lora import AdapterPayload
 from services.rollout.nccl_client import PoolWeightSyncClient
 from services.rollout.weight_sync import PublishedWeights, WeightSyncTimeout, payload_nbytes, shared_weights
 from services.rollout.worker import PromptItem, RolloutWorkerActor, SamplingSpec, chunk_sizes
@@ -159,7 +160,7 @@ class RolloutPool(ActorGroup):
         if isinstance(weights, PublishedWeights):
             payload, ref = weights, weights.ref
         else:
-            payload = weights if isinstance(weights, bytes) else shared_weights(weights)
+            payload = weights if isinstance(weights, (bytes, AdapterPayload)) else shared_weights(weights)
             ref = ray.put(payload)
         stored_s = time.perf_counter() - started  # encoding and the put into the object store
         refs = {w.update_weights.remote(ref, version): i for i, w in enumerate(self.actors)}

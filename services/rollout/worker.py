@@ -18,6 +18,8 @@ from services.core.config import FlywheelConfig
 from services.core.prompts import resolve_chat_template
 from services.core.service_metrics import ServiceMetrics
 from services.learner.deepspeed_setup import cuda_available
+from services.learner.lora import AdapterPayload
+from services.rollout.lora_sync import AdapterSlot, lora_engine_kwargs
 from services.rollout.multi_turn import EpisodeRunner
 from services.rollout.vllm_engine import start_llm
 from services.rollout.weight_sync import WeightTransport, engine_in_process, make_transport
@@ -69,7 +71,8 @@ class RolloutWorker:
         self.transport = transport or make_transport(cuda_available())
         self.sync_timeout_s = cfg.rollout.sync_timeout_s
         self.metrics = ServiceMetrics("rollout", index)
-        self.llm = start_llm(model_dir, cfg, **self.transport.engine_kwargs())
+        self.llm = start_llm(model_dir, cfg, **self.transport.engine_kwargs(), **lora_engine_kwargs(cfg.learner.lora))
+        self.adapter = AdapterSlot(self.name) if cfg.learner.lora is not None else None  # LoRA: what it serves
         self.version = 0
         self.episodes = None  # multi-turn episodes (rollout.environment)
         if cfg.rollout.environment is not None:
@@ -103,7 +106,7 @@ class RolloutWorker:
             return trajectories
         with self.metrics.track("generate"):
             inputs = [p.prompt if p.prompt_ids is None else TokensPrompt(prompt_token_ids=p.prompt_ids) for p in prompts]
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
         trajectories = []
         for item, out in zip(prompts, outputs, strict=True):
             for k, completion in enumerate(out.outputs):
@@ -134,19 +137,32 @@ class RolloutWorker:
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         inputs = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompt_ids, response_ids)]
         with self.metrics.track("sequence_logprobs"):
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
         result = []
         for out, p, r in zip(outputs, prompt_ids, response_ids, strict=True):
             steps = out.prompt_logprobs[len(p) :]
             result.append([step[token].logprob for step, token in zip(steps, r)])
         return result
 
+    @property
+    def lora_request(self):
+        """LoRA: the current version's adapter request (None: the base model, or no LoRA)."""
+        return self.adapter.request if self.adapter is not None else None
+
     def update_weights(self, payload: Any, version: int) -> int:
-        """Apply published weights in place, drop stale prefix-cache blocks, report the version."""
+        """Apply published weights in place (LoRA: serve the published adapter), drop stale
+        prefix-cache blocks, report the version."""
         started = time.perf_counter()
         with self.metrics.track("update_weights"):
             try:
-                self.transport.apply(self.llm, payload, self.sync_timeout_s)
+                if isinstance(payload, AdapterPayload):
+                    if self.adapter is None:
+                        raise RuntimeError("an adapter was published but this engine was started without LoRA")
+                    self.adapter.load(self.llm, payload, version)
+                    if self.episodes is not None:
+                        self.episodes.lora_request = self.adapter.request
+                else:
+                    self.transport.apply(self.llm, payload, self.sync_timeout_s)
                 self.llm.reset_prefix_cache()
             except Exception as exc:
                 raise RuntimeError(f"{self.name}: weight sync to version {version} failed: {exc}") from exc

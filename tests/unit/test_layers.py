@@ -65,6 +65,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.config": "base",
     "services.core.config_base": "base",
     "services.core.config_loading": "base",
+    "services.core.config_lora": "base",  # learner.lora
     "services.core.data": "base",
     "services.core.errors": "base",
     "services.core.estimators": "base",
