@@ -120,7 +120,8 @@ def test_ppo_on_a_prompts_file_resumes_to_the_same_steps_and_draws_each_prompt_o
     whole, split = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("whole", "split"))
     for a, b in zip(whole, split, strict=True):
         for key in set(a) | set(b):
-            if not key.startswith(("timing/", "perf/")) and key != "time":  # wall-clock figures
+            # wall-clock figures; sync/bytes: a resumed run's first step finds the engines synced by the resume
+            if not key.startswith(("timing/", "perf/", "sync/")) and key != "time":
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (a["step"], key)
 
     def draws(out):
