@@ -342,6 +342,22 @@ def test_reward_function_failure_names_the_scorer(tmp_path, fn, expected):
     assert preflight.actor_user_error(other, metrics) is None  # a crash stays a crash (exit 1, traceback)
 
 
+@pytest.mark.parametrize("path, expected", [
+    ("{d}/missing.py:fn", "reward.scorers.0.path: no python file '{d}/missing.py'"),
+    ("{d}/rewards.py:absent", "reward.scorers.0.path: '{d}/rewards.py' has no function 'absent'"),
+    ("{d}/rewards.py", "reward.scorers.0.path: expected 'path/to/file.py:function' or 'package.module:function'"),
+    ("{d}/broken.py:fn", "reward.scorers.0.path: importing '{d}/broken.py' failed: SyntaxError"),
+], ids=["missing-file", "missing-function", "no-function-named", "syntax-error"])
+def test_python_reward_function_problems_fail_before_ray_starts(good_run, tmp_path, path, expected):
+    """Issue #22: these were reported ~17 s in, after Ray, the learner and the reference had
+    started (and OUT/logs was made); now before anything starts, OUT untouched."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    (tmp_path / "broken.py").write_text("def fn(prompts, completions:\n    return []\n")
+    override = "reward.scorers=[{kind: python, name: mine, path: %s}]" % path.format(d=tmp_path)
+    train_fails(good_run, "grpo-toy", override, expected=[expected.format(d=tmp_path)])
+    assert (tmp_path / "rewards.py").read_text() == REWARDS
+
+
 def test_a_numpy_array_of_floats_is_a_fine_reward(tmp_path):
     from services.core.config import ScorerConfig
     from services.reward.ensemble import ScorerActor
