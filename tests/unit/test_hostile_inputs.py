@@ -505,3 +505,17 @@ def test_check_out_dir(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(UserError, match="is a file, not a directory"):
         preflight.check_out_dir(tmp_path / "f" / "deeper" / "run")
+
+
+def test_sft_rows_whose_response_is_only_whitespace_are_named_in_a_warning(tmp_path, capsys):
+    """Issue #22: they were trained on silently. Still trained on (an empty answer can be meant)."""
+    from services.learner.sft_data import sft_rows
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "2+2=", "response": "4"}, {"prompt": "3+3=", "response": "  \n"},
+            {"prompt": "1+1=", "response": ""}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load("sft-toy", f"data.source={data}")
+    assert [r["response"] for r in sft_rows(cfg)] == ["4", "  \n", ""]
+    assert (f"warning: 2 of 3 rows of {data} have a 'response' that is empty or only whitespace (the first: row 2)"
+            in capsys.readouterr().err)
