@@ -519,3 +519,14 @@ def test_sft_rows_whose_response_is_only_whitespace_are_named_in_a_warning(tmp_p
     assert [r["response"] for r in sft_rows(cfg)] == ["4", "  \n", ""]
     assert (f"warning: 2 of 3 rows of {data} have a 'response' that is empty or only whitespace (the first: row 2)"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("host_args, expected", [
+    (["reward.server.host=999.1.1.1"], "reward.server.host: '999.1.1.1' is not a valid IP address"),
+    (["--host", "no-such-host.invalid"], "reward.server.host: cannot resolve 'no-such-host.invalid'"),
+], ids=["bad-ip", "unresolvable-name"])
+def test_serve_reward_on_a_host_that_cannot_be_bound_names_the_host(host_args, expected):
+    """Issue #22: it talked about the bearer token instead (the host is not loopback)."""
+    proc = flywheel("serve-reward", "grpo-toy", *host_args)
+    assert_user_error(proc, expected)
+    assert "token" not in proc.stderr
