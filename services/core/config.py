@@ -16,7 +16,9 @@ from services.core.config_base import (  # noqa: F401 (re-exported: sections imp
 )
 from services.core.config_lora import LoraConfig
 from services.core.registry import ALGORITHMS
-from services.core.rollout_config import EnvironmentConfig, RolloutAutoscale, RolloutConfig  # noqa: F401 (re-exported)
+from services.core.rollout_config import (  # noqa: F401 (re-exported)
+    MAX_SAMPLES, EnvironmentConfig, RolloutAutoscale, RolloutConfig, check_greedy,
+)
 from services.core.reward_config import (  # noqa: F401 (re-exported)
     SCORER_FIELDS, PreferenceConfig, RewardConfig, RewardServerConfig, RewardVarianceConfig, ScorerConfig,
 )
@@ -296,12 +298,18 @@ class EvalConfig(Section):
     """Evaluation during RL (``algorithm.eval_every``): samples on the held-out prompts, scored
     by the run's reward ensemble; pass@k for verifiable scorers (math_verify, exact_match, regex)."""
 
-    n_samples: int = Field(4, ge=1, description="responses per held-out prompt (pass@1 and pass@n_samples)")
-    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    n_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="responses per held-out prompt (pass@1 and "
+                           "pass@n_samples)")
+    temperature: float = Field(1.0, ge=0, description="0: greedy (then n_samples 1)")
     max_prompts: int | None = Field(None, ge=1, description="evaluate on the first N held-out prompts; null: all")
     before_training: bool = Field(
         True, description="also evaluate the policy before the first step, as metrics.jsonl's step 0 line"
     )
+
+    @model_validator(mode="after")
+    def _greedy_gives_one(self) -> "EvalConfig":
+        check_greedy(self.temperature, self.n_samples)
+        return self
 
 
 class EnsembleConfig(Section):

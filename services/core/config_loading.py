@@ -33,6 +33,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"config path is a directory, not a YAML file: {name_or_path}")
     if name_or_path in preset_names():
         return Path(str(resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"))
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:

@@ -9,6 +9,16 @@ from pydantic import Field, model_validator
 from services.core.config_base import Resources, Section
 
 
+MAX_SAMPLES = 16384  # vLLM's largest n of one request
+
+
+def check_greedy(temperature: float, n_samples: int) -> None:
+    """Greedy decoding (temperature 0) makes one response per prompt: vLLM refuses n > 1."""
+    if temperature == 0 and n_samples > 1:
+        raise ValueError(f"temperature 0 is greedy decoding, which gives one response per prompt; set n_samples: 1 "
+                         f"or a temperature above 0 (got n_samples {n_samples})")
+
+
 class RolloutAutoscale(Section):
     """``rollout.autoscale``: the driver resizes the rollout pool between steps
     (``services.driver.rollout_scaling``); new workers go through the cluster's autoscaler."""
@@ -62,7 +72,7 @@ class RolloutConfig(Section):
     autoscale: RolloutAutoscale | None = Field(None, description="null: the size changes only by `flywheel scale`")
     environment: EnvironmentConfig | None = Field(None, description="null: single-turn (a prompt, one completion)")
     resources: Resources = Field(default_factory=Resources)
-    n_samples: int = Field(4, ge=1, description="responses per prompt")
+    n_samples: int = Field(4, ge=1, le=MAX_SAMPLES, description="responses per prompt")
     prompts_per_step: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -102,6 +112,7 @@ class RolloutConfig(Section):
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "RolloutConfig":
+        check_greedy(self.temperature, self.n_samples)
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_tokens})")
         auto = self.autoscale
@@ -117,4 +128,4 @@ class RolloutConfig(Section):
         return 1e-3 if dtype == "fp32" else 1.0
 
 
-__all__ = ["EnvironmentConfig", "RolloutAutoscale", "RolloutConfig"]
+__all__ = ["EnvironmentConfig", "MAX_SAMPLES", "RolloutAutoscale", "RolloutConfig", "check_greedy"]

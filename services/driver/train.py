@@ -27,6 +27,7 @@ def run_train(
     out = Path(out_dir)
     checkpoint = resolve_resume(cfg.checkpoint.resume_from, resume, out)
     preflight.check_rl_settings(cfg)
+    preflight.check_scorers(cfg)
     preflight.check_ports(cfg)
     preflight.check_ptx_data(cfg)
     if cfg.model.path is None:

@@ -119,7 +119,8 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
                 bar.update(1)
                 if engine.global_steps > step:  # an optimizer step happened
                     step = engine.global_steps
-                    bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch, refresh=False)
+                    epochs = f"{epoch + 1}/{cfg.learner.epochs}"  # shown 1-based; metrics' "epoch" counts from 0
+                    bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epochs, refresh=False)
                     metrics.write({
                         "step": step,
                         "epoch": epoch,

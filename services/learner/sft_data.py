@@ -4,6 +4,8 @@ ids with labels on the response only, and padded into batches. Used by the SFT s
 
 from __future__ import annotations
 
+import sys
+
 from services.core import toy_world
 from services.core.config import FlywheelConfig
 from services.core.data import load_rows
@@ -86,4 +88,10 @@ def sft_rows(cfg: FlywheelConfig) -> list[dict]:
         key_fields={cfg.data.prompt_key: "data.prompt_key", cfg.data.response_key: "data.response_key"},
         chat_keys=(cfg.data.prompt_key,),
     )
-    return [{"prompt": r[keys[0]], "response": r[keys[1]]} for r in rows]
+    out = [{"prompt": r[keys[0]], "response": r[keys[1]]} for r in rows]
+    blank = [i for i, r in enumerate(out) if isinstance(r["response"], str) and not r["response"].strip()]
+    if blank:  # trained on as they are (an empty answer is a choice), but rarely meant
+        print(f"warning: {len(blank)} of {len(out)} rows of {cfg.data.source} have a {cfg.data.response_key!r} that "
+              f"is empty or only whitespace (the first: row {blank[0] + 1}); they are trained on as they are",
+              file=sys.stderr)
+    return out

@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import socket
 import threading
 from concurrent import futures
 from typing import Any
@@ -68,10 +69,28 @@ def read_server_token(cfg: RewardConfig) -> str | None:
     return (os.environ.get(name) or None) if name else None
 
 
+def check_host(host: str) -> None:
+    """A host the server can bind: an IP address, or a name that resolves; UserError otherwise
+    (before any check that would talk about tokens)."""
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+        return
+    except ValueError:
+        pass
+    if bare.replace(".", "").isdigit():  # 999.1.1.1: meant as an IPv4 address
+        raise UserError(f"reward.server.host: '{host}' is not a valid IP address")
+    try:
+        socket.getaddrinfo(bare, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"reward.server.host: cannot resolve '{host}' ({exc})") from None
+
+
 def check_bind_allowed(cfg: RewardConfig) -> str | None:
     """The server's bearer token (None: no authentication); UserError when that would expose
     an unauthenticated server beyond loopback without ``allow_unauthenticated``."""
     server_cfg = cfg.server
+    check_host(server_cfg.host)
     token = read_server_token(cfg)
     client_certificates = bool(server_cfg.tls_client_ca)  # mutual TLS authenticates every client
     if not token and not is_loopback(server_cfg.host) and not (server_cfg.allow_unauthenticated or client_certificates):

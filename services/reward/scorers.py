@@ -77,6 +77,9 @@ def validate_scores(name: str, scores: Any, n: int) -> list[float]:
         )
     out = []
     for i, value in enumerate(scores):
+        if isinstance(value, (str, bytes)):  # float("1.0") would pass: a number (bools count as 0 and 1) or nothing
+            raise ScorerOutputError(
+                f"reward scorer '{name}': score at index {i} is a {type(value).__name__}, not a number: {value!r}")
         try:
             number = float(value)
         except (TypeError, ValueError):

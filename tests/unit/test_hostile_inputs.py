@@ -152,6 +152,31 @@ def test_zero_or_negative_batch_sizes_are_refused(good_run, override):
     ])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("learner.lr=inf", "learner.lr: Input should be a finite number (got 'inf')"),
+    ("algorithm.kl_coef=-inf", "algorithm.kl_coef: Input should be a finite number (got '-inf')"),
+    ("learner.lr=nan", "learner.lr: Input should be a finite number (got 'nan')"),
+    ("rollout.temperature=0", "rollout: Value error, temperature 0 is greedy decoding, which gives one response per "
+     "prompt; set n_samples: 1 or a temperature above 0 (got n_samples 4)"),
+    ("eval.temperature=0", "eval: Value error, temperature 0 is greedy decoding"),
+    ("rollout.n_samples=20000", "rollout.n_samples: Input should be less than or equal to 16384 (got 20000)"),
+], ids=["inf-lr", "minus-inf-kl", "nan-lr", "greedy-with-n-4", "greedy-eval-with-n-4", "n-over-vllm-limit"])
+def test_settings_vllm_or_the_optimizer_would_fail_on_later_are_refused(good_run, override, expected):
+    """Issue #22: these passed validation and crashed inside vLLM ~35 s in, or trained on inf."""
+    train_fails(good_run, "grpo-toy", override, expected=[f"override '{override}': {expected}"])
+
+
+def test_greedy_with_one_sample_is_fine():
+    cfg = load("grpo-toy", "rollout.temperature=0", "rollout.n_samples=1", "algorithm.name=reinforce_pp")
+    assert (cfg.rollout.temperature, cfg.rollout.n_samples) == (0.0, 1)
+
+
+def test_config_path_that_is_a_directory(good_run, tmp_path):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    train_fails(good_run, str(folder), expected=[f"config path is a directory, not a YAML file: {folder}"])
+
+
 # --- 4. one sample per prompt for group algorithms ------------------------------------------------
 
 
@@ -274,6 +299,13 @@ def one_short(prompts, completions, **columns):
 
 def nothing(prompts, completions, **columns):
     return None
+
+def strings(prompts, completions, **columns):
+    return ["1.0"] * len(prompts)
+
+def numpy_floats(prompts, completions, **columns):
+    import numpy
+    return numpy.array([0.5] * len(prompts))
 '''
 
 
@@ -283,6 +315,7 @@ def nothing(prompts, completions, **columns):
     ("nan_at_1", r"reward scorer 'flaky': score at index 1 is not finite: nan"),
     ("one_short", r"reward scorer 'flaky': wrong number of scores: expected 3, got 2"),
     ("nothing", r"reward scorer 'flaky': expected a list of 3 floats, got NoneType"),
+    ("strings", r"reward scorer 'flaky': score at index 0 is a str, not a number: '1.0'"),  # issue #22: was coerced
 ])
 def test_reward_function_failure_names_the_scorer(tmp_path, fn, expected):
     """The member actor's body (ScorerActor) without Ray: never a silent 0 or None."""
@@ -307,6 +340,32 @@ def test_reward_function_failure_names_the_scorer(tmp_path, fn, expected):
     assert str(preflight.actor_user_error(remote, None)) == str(info.value)  # failed while starting
     other = RayTaskError("RolloutWorker.generate", "Traceback ...", RuntimeError("engine died"))
     assert preflight.actor_user_error(other, metrics) is None  # a crash stays a crash (exit 1, traceback)
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("{d}/missing.py:fn", "reward.scorers.0.path: no python file '{d}/missing.py'"),
+    ("{d}/rewards.py:absent", "reward.scorers.0.path: '{d}/rewards.py' has no function 'absent'"),
+    ("{d}/rewards.py", "reward.scorers.0.path: expected 'path/to/file.py:function' or 'package.module:function'"),
+    ("{d}/broken.py:fn", "reward.scorers.0.path: importing '{d}/broken.py' failed: SyntaxError"),
+], ids=["missing-file", "missing-function", "no-function-named", "syntax-error"])
+def test_python_reward_function_problems_fail_before_ray_starts(good_run, tmp_path, path, expected):
+    """Issue #22: these were reported ~17 s in, after Ray, the learner and the reference had
+    started (and OUT/logs was made); now before anything starts, OUT untouched."""
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    (tmp_path / "broken.py").write_text("def fn(prompts, completions:\n    return []\n")
+    override = "reward.scorers=[{kind: python, name: mine, path: %s}]" % path.format(d=tmp_path)
+    train_fails(good_run, "grpo-toy", override, expected=[expected.format(d=tmp_path)])
+    assert (tmp_path / "rewards.py").read_text() == REWARDS
+
+
+def test_a_numpy_array_of_floats_is_a_fine_reward(tmp_path):
+    from services.core.config import ScorerConfig
+    from services.reward.ensemble import ScorerActor
+
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    actor = ScorerActor(ScorerConfig(kind="python", path=f"{tmp_path / 'rewards.py'}:numpy_floats", name="np"), 0)
+    scores, _ = actor.score(["a", "bb"], ["x", "y"])
+    assert scores == [0.5, 0.5]
 
 
 # --- 9. resuming a checkpoint of another model; exporting a non-checkpoint ------------------------
@@ -446,3 +505,28 @@ def test_check_out_dir(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(UserError, match="is a file, not a directory"):
         preflight.check_out_dir(tmp_path / "f" / "deeper" / "run")
+
+
+def test_sft_rows_whose_response_is_only_whitespace_are_named_in_a_warning(tmp_path, capsys):
+    """Issue #22: they were trained on silently. Still trained on (an empty answer can be meant)."""
+    from services.learner.sft_data import sft_rows
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "2+2=", "response": "4"}, {"prompt": "3+3=", "response": "  \n"},
+            {"prompt": "1+1=", "response": ""}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load("sft-toy", f"data.source={data}")
+    assert [r["response"] for r in sft_rows(cfg)] == ["4", "  \n", ""]
+    assert (f"warning: 2 of 3 rows of {data} have a 'response' that is empty or only whitespace (the first: row 2)"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("host_args, expected", [
+    (["reward.server.host=999.1.1.1"], "reward.server.host: '999.1.1.1' is not a valid IP address"),
+    (["--host", "no-such-host.invalid"], "reward.server.host: cannot resolve 'no-such-host.invalid'"),
+], ids=["bad-ip", "unresolvable-name"])
+def test_serve_reward_on_a_host_that_cannot_be_bound_names_the_host(host_args, expected):
+    """Issue #22: it talked about the bearer token instead (the host is not loopback)."""
+    proc = flywheel("serve-reward", "grpo-toy", *host_args)
+    assert_user_error(proc, expected)
+    assert "token" not in proc.stderr

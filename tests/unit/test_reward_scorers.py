@@ -291,8 +291,13 @@ def test_validate_scores_direct():
 
     assert validate_scores("s", np.array([1.0, 2.0]), 2) == [1.0, 2.0]
     assert validate_scores("s", torch.tensor([0.5]), 1) == [0.5]
-    with pytest.raises(ScorerOutputError, match=r"'s': score at index 1 is not a number: 'one'"):
-        validate_scores("s", ["1.0", "one"], 2)
+    with pytest.raises(ScorerOutputError, match=r"'s': score at index 1 is a str, not a number: 'one'"):
+        validate_scores("s", [1.0, "one"], 2)
+    with pytest.raises(ScorerOutputError, match=r"'s': score at index 0 is a str, not a number: '1.0'"):
+        validate_scores("s", ["1.0"], 1)  # not coerced (issue #22)
+    with pytest.raises(ScorerOutputError, match=r"'s': score at index 0 is not a number: None"):
+        validate_scores("s", [None], 1)
+    assert validate_scores("s", [True, False], 2) == [1.0, 0.0]  # a pass / fail check
     with pytest.raises(ScorerOutputError, match=r"'s': expected a list of 2 floats, got float"):
         validate_scores("s", 1.0, 2)
     with pytest.raises(ScorerOutputError, match=r"index 0 is not finite: inf"):
