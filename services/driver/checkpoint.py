@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from services.core.errors import UserError
-from services.rpc.trajectory_io import read_trajectories, write_trajectories
+from services.rpc.trajectory_io import trajectories_by_step, write_trajectories
 
 log = logging.getLogger(__name__)
 
@@ -206,9 +206,7 @@ def read_pending(path: Path, stats: list[dict] | dict) -> list[tuple[list, float
     its figures as one dict."""
     if not path.is_file():
         return []
-    by_step: dict = {}
-    for record in read_trajectories(path):
-        by_step.setdefault(record.step, []).append(record.trajectory)
+    by_step = trajectories_by_step(path)
     stats = [stats] if isinstance(stats, dict) else stats
     if len(stats) != len(by_step):
         raise UserError(f"checkpoint: {path} holds {len(by_step)} batches but the state names {len(stats)}")

@@ -42,7 +42,7 @@ from services.driver.prompt_selection import VarianceSelectedPrompts
 from services.driver.prompt_source import PromptSource, sampling_seed, toy_prompt_source
 from services.driver.ptx_data import PtxBatches
 from services.driver.report import write_report
-from services.driver.rollout_buffer import RolloutBuffer
+from services.driver.rollout_buffer import RolloutBuffer, load_weights
 from services.driver.rollout_scaling import RolloutScaler
 from services.driver.step_record import batch_figures, restart_figures
 from services.driver.stop_signals import StopSignals
@@ -182,13 +182,11 @@ class Driver:
             record["reward/overlong_penalty_mean"] = mean(penalties)
         return scores, record
 
-    def _sync(self) -> tuple[float, float]:
-        """Sync the engines to the learner's version; its seconds and bytes (LoRA: the adapter's)."""
+    def _sync(self) -> dict[str, float]:
+        """Sync the engines to the learner's version (``load_weights``'s figures)."""
         version = self.learner.policy_version
-        if self.rollout.version == version:
-            return 0.0, 0.0
-        info = self.rollout.sync_weights(self.learner.publish_weights(), version)
-        return info["sync/seconds"], float(info.get("sync/bytes", 0.0))
+        weights = self.learner.publish_weights() if self.rollout.version != version else None
+        return load_weights(self.rollout, weights, version)
 
     def _score(self, trajectories: list[Trajectory], learner_old: bool, ensemble: EnsembleScores | None = None):
         """Reward ensemble (unless its ``ensemble`` scores are given), reference log-probs and
@@ -368,20 +366,18 @@ class Driver:
                     self._start_buffer(pending, min(total, self.start_step + ahead))
                 for step in range(self.start_step + 1, last + 1):
                     step_started = time.perf_counter()
-                    sync_s = sync_bytes = 0.0
+                    sync: dict = {}  # on-policy: the sync before this step's rollout (streaming: in its figures)
                     gap: dict = {}
                     if stream:
                         trajectories, rollout_s, rollout_stats = self.buffer.take()
                         prescored, scaled = None, {}
                         rollout_wait_s = time.perf_counter() - step_started  # the part not hidden behind training
-                        # the sync before this batch's rollout, on the rollout thread
-                        sync_s, sync_bytes = rollout_stats.pop("timing/sync_s", 0.0), rollout_stats.pop("sync/bytes", 0.0)
                         if step + ahead <= total:
                             self.buffer.queue_next(records[-1] if records else None)
                         if self.buffer and probe_due(self.cfg, step):
                             gap = self._probe_gap(step, self.buffer.newest()[0])
                     else:
-                        sync_s, sync_bytes = self._sync()
+                        sync = self._sync()
                         scaled = self.scaler.update(records[-1] if records else None)
                         trajectories, rollout_s, rollout_stats, prescored = (
                             self._rollout_filled() if self.cfg.algorithm.dynamic_sampling else (*self._rollout(), None))
@@ -389,12 +385,11 @@ class Driver:
                     if self.held_out is not None and self.held_out.due(step):
                         record.update(self._evaluate())
                     record.update(gap)
-                    record.update(rollout_stats, **scaled)
-                    if rollout_s > 0 and "rollout/partial_tokens_generated" in rollout_stats:  # this rollout's own
-                        record["perf/generated_tokens_per_s"] = rollout_stats["rollout/partial_tokens_generated"] / rollout_s
+                    record.update({"timing/sync_s": 0.0, "sync/bytes": 0.0, **rollout_stats, **scaled, **sync})
+                    own = rollout_stats.get("rollout/partial_tokens_generated")  # a partial rollout's own tokens
+                    if rollout_s > 0 and own is not None:
+                        record["perf/generated_tokens_per_s"] = own / rollout_s
                     record["policy_version"] = self.learner.policy_version
-                    record["timing/sync_s"] = sync_s
-                    record["sync/bytes"] = sync_bytes
                     record["timing/step_s"] = time.perf_counter() - step_started
                     if stream:
                         record["timing/rollout_wait_s"] = rollout_wait_s

@@ -31,7 +31,7 @@ from services.core.config import FlywheelConfig
 from services.core.errors import UserError
 from services.driver.prompt_source import sample_seed
 from services.rollout.worker import PromptItem
-from services.rpc.trajectory_io import read_trajectories, write_trajectories
+from services.rpc.trajectory_io import trajectories_by_step, write_trajectories
 
 UNFINISHED = "partial"  # finish_reason of a response cut at partial_tokens, to be continued
 PARTIAL_FILE = "partial_rollouts.pb"  # a checkpoint's unfinished responses
@@ -151,10 +151,7 @@ class PartialRollouts:
         return [{"seed": g.item.seed, "version": g.version} for g in self.groups]
 
     def load(self, path: Path, groups: list[dict]) -> None:
-        by_place: dict[int, list[Trajectory]] = {}
-        if path.is_file():
-            for record in read_trajectories(path):
-                by_place.setdefault(record.step, []).append(record.trajectory)
+        by_place = trajectories_by_step(path)
         if len(by_place) != len(groups):
             raise UserError(f"checkpoint: {path} holds {len(by_place)} unfinished groups, the state names {len(groups)}")
         self.groups = []

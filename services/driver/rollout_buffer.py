@@ -27,6 +27,16 @@ from typing import Any
 Batch = tuple  # (trajectories, rollout seconds, rollout figures), as Driver._generate returns them
 
 
+def load_weights(rollout, weights, version: int) -> dict[str, float]:
+    """``weights`` of ``version`` into the engines (idle ones), unless they are None or the
+    engines hold that version already; the step's ``timing/sync_s`` and ``sync/bytes`` (LoRA:
+    the adapter's)."""
+    if weights is None or rollout.version >= version:
+        return {"timing/sync_s": 0.0, "sync/bytes": 0.0}
+    info = rollout.sync_weights(weights, version)
+    return {"timing/sync_s": info["sync/seconds"], "sync/bytes": float(info.get("sync/bytes", 0.0))}
+
+
 class RolloutBuffer:
     """``draw()``: the next batch's prompts (on the driver's thread, in step order);
     ``generate(prompts)``: their ``Batch``; ``scaler``: a ``RolloutScaler``."""
@@ -72,7 +82,7 @@ class RolloutBuffer:
         """``job()`` after the queued rollouts, on engines holding the learner's weights now;
         waits for its result (not kept in the buffer)."""
         weights, version = self._publish()
-        return self._thread.submit(lambda: (self._load(weights, version), job())[1]).result()
+        return self._thread.submit(lambda: (load_weights(self.rollout, weights, version), job())[1]).result()
 
     def close(self) -> None:
         """Drop the rollouts not started yet (one running now finishes on its own)."""
@@ -87,19 +97,11 @@ class RolloutBuffer:
         self.published = version
         return weights, version
 
-    def _load(self, weights, version: int) -> dict[str, float]:
-        """On the rollout thread: ``weights`` into the engines, unless they hold ``version``;
-        the sync's seconds and bytes (LoRA: the adapter's)."""
-        if weights is None or self.rollout.version >= version:
-            return {"timing/sync_s": 0.0, "sync/bytes": 0.0}
-        info = self.rollout.sync_weights(weights, version)
-        return {"timing/sync_s": info["sync/seconds"], "sync/bytes": float(info.get("sync/bytes", 0.0))}
-
     def _job(self, prompts: list, weights, version: int, last_record: dict | None) -> Batch:
-        sync = self._load(weights, version)
+        sync = load_weights(self.rollout, weights, version)
         scaled = self.scaler.update(last_record)
         trajectories, rollout_s, stats = self._generate(prompts)
         return trajectories, rollout_s, {**stats, **scaled, **sync}
 
 
-__all__ = ["Batch", "RolloutBuffer"]
+__all__ = ["Batch", "RolloutBuffer", "load_weights"]

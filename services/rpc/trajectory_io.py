@@ -166,6 +166,16 @@ def read_trajectories(path: str | os.PathLike) -> Iterator[TrajectoryRecord]:
             yield from_message(message)
 
 
+def trajectories_by_step(path: str | os.PathLike) -> dict[int | None, list[Trajectory]]:
+    """``path``'s trajectories grouped by their records' step, in the order first seen (empty
+    if there is no file)."""
+    by_step: dict[int | None, list[Trajectory]] = {}
+    if Path(path).is_file():
+        for record in read_trajectories(path):
+            by_step.setdefault(record.step, []).append(record.trajectory)
+    return by_step
+
+
 def trim_trajectories(path: str | os.PathLike, last_step: int) -> int:
     """Keep only records with ``step <= last_step`` (a resumed run writes later steps again);
     a torn record at the end (the process died mid-append) goes too. Returns the records kept."""
@@ -190,6 +200,6 @@ def trim_trajectories(path: str | os.PathLike, last_step: int) -> int:
 
 
 __all__ = [
-    "TrajectoryRecord", "write_trajectories", "read_trajectories", "trim_trajectories", "to_message", "from_message",
-    "encode_varint", "read_varint",
+    "TrajectoryRecord", "write_trajectories", "read_trajectories", "trajectories_by_step", "trim_trajectories",
+    "to_message", "from_message", "encode_varint", "read_varint",
 ]
