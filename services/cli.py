@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from services.core.cluster_check import check_cluster
 from services.core.config import RewardServerConfig
 from services.core.config_loading import dump_config, load_config, preset_names, resolve_config_path
 from services.core.errors import RunStopped, ServiceFailure, UserError
+from services.core.out_lock import check_no_previous_outputs, out_lock
 from services.core.word_problems import MAX_NUMBER
 from services.driver.preflight import check_out_dir
 from services.driver.rollout_scaling import parse_scale_args, write_scale_request
@@ -27,12 +29,17 @@ from services.reward.ensemble import RewardEnsemble
 
 
 VERBOSE = ["metrics.service_logs=terminal"]  # what --verbose adds to the overrides
+WRITERS = {"train", "sft", "train-rm", "eval-rm", "demo", "study", "export"}  # commands that lock their OUT
 
 
 def _add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="show the services' own output (Ray, vLLM, DeepSpeed) in the terminal instead of "
                         "OUT/logs/<actor>.log (metrics.service_logs=terminal)")
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"write over {what} already in OUT (refused otherwise)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -69,11 +76,13 @@ def run_config_command(args: argparse.Namespace, module: str, function: str) -> 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after: must be at least 1, got {args.stop_after}")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in OUT and --overwrite replaces it: pass one of them")
     cfg = load_config(args.config, args.overrides + VERBOSE * args.verbose)  # config errors before heavy imports
     from services.driver.train import run_train
 
     try:
-        run_train(cfg, args.out, resume=args.resume, stop_after=args.stop_after)
+        run_train(cfg, args.out, resume=args.resume, stop_after=args.stop_after, overwrite=args.overwrite)
     except RunStopped as stop:
         print(str(stop), file=sys.stderr)
         return stop.exit_code
@@ -177,16 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning (toy world or any HF causal LM) with DeepSpeed")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (model/, metrics.jsonl, summary.json)")
+    _add_overwrite(p, "an earlier SFT's model/, metrics.jsonl and summary.json")
     p.set_defaults(func=lambda a: run_config_command(a, "services.learner.sft", "run_sft"))
 
     p = sub.add_parser("train-rm", help="train a Bradley-Terry reward-model ensemble (ensemble.size members) with DeepSpeed")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (members/, ensemble.yaml, pairs/, eval.json)")
+    _add_overwrite(p, "an earlier ensemble's members/, ensemble.yaml and pairs/")
     p.set_defaults(func=lambda a: run_config_command(a, "services.learner.reward_model", "run_train_rm"))
 
     p = sub.add_parser("eval-rm", help="reward-model accuracy, reward variance under a policy, member disagreement")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (eval.json)")
+    _add_overwrite(p, "an earlier eval.json")
     p.set_defaults(func=lambda a: run_config_command(a, "services.reward.evaluation", "run_eval_rm"))
 
     p = sub.add_parser("train", help="RL training (ppo, grpo, online_dpo) on local Ray or a cluster")
@@ -194,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/, report/, policy/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in OUT/checkpoints")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this run, with a checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh over a run in OUT: its checkpoints are deleted, its metrics.jsonl rewritten")
     _add_verbose(p)
     p.set_defaults(func=cmd_train)
 
@@ -205,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a Hugging Face model directory from a training checkpoint")
     p.add_argument("checkpoint", help="a checkpoint directory (OUT/checkpoints/step-NNNNNN) or OUT/checkpoints")
     p.add_argument("out", help="the directory to write (config, tokenizer, model.safetensors)")
+    _add_overwrite(p, "the files")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("submit", help="run `flywheel train` as a Ray job on a cluster (uploads the working directory)")
@@ -270,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "out", None) and args.func is not cmd_submit:  # submit's --out is the cluster's
             check_out_dir(Path(args.out))
-        return args.func(args)
+        if args.command not in WRITERS:
+            return args.func(args)
+        out = Path(args.out).expanduser()
+        check_no_previous_outputs(out, args.command, getattr(args, "overwrite", False))
+        with out_lock(out, f"flywheel {args.command}"):
+            return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return UserError.exit_code
@@ -279,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         return ServiceFailure.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        # another Ctrl-C while Ray shuts down at exit leaves at once, with no traceback from
+        # Ray's exit hook; the orphan reaper stops what is left of a local Ray
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         return 130
 
 

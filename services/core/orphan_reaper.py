@@ -59,6 +59,26 @@ def watch(driver_pid: int, poll_s: float = POLL_S, grace_s: float = GRACE_S) -> 
     return killed
 
 
+def stop_descendants(spare: int | None = None, wait_s: float = 3.0) -> list[int]:
+    """SIGTERM every process below this one (but ``spare``), SIGKILL those still running after
+    ``wait_s``: the local Ray that a start-up cut short by Ctrl-C leaves. Returns their pids."""
+    import psutil
+
+    found = [p for p in psutil.Process().children(recursive=True) if p.pid != spare and alive(p)]
+    for process in found:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, running = psutil.wait_procs(found, timeout=wait_s)
+    for process in running:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in found]
+
+
 def start_reaper(driver_pid: int | None = None) -> subprocess.Popen:
     """The reaper of ``driver_pid`` (default: this process), detached from its session."""
     return subprocess.Popen(

@@ -7,7 +7,7 @@ import logging
 import os
 
 from services.core.config import FlywheelConfig
-from services.core.orphan_reaper import start_reaper
+from services.core.orphan_reaper import start_reaper, stop_descendants
 
 QUIET_ENGINES = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -53,14 +53,22 @@ def init_ray(cfg: FlywheelConfig) -> None:
     quiet = cfg.metrics.service_logs == "file"
     if quiet:  # added once however many runs this process starts (the same function object)
         logging.getLogger(RAY_AUTH_LOGGER).addFilter(not_ray_auth_notice)
-    ray.init(
-        address=ray_address(cfg),
-        namespace=cfg.cluster.namespace,
-        include_dashboard=False,
-        log_to_driver=not quiet,  # quiet: the actors write OUT/logs/ (actor_group.send_service_logs_to)
-        logging_level=logging.WARNING if quiet else logging.INFO,
-        runtime_env={"env_vars": driver_env_vars()},
-        _metrics_export_port=cfg.metrics.ray_metrics_port,  # used only when this starts local Ray
-    )
-    if ray_address(cfg) is None:  # this process started Ray: its processes must not outlive it
-        start_reaper()
+    local = ray_address(cfg) is None
+    reaper = start_reaper() if local else None  # before ray.init, which may be interrupted half way
+    try:
+        ray.init(
+            address=ray_address(cfg),
+            namespace=cfg.cluster.namespace,
+            include_dashboard=False,
+            log_to_driver=not quiet,  # quiet: the actors write OUT/logs/ (actor_group.send_service_logs_to)
+            logging_level=logging.WARNING if quiet else logging.INFO,
+            runtime_env={"env_vars": driver_env_vars()},
+            _metrics_export_port=cfg.metrics.ray_metrics_port,  # used only when this starts local Ray
+        )
+    except BaseException:  # Ctrl-C during start-up: Ray's agents would outlive this process
+        if reaper is not None:
+            try:
+                ray.shutdown()  # the core worker first (it may have connected), then Ray's processes
+            finally:
+                stop_descendants(spare=reaper.pid)  # what a half-made start left
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def run_train(
 ) -> list[dict]:
     """``resume``: continue from the latest checkpoint under OUT/checkpoints (or from
     ``checkpoint.resume_from``); ``stop_after``: stop, with a checkpoint, after that many steps.
-    ``overwrite``: a fresh run may replace a run that has checkpoints in OUT (the demo and the
-    study re-run their own stages); `flywheel train` refuses that. Every check of
+    ``overwrite``: a fresh run may replace a run that has checkpoints in OUT (`flywheel train
+    --overwrite`; the demo and the study re-run their own stages): the old checkpoints are
+    deleted once every check has passed, so that none of them passes for this run's. Without
+    it, `flywheel train` refuses. Every check of
     :mod:`services.driver.preflight` runs before Ray starts and before OUT is written."""
     out = Path(out_dir)
     checkpoint = resolve_resume(cfg.checkpoint.resume_from, resume, out)
@@ -41,6 +44,8 @@ def run_train(
     preflight.check_resume(checkpoint, policy, cfg.algorithm.name)
     prompts, held_out = rl_prompts(cfg, policy)  # every bad row is refused before OUT is written
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite and checkpoint is None:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     driver = Driver(cfg, out, policy, prompts=prompts, eval_prompts=held_out)
     if cfg.metrics.service_logs == "file":
         send_service_logs_to((out / "logs").resolve())  # the actors' working directory may differ
