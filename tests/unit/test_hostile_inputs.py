@@ -530,3 +530,62 @@ def test_serve_reward_on_a_host_that_cannot_be_bound_names_the_host(host_args, e
     proc = flywheel("serve-reward", "grpo-toy", *host_args)
     assert_user_error(proc, expected)
     assert "token" not in proc.stderr
+
+
+# --- 14. damaged files: a truncated model or checkpoint -------------------------------------------
+
+
+def cut_model(tmp_path: Path, tiny_model_dir: Path, keep: int | None = None) -> tuple[Path, Path, int]:
+    """A copy of the tiny model whose model.safetensors is cut to ``keep`` bytes (default: half);
+    (the copy, its model.safetensors, the whole file's size). The shared fixture stays whole."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "cut-model")
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as file:
+        file.truncate(size // 2 if keep is None else keep)
+    return model, weights, size
+
+
+@pytest.mark.parametrize("command, preset", [
+    ("train", "grpo-toy"), ("sft", "sft-toy"), ("train-rm", "rm-toy"), ("eval-rm", "rm-toy"),
+])
+def test_truncated_model_safetensors_is_named_before_out_is_written(tmp_path, tiny_model_dir, command, preset):
+    """It was a SafetensorError traceback ("incomplete metadata, file not fully covered") from
+    transformers, or from the vLLM and DeepSpeed actors after Ray started."""
+    model, weights, size = cut_model(tmp_path, tiny_model_dir)
+    before, out = snapshot(model), tmp_path / "out"
+    assert_user_error(flywheel(command, preset, "--out", str(out), f"model.path={model}"),
+                      f"model.path: {weights} is damaged (truncated: {size // 2} of {size} bytes)",
+                      "copy or download the model again")
+    assert snapshot(model) == before and not out.exists()
+
+
+def test_truncated_reward_model_is_named(good_run, tmp_path, tiny_model_dir):
+    model, weights, size = cut_model(tmp_path, tiny_model_dir)
+    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"reward.scorers=[{{kind: hf, path: {model}}}]",
+                "--resume", expected=[f"reward.scorers.0.path: {weights} is damaged (truncated: {size // 2} of {size} "
+                                      "bytes)"])
+
+
+def test_safetensors_damage_found_from_the_header(tmp_path, tiny_model_dir):
+    from services.core.model_files import check_model_files, safetensors_problem
+
+    model, weights, size = cut_model(tmp_path, tiny_model_dir, keep=40)
+    assert safetensors_problem(weights).startswith("truncated: 40 of at least ")  # cut inside the JSON header
+    assert safetensors_problem(tiny_model_dir / "model.safetensors") is None
+    with weights.open("wb") as file:
+        file.write((tiny_model_dir / "model.safetensors").read_bytes() + b"\0\0")
+    assert safetensors_problem(weights) == f"2 bytes longer than its header says ({size + 2} instead of {size} bytes)"
+    weights.write_bytes(b"\x05\x00")
+    assert safetensors_problem(weights) == "truncated: 2 bytes, fewer than the 8 that give the header's length"
+    weights.write_bytes(b"<html>404 Not Found</html>")  # a download that saved an error page
+    assert safetensors_problem(weights).startswith("not a safetensors file")
+    weights.unlink()
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-1.safetensors"}}))
+    with pytest.raises(UserError, match=rf"model\.path: {index} names the shard model-1\.safetensors, which is missing"):
+        check_model_files(model, "model.path")
+    check_model_files(tmp_path / "no-such-dir", "model.path")  # the callers say what a missing directory means
+    check_model_files("org/hub-model", "model.path")
