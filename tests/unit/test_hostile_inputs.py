@@ -54,10 +54,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *expected: str) -> None
         assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr[-3000:]}"
 
 
-def make_checkpoint(root: Path, step: int, fingerprint: str, algorithm: str = "grpo") -> Path:
+def make_checkpoint(root: Path, step: int, fingerprint: str, algorithm: str = "grpo",
+                    files: dict[str, bytes] | None = None) -> Path:
+    """``files``: more files (path in the checkpoint -> bytes), recorded in its manifest."""
     store = CheckpointStore(root, keep_last=5)
     tmp = store.begin(step)
     (tmp / "learner" / "policy").mkdir(parents=True)
+    for name, data in (files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
     (tmp / "config.yaml").write_text("algorithm:\n  name: grpo\n")
     state = {"algorithm": algorithm, "model_fingerprint": fingerprint, "draws": step, "policy_version": step}
     return store.commit(tmp, step, state)
@@ -589,3 +594,74 @@ def test_safetensors_damage_found_from_the_header(tmp_path, tiny_model_dir):
         check_model_files(model, "model.path")
     check_model_files(tmp_path / "no-such-dir", "model.path")  # the callers say what a missing directory means
     check_model_files("org/hub-model", "model.path")
+
+
+def learner_files(step: int, size: int = 4096) -> dict[str, bytes]:
+    """What a DeepSpeed save leaves under learner/policy (no real weights), by path in the checkpoint."""
+    return {"learner/policy/latest": f"global_step{step}".encode(),
+            f"learner/policy/global_step{step}/mp_rank_00_model_states.pt": b"\x80" * size}
+
+
+def damage(checkpoint: Path, step: int, keep: int = 1000) -> Path:
+    weights = checkpoint / f"learner/policy/global_step{step}/mp_rank_00_model_states.pt"
+    with weights.open("r+b") as file:
+        file.truncate(keep)
+    return weights
+
+
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(good_run, tiny_model_dir, capsys):
+    """`--resume` (and checkpoint.resume_from naming a checkpoints folder) takes the newest intact
+    checkpoint, warning with the damaged file; the run itself would start Ray, so this is the
+    function `flywheel train` calls first."""
+    from services.driver.checkpoint import resolve_resume
+
+    root = good_run / "checkpoints"
+    intact = make_checkpoint(root, 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
+    latest = make_checkpoint(root, 6, model_fingerprint(tiny_model_dir), files=learner_files(6))
+    weights = damage(latest, 6)
+    for resume_from, resume in ((None, True), (str(root), False)):
+        assert resolve_resume(resume_from, resume, good_run) == intact
+        assert capsys.readouterr().err == (f"warning: checkpoint: {weights} is damaged (truncated: 1000 of 4096 "
+                                           f"bytes); using {intact} instead, the newest intact checkpoint\n")
+    (intact / "learner" / "policy" / "latest").unlink()
+    assert resolve_resume(None, True, good_run) == root / "step-000002"
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2  # step 6's file, then step 4's
+    assert f"{intact / 'learner/policy/latest'} is missing (the checkpoint recorded 12 bytes)" in warnings[1]
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_previous_intact_one(good_run, tiny_model_dir):
+    latest = make_checkpoint(good_run / "checkpoints", 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
+    weights = damage(latest, 4)
+    proc = train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"checkpoint.resume_from={latest}",
+                       expected=[f"checkpoint.resume_from: {weights} is damaged (truncated: 1000 of 4096 bytes); "
+                                 f"{good_run / 'checkpoints' / 'step-000002'} is the previous intact checkpoint"])
+    assert "resumed from" not in proc.stdout
+
+
+def test_resume_with_no_intact_checkpoint_names_the_file(good_run, tiny_model_dir):
+    (only,) = CheckpointStore(good_run / "checkpoints").complete()
+    config = only / "config.yaml"
+    config.write_text("algor")  # written after the manifest: 5 of 24 bytes
+    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", "--resume", expected=[
+        f"checkpoint: {config} is damaged (truncated: 5 of 24 bytes); no checkpoint under {good_run / 'checkpoints'} "
+        "is intact"])
+    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"checkpoint.resume_from={only}", expected=[
+        f"checkpoint.resume_from: {config} is damaged (truncated: 5 of 24 bytes); no earlier checkpoint beside it "
+        "is intact"])
+
+
+def test_export_of_a_damaged_checkpoint_names_the_file(good_run, tmp_path, tiny_model_dir):
+    latest = make_checkpoint(good_run / "checkpoints", 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
+    weights, target = damage(latest, 4), tmp_path / "exported"
+    before = snapshot(good_run)
+    assert_user_error(flywheel("export", str(latest), str(target)),
+                      f"export: {weights} is damaged (truncated: 1000 of 4096 bytes); "
+                      f"{good_run / 'checkpoints' / 'step-000002'} is the previous intact checkpoint")
+    # OUT/checkpoints: the newest intact one is taken (step 2 of good_run holds no DeepSpeed files)
+    proc = flywheel("export", str(good_run / "checkpoints"), str(target))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"warning: checkpoint: {weights} is damaged (truncated: 1000 of 4096 bytes); "
+                                  f"using {good_run / 'checkpoints' / 'step-000002'} instead"), proc.stderr
+    assert "error: export: " in proc.stderr and "step-000002' holds no DeepSpeed policy checkpoint" in proc.stderr
+    assert snapshot(good_run) == before and not target.exists()
