@@ -15,6 +15,7 @@ import yaml
 
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
+from services.core.model_files import check_model_files
 
 RM_PRESET = "rm-toy"
 
@@ -44,6 +45,7 @@ def policy_dir(cfg: FlywheelConfig, out: Path) -> Path:
         path = Path(cfg.model.path).expanduser()
         if not (path / "config.json").is_file():
             raise UserError(f"model.path: no HF model directory (config.json) at '{cfg.model.path}'")
+        check_model_files(path, "model.path")
         return path
     if cfg.data.source != "toy":
         raise UserError("model.path: point it at a policy directory (the output of `flywheel sft`)")

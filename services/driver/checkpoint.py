@@ -7,7 +7,8 @@ A checkpoint directory holds
   ``flywheel export`` makes a Hugging Face directory from the checkpoint alone;
 - ``config.yaml``: the resolved run config;
 - ``driver_state.json``: step, policy version, prompt cursor and epoch, selection and
-  diagnostics state, RNG states, the model fingerprint;
+  diagnostics state, RNG states, the model fingerprint, and ``files``: the manifest of every
+  other file of the checkpoint (relative path -> size in bytes);
 - ``pending_rollouts.pb``: (streaming runs) the batch generated for the next step.
 
 Atomicity: everything is written into ``.tmp-step-000042-<pid>/`` next to the final
@@ -15,6 +16,12 @@ directory and renamed into place at the end (a rename within one filesystem is a
 ``driver_state.json`` is written last. A directory is a checkpoint only if it is named
 ``step-NNNNNN`` and holds ``driver_state.json``, so a half-written one is never resumed.
 With several nodes, ``OUT`` must be on storage that every learner node can write.
+
+Damage after the fact (a disk that filled, a copy cut short) is found from the manifest
+before Ray starts (:func:`verify_checkpoint`: every file there, of its size; sizes only, no
+hashing of the weights). ``--resume`` then falls back to the newest intact checkpoint, with
+a warning naming the damaged file; a checkpoint named explicitly is refused, naming the file
+and the previous intact checkpoint. A checkpoint written before the manifest loads unchecked.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from services.core.errors import UserError
@@ -34,9 +42,18 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 STATE_FILE = "driver_state.json"
+MANIFEST_KEY = "files"  # in driver_state.json: {relative path: size in bytes} of every other file
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # the policy files a checkpoint copies (no weights): enough to rebuild the HF directory
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files are not what it recorded; ``problem`` names the file."""
+
+    def __init__(self, checkpoint: Path, problem: str):
+        super().__init__(f"checkpoint: {problem}")
+        self.checkpoint, self.problem = checkpoint, problem
 
 
 def model_fingerprint(policy_dir: str | Path) -> str:
@@ -83,16 +100,27 @@ class CheckpointStore:
         return tmp
 
     def commit(self, tmp: Path, step: int, state: dict) -> Path:
-        """Write the driver state last, rename ``tmp`` into place, drop all but the last K."""
-        state = {"format_version": FORMAT_VERSION, **state, "step": step}
+        """Write the driver state last, with the manifest of the files written before it, rename
+        ``tmp`` into place, drop all but the last K up to ``step``. Checkpoints of later steps
+        (a run resumed from an earlier one, e.g. past a damaged one) are left alone until this
+        run writes those steps again, so the one just written is never dropped."""
+        state = {"format_version": FORMAT_VERSION, **state, "step": step, MANIFEST_KEY: file_sizes(tmp)}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
         final = self.root / f"step-{step:06d}"
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in self.complete()[: -self.keep_last]:
+        for old in [p for p in self.complete() if checkpoint_step(p) <= step][: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """{path relative to ``folder``: size in bytes} of every file under it, ``driver_state.json`` aside."""
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*")) if path.is_file() and path != folder / STATE_FILE
+    }
 
 
 def copy_policy_files(policy_dir: str | Path, target: Path) -> None:
@@ -115,7 +143,7 @@ def read_state(checkpoint: str | Path) -> dict:
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise UserError(f"checkpoint: {state_file} is not valid JSON ({exc}); the checkpoint is damaged") from None
+        raise DamagedCheckpoint(path, f"{state_file} is not valid JSON ({exc}); the checkpoint is damaged") from None
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
         raise UserError(
@@ -125,24 +153,103 @@ def read_state(checkpoint: str | Path) -> dict:
     return state
 
 
+def damaged_file(checkpoint: Path, state: dict) -> str | None:
+    """The first file of the checkpoint's manifest that is missing or not of its recorded
+    size, said as '<path> is damaged (truncated: X of Y bytes)'; None when every one is as
+    recorded, or the checkpoint has no manifest (written before it)."""
+    manifest = state.get(MANIFEST_KEY)
+    if manifest is None:
+        return None
+    if not isinstance(manifest, dict) or not all(type(size) is int for size in manifest.values()):
+        return f"{checkpoint / STATE_FILE} is damaged (its '{MANIFEST_KEY}' is not a mapping of sizes)"
+    for name, size in sorted(manifest.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing (the checkpoint recorded {size} bytes)"
+        actual = path.stat().st_size
+        if actual != size:
+            how = "truncated" if actual < size else "longer than recorded"
+            return f"{path} is damaged ({how}: {actual} of {size} bytes)"
+    return None
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """:func:`read_state`, and every file of the manifest there with its size; returns the
+    state. :class:`DamagedCheckpoint` names the first file that is not."""
+    state = read_state(checkpoint)
+    problem = damaged_file(checkpoint, state)
+    if problem is not None:
+        raise DamagedCheckpoint(checkpoint, problem)
+    return state
+
+
+def newest_intact(store: CheckpointStore) -> Path:
+    """The newest complete checkpoint of ``store`` that verifies, with a warning on stderr
+    naming the damaged file of each newer one; UserError naming the newest one's when none is
+    intact."""
+    damaged: list[str] = []
+    for checkpoint in reversed(store.complete()):
+        try:
+            verify_checkpoint(checkpoint)
+        except DamagedCheckpoint as exc:
+            damaged.append(exc.problem)
+            continue
+        for problem in damaged:
+            print(f"warning: checkpoint: {problem}; using {checkpoint} instead, the newest intact checkpoint",
+                  file=sys.stderr)
+        return checkpoint
+    others = f" (the {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""
+    raise UserError(f"checkpoint: {damaged[0]}; no checkpoint under {store.root} is intact{others}")
+
+
+def previous_intact(checkpoint: Path) -> Path | None:
+    """The newest intact checkpoint beside ``checkpoint`` of an earlier step (None: none)."""
+    step = checkpoint_step(checkpoint)
+    if step is None:
+        return None
+    for earlier in reversed([p for p in CheckpointStore(checkpoint.parent).complete() if checkpoint_step(p) < step]):
+        try:
+            verify_checkpoint(earlier)
+        except UserError:
+            continue
+        return earlier
+    return None
+
+
+def verify_named_checkpoint(checkpoint: Path, setting: str) -> dict:
+    """:func:`verify_checkpoint` of a checkpoint the user named: a damaged one is refused
+    (exit 2), naming the file and the previous intact checkpoint to use instead."""
+    try:
+        return verify_checkpoint(checkpoint)
+    except DamagedCheckpoint as exc:
+        previous = previous_intact(checkpoint)
+        hint = (f"{previous} is the previous intact checkpoint" if previous is not None
+                else "no earlier checkpoint beside it is intact")
+        raise UserError(f"{setting}: {exc.problem}; {hint}") from None
+
+
 def resolve_resume(resume_from: str | None, resume_latest: bool, out: Path) -> Path | None:
     """The checkpoint to resume: ``checkpoint.resume_from`` (a checkpoint directory, or a
     checkpoints folder whose latest complete one is taken), or with ``--resume`` the latest
-    under OUT/checkpoints. ``--resume`` with none there starts fresh (and says so)."""
+    under OUT/checkpoints. ``--resume`` with none there starts fresh (and says so). Each is
+    verified (:func:`verify_checkpoint`): a damaged checkpoint named by ``resume_from`` is
+    refused; one taken as the latest of a folder gives way to the newest intact one, with a
+    warning naming the damaged file."""
     if resume_from:
         path = Path(resume_from).expanduser()
         if (path / STATE_FILE).is_file():
-            read_state(path)
+            verify_named_checkpoint(path, "checkpoint.resume_from")
             return path
-        latest = CheckpointStore(path).latest() if path.is_dir() else None
-        if latest is None:
+        store = CheckpointStore(path)
+        if not path.is_dir() or store.latest() is None:
             raise UserError(f"checkpoint.resume_from: no complete checkpoint at '{resume_from}'")
-        return latest
+        return newest_intact(store)
     if resume_latest:
-        latest = CheckpointStore(out / "checkpoints").latest()
-        if latest is None:
+        store = CheckpointStore(out / "checkpoints")
+        if store.latest() is None:
             print(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
-        return latest
+            return None
+        return newest_intact(store)
     return None
 
 
@@ -215,6 +322,7 @@ def read_pending(path: Path, stats: list[dict] | dict) -> list[tuple[list, float
 
 __all__ = [
     "CheckpointStore",
+    "DamagedCheckpoint",
     "FORMAT_VERSION",
     "STATE_FILE",
     "checkpoint_step",
@@ -224,6 +332,9 @@ __all__ = [
     "model_fingerprint",
     "read_state",
     "resolve_resume",
+    "verify_checkpoint",
+    "verify_named_checkpoint",
+    "newest_intact",
     "PENDING_FILE",
     "read_pending",
     "write_pending",

@@ -17,18 +17,21 @@ import shutil
 from pathlib import Path
 
 from services.core.errors import UserError
-from services.driver.checkpoint import CheckpointStore, read_state
+from services.driver.checkpoint import STATE_FILE, CheckpointStore, newest_intact, verify_named_checkpoint
 from services.learner.lora import lora_of_run, merged_state_dict
 
 
 def learner_tag_dir(checkpoint: Path) -> tuple[Path, str]:
-    """(``learner/policy``, its latest tag) of a Flywheel checkpoint, with clear errors."""
-    if not (checkpoint / "driver_state.json").is_file():  # OUT/checkpoints: take the latest
-        latest = CheckpointStore(checkpoint).latest() if checkpoint.is_dir() else None
-        if latest is None:
+    """(``learner/policy``, its latest tag) of a Flywheel checkpoint, with clear errors. Its
+    files are verified against its manifest first: a damaged checkpoint named is refused; of
+    OUT/checkpoints the newest intact one is taken (with a warning naming the damaged file)."""
+    if (checkpoint / STATE_FILE).is_file():
+        verify_named_checkpoint(checkpoint, "export")
+    else:  # OUT/checkpoints: take the latest intact one
+        store = CheckpointStore(checkpoint)
+        if not checkpoint.is_dir() or store.latest() is None:
             raise UserError(f"export: no complete Flywheel checkpoint at '{checkpoint}'")
-        checkpoint = latest
-    read_state(checkpoint)
+        checkpoint = newest_intact(store)
     policy = checkpoint / "learner" / "policy"
     latest_file = policy / "latest"
     if not latest_file.is_file():

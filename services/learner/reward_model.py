@@ -130,8 +130,7 @@ def ensemble_reward_config(cfg: FlywheelConfig, members: list[dict]) -> RewardCo
 def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """Make or load the pairs, train K members, evaluate them; returns summary.json's content."""
     unpacked_stage(cfg.learner, "train-rm")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # made once the policy's files and the pairs are checked
     started = time.time()
     if cfg.data.source == "toy":  # toy pairs are sampled from the policy
         policy = str(resolve_policy(cfg, out).resolve())
@@ -139,7 +138,7 @@ def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     else:  # the user's pairs are checked before anything slow
         train, heldout = preference_pairs(cfg, None)
         policy = str(resolve_policy(cfg, out).resolve())
-    (out / "pairs").mkdir(exist_ok=True)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "pairs" / "train.jsonl", train)
     write_jsonl(out / "pairs" / "heldout.jsonl", heldout)
     noise = label_noise_rate(train)

@@ -23,6 +23,7 @@ from pathlib import Path
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
 from services.core.metrics import MetricsWriter
+from services.core.model_files import check_model_files
 from services.core.prompts import prompt_text, resolve_chat_template
 from services.core.rl_math import TORCH_DTYPES
 from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
@@ -72,6 +73,7 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     unpacked_stage(cfg.learner, "sft")
     from tqdm import tqdm
 
+    check_model_files(cfg.model.path, "model.path")  # a damaged weight file, before OUT is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

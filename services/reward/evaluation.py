@@ -24,7 +24,9 @@ from pathlib import Path
 from services.core import toy_world
 from services.core.config import FlywheelConfig
 from services.core.errors import UserError
+from services.core.model_files import check_model_files
 from services.core.toy_eval import generate, load_sampling_policy
+from services.driver.preflight import check_scorers
 from services.reward.aggregate import aggregate_scores
 from services.reward.ensemble import RewardEnsemble
 from services.reward.preference_data import HELDOUT_SEED_OFFSET, toy_preference_pairs, user_preference_pairs
@@ -170,7 +172,10 @@ def run_evaluation(cfg: FlywheelConfig, pairs: list[dict], out_dir: str | Path) 
 
 def run_eval_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """`flywheel eval-rm`: the pairs come from ``data.source`` (all rows), or, on the toy
-    world, are sampled afresh from the policy at ``model.path``."""
+    world, are sampled afresh from the policy at ``model.path``. The policy's and the reward
+    models' weight files are checked first (cheap), before the pairs are sampled or read."""
+    check_model_files(cfg.model.path, "model.path")
+    check_scorers(cfg)
     if cfg.data.source == "toy":
         if not cfg.model.path:
             raise UserError("model.path: toy pairs are sampled from a policy; point model.path at one")

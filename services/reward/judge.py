@@ -31,6 +31,7 @@ from typing import Any
 
 from services.core.config import ScorerConfig
 from services.core.errors import UserError
+from services.core.model_files import check_model_files
 from services.core.judge_settings import (
     DEFAULT_PATTERNS, DEFAULT_TEMPLATES, PLACEHOLDER, VERDICTS, is_template_file, template_problem,
 )
@@ -151,6 +152,7 @@ class JudgeScorer(Scorer):
             path = Path(required_path(cfg, field)).expanduser()
             if not path.is_dir():
                 raise UserError(f"{field}.path: no judge model directory at '{cfg.path}'")
+            check_model_files(path, f"{field}.path")
             update["path"] = str(path.resolve())
         else:
             bearer_token(cfg.token_env, cfg.address, field)

@@ -44,6 +44,7 @@ from typing import Any
 
 from services.core.config import ScorerConfig
 from services.core.errors import UserError
+from services.core.model_files import check_model_files
 from services.core.registry import Registry
 from services.core.toy_world import gold_reward
 from services.reward.process_steps import reduce_steps, split_steps
@@ -368,6 +369,7 @@ class HFScorer(Scorer):
         path = Path(required_path(cfg, field)).expanduser()
         if not path.is_dir():
             raise UserError(f"{field}.path: no model directory at '{cfg.path}'")
+        check_model_files(path, f"{field}.path")
         return cfg.model_copy(update={"path": str(path.resolve())})
 
     @classmethod

@@ -9,7 +9,9 @@ import random
 import pytest
 
 from services.core.errors import UserError
-from services.driver.checkpoint import CheckpointStore, model_fingerprint, read_state, resolve_resume, trim_metrics
+from services.driver.checkpoint import (
+    CheckpointStore, DamagedCheckpoint, model_fingerprint, read_state, resolve_resume, trim_metrics, verify_checkpoint,
+)
 from services.driver.driver import sampling_seed
 
 
@@ -29,6 +31,59 @@ def test_resolve_resume(tmp_path, capsys):
     assert resolve_resume(str(out / "checkpoints"), False, out) == latest
     with pytest.raises(UserError, match="no complete checkpoint at"):
         resolve_resume(str(tmp_path / "nowhere"), False, out)
+
+
+def test_commit_records_a_manifest_that_finds_a_truncated_or_missing_file(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=5)
+    tmp = store.begin(3)
+    (tmp / "learner" / "policy" / "global_step3").mkdir(parents=True)
+    weights = tmp / "learner" / "policy" / "global_step3" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(b"w" * 1000)
+    (tmp / "config.yaml").write_text("seed: 0\n")
+    (tmp / "empty.txt").write_text("")
+    path = store.commit(tmp, 3, {"draws": 3})
+    state = verify_checkpoint(path)
+    assert state["files"] == {
+        "config.yaml": 8, "empty.txt": 0, "learner/policy/global_step3/mp_rank_00_model_states.pt": 1000,
+    }
+    assert read_state(path) == state  # the manifest is part of driver_state.json (not listing itself)
+
+    final = path / "learner" / "policy" / "global_step3" / "mp_rank_00_model_states.pt"
+    final.write_bytes(b"w" * 640)  # a disk that filled, a copy cut short
+    with pytest.raises(DamagedCheckpoint) as info:
+        verify_checkpoint(path)
+    assert str(info.value) == f"checkpoint: {final} is damaged (truncated: 640 of 1000 bytes)"
+    final.write_bytes(b"w" * 1001)
+    with pytest.raises(DamagedCheckpoint, match=r"is damaged \(longer than recorded: 1001 of 1000 bytes\)"):
+        verify_checkpoint(path)
+    final.write_bytes(b"w" * 1000)
+    (path / "config.yaml").unlink()
+    with pytest.raises(DamagedCheckpoint) as info:
+        verify_checkpoint(path)
+    assert info.value.problem == f"{path / 'config.yaml'} is missing (the checkpoint recorded 8 bytes)"
+
+
+def test_a_checkpoint_from_before_the_manifest_loads_unchecked(tmp_path):
+    path = commit(tmp_path, 2)
+    state = json.loads((path / "driver_state.json").read_text())
+    del state["files"]
+    (path / "driver_state.json").write_text(json.dumps(state))
+    (path / "whatever.pt").write_bytes(b"")  # nothing to compare it with
+    assert verify_checkpoint(path)["step"] == 2
+    assert resolve_resume(str(path), False, tmp_path) == path
+
+
+def test_commit_never_drops_the_checkpoint_it_wrote(tmp_path):
+    """A run resumed from step 2 past a damaged step 4 writes step 3: with keep_last 1 the old
+    pruning kept only step 4 (the damaged one) and dropped the checkpoint just written."""
+    store = CheckpointStore(tmp_path, keep_last=1)
+    for step in (2, 4):
+        store.commit(store.begin(step), step, {"draws": step})
+    assert [p.name for p in store.complete()] == ["step-000004"]
+    store.commit(store.begin(3), 3, {"draws": 3})
+    assert [p.name for p in store.complete()] == ["step-000003", "step-000004"]
+    store.commit(store.begin(4), 4, {"draws": 4})  # the run writes step 4 again: the older ones go
+    assert [p.name for p in store.complete()] == ["step-000004"]
 
 
 def test_read_state_rejects_other_directories_and_versions(tmp_path):

@@ -54,10 +54,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *expected: str) -> None
         assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr[-3000:]}"
 
 
-def make_checkpoint(root: Path, step: int, fingerprint: str, algorithm: str = "grpo") -> Path:
+def make_checkpoint(root: Path, step: int, fingerprint: str, algorithm: str = "grpo",
+                    files: dict[str, bytes] | None = None) -> Path:
+    """``files``: more files (path in the checkpoint -> bytes), recorded in its manifest."""
     store = CheckpointStore(root, keep_last=5)
     tmp = store.begin(step)
     (tmp / "learner" / "policy").mkdir(parents=True)
+    for name, data in (files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
     (tmp / "config.yaml").write_text("algorithm:\n  name: grpo\n")
     state = {"algorithm": algorithm, "model_fingerprint": fingerprint, "draws": step, "policy_version": step}
     return store.commit(tmp, step, state)
@@ -530,3 +535,133 @@ def test_serve_reward_on_a_host_that_cannot_be_bound_names_the_host(host_args, e
     proc = flywheel("serve-reward", "grpo-toy", *host_args)
     assert_user_error(proc, expected)
     assert "token" not in proc.stderr
+
+
+# --- 14. damaged files: a truncated model or checkpoint -------------------------------------------
+
+
+def cut_model(tmp_path: Path, tiny_model_dir: Path, keep: int | None = None) -> tuple[Path, Path, int]:
+    """A copy of the tiny model whose model.safetensors is cut to ``keep`` bytes (default: half);
+    (the copy, its model.safetensors, the whole file's size). The shared fixture stays whole."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "cut-model")
+    weights = model / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as file:
+        file.truncate(size // 2 if keep is None else keep)
+    return model, weights, size
+
+
+@pytest.mark.parametrize("command, preset", [
+    ("train", "grpo-toy"), ("sft", "sft-toy"), ("train-rm", "rm-toy"), ("eval-rm", "rm-toy"),
+])
+def test_truncated_model_safetensors_is_named_before_out_is_written(tmp_path, tiny_model_dir, command, preset):
+    """It was a SafetensorError traceback ("incomplete metadata, file not fully covered") from
+    transformers, or from the vLLM and DeepSpeed actors after Ray started."""
+    model, weights, size = cut_model(tmp_path, tiny_model_dir)
+    before, out = snapshot(model), tmp_path / "out"
+    assert_user_error(flywheel(command, preset, "--out", str(out), f"model.path={model}"),
+                      f"model.path: {weights} is damaged (truncated: {size // 2} of {size} bytes)",
+                      "copy or download the model again")
+    assert snapshot(model) == before and not out.exists()
+
+
+def test_truncated_reward_model_is_named(good_run, tmp_path, tiny_model_dir):
+    model, weights, size = cut_model(tmp_path, tiny_model_dir)
+    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"reward.scorers=[{{kind: hf, path: {model}}}]",
+                "--resume", expected=[f"reward.scorers.0.path: {weights} is damaged (truncated: {size // 2} of {size} "
+                                      "bytes)"])
+
+
+def test_safetensors_damage_found_from_the_header(tmp_path, tiny_model_dir):
+    from services.core.model_files import check_model_files, safetensors_problem
+
+    model, weights, size = cut_model(tmp_path, tiny_model_dir, keep=40)
+    assert safetensors_problem(weights).startswith("truncated: 40 of at least ")  # cut inside the JSON header
+    assert safetensors_problem(tiny_model_dir / "model.safetensors") is None
+    with weights.open("wb") as file:
+        file.write((tiny_model_dir / "model.safetensors").read_bytes() + b"\0\0")
+    assert safetensors_problem(weights) == f"2 bytes longer than its header says ({size + 2} instead of {size} bytes)"
+    weights.write_bytes(b"\x05\x00")
+    assert safetensors_problem(weights) == "truncated: 2 bytes, fewer than the 8 that give the header's length"
+    weights.write_bytes(b"<html>404 Not Found</html>")  # a download that saved an error page
+    assert safetensors_problem(weights).startswith("not a safetensors file")
+    weights.unlink()
+    index = model / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-1.safetensors"}}))
+    with pytest.raises(UserError, match=rf"model\.path: {index} names the shard model-1\.safetensors, which is missing"):
+        check_model_files(model, "model.path")
+    check_model_files(tmp_path / "no-such-dir", "model.path")  # the callers say what a missing directory means
+    check_model_files("org/hub-model", "model.path")
+
+
+def learner_files(step: int, size: int = 4096) -> dict[str, bytes]:
+    """What a DeepSpeed save leaves under learner/policy (no real weights), by path in the checkpoint."""
+    return {"learner/policy/latest": f"global_step{step}".encode(),
+            f"learner/policy/global_step{step}/mp_rank_00_model_states.pt": b"\x80" * size}
+
+
+def damage(checkpoint: Path, step: int, keep: int = 1000) -> Path:
+    weights = checkpoint / f"learner/policy/global_step{step}/mp_rank_00_model_states.pt"
+    with weights.open("r+b") as file:
+        file.truncate(keep)
+    return weights
+
+
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(good_run, tiny_model_dir, capsys):
+    """`--resume` (and checkpoint.resume_from naming a checkpoints folder) takes the newest intact
+    checkpoint, warning with the damaged file; the run itself would start Ray, so this is the
+    function `flywheel train` calls first."""
+    from services.driver.checkpoint import resolve_resume
+
+    root = good_run / "checkpoints"
+    intact = make_checkpoint(root, 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
+    latest = make_checkpoint(root, 6, model_fingerprint(tiny_model_dir), files=learner_files(6))
+    weights = damage(latest, 6)
+    for resume_from, resume in ((None, True), (str(root), False)):
+        assert resolve_resume(resume_from, resume, good_run) == intact
+        assert capsys.readouterr().err == (f"warning: checkpoint: {weights} is damaged (truncated: 1000 of 4096 "
+                                           f"bytes); using {intact} instead, the newest intact checkpoint\n")
+    (intact / "learner" / "policy" / "latest").unlink()
+    assert resolve_resume(None, True, good_run) == root / "step-000002"
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2  # step 6's file, then step 4's
+    assert f"{intact / 'learner/policy/latest'} is missing (the checkpoint recorded 12 bytes)" in warnings[1]
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_previous_intact_one(good_run, tiny_model_dir):
+    latest = make_checkpoint(good_run / "checkpoints", 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
+    weights = damage(latest, 4)
+    proc = train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"checkpoint.resume_from={latest}",
+                       expected=[f"checkpoint.resume_from: {weights} is damaged (truncated: 1000 of 4096 bytes); "
+                                 f"{good_run / 'checkpoints' / 'step-000002'} is the previous intact checkpoint"])
+    assert "resumed from" not in proc.stdout
+
+
+def test_resume_with_no_intact_checkpoint_names_the_file(good_run, tiny_model_dir):
+    (only,) = CheckpointStore(good_run / "checkpoints").complete()
+    config = only / "config.yaml"
+    config.write_text("algor")  # written after the manifest: 5 of 24 bytes
+    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", "--resume", expected=[
+        f"checkpoint: {config} is damaged (truncated: 5 of 24 bytes); no checkpoint under {good_run / 'checkpoints'} "
+        "is intact"])
+    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"checkpoint.resume_from={only}", expected=[
+        f"checkpoint.resume_from: {config} is damaged (truncated: 5 of 24 bytes); no earlier checkpoint beside it "
+        "is intact"])
+
+
+def test_export_of_a_damaged_checkpoint_names_the_file(good_run, tmp_path, tiny_model_dir):
+    latest = make_checkpoint(good_run / "checkpoints", 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
+    weights, target = damage(latest, 4), tmp_path / "exported"
+    before = snapshot(good_run)
+    assert_user_error(flywheel("export", str(latest), str(target)),
+                      f"export: {weights} is damaged (truncated: 1000 of 4096 bytes); "
+                      f"{good_run / 'checkpoints' / 'step-000002'} is the previous intact checkpoint")
+    # OUT/checkpoints: the newest intact one is taken (step 2 of good_run holds no DeepSpeed files)
+    proc = flywheel("export", str(good_run / "checkpoints"), str(target))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"warning: checkpoint: {weights} is damaged (truncated: 1000 of 4096 bytes); "
+                                  f"using {good_run / 'checkpoints' / 'step-000002'} instead"), proc.stderr
+    assert "error: export: " in proc.stderr and "step-000002' holds no DeepSpeed policy checkpoint" in proc.stderr
+    assert snapshot(good_run) == before and not target.exists()

@@ -71,6 +71,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.estimators": "base",
     "services.core.judge_settings": "base",  # the judge scorer's defaults and checks, for the config layer
     "services.core.learner_batches": "base",
+    "services.core.model_files": "base",  # a model directory's safetensors files are whole (headers only)
     "services.core.out_lock": "base",  # one writer per OUT; what each command leaves there
     "services.core.packing": "base",  # sequence packing: token-budget bins, one packed row and back
     "services.core.prompts": "base",  # a prompt (string or chat messages) as text and token ids
