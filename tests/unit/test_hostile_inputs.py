@@ -530,3 +530,119 @@ def test_serve_reward_on_a_host_that_cannot_be_bound_names_the_host(host_args, e
     proc = flywheel("serve-reward", "grpo-toy", *host_args)
     assert_user_error(proc, expected)
     assert "token" not in proc.stderr
+
+
+# --- 15. remote scorer on an HTTP port; a tokenizer with no pad or eos ---------------------------
+
+
+def serve_in_thread(server) -> None:
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def test_remote_scorer_on_an_http_port_fails_at_once_naming_the_setting():
+    """Issue #22: a remote scorer pointed at a web server (a Prometheus exporter, `python -m
+    http.server`) retried UNAVAILABLE ("Failed parsing HTTP/2") and said only that. A port that
+    answers HTTP is not retried; the actor's error names the scorer and its address setting."""
+    import http.server
+
+    from services.core.config import ScorerConfig
+    from services.reward.ensemble import ScorerActor
+    from services.reward.scorers import ScorerError
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"# HELP up 1\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    serve_in_thread(server)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        actor = ScorerActor(ScorerConfig(kind="remote", address=address, name="far-rm"), 0)
+        with pytest.raises(ScorerError) as info:
+            actor.score(["12+7="], ["19"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(info.value) == (
+        f"reward scorer 'far-rm' (reward.scorers.0): {address} answered HTTP (\"HTTP/1.0 200 OK\" to GET /), not "
+        "gRPC; is reward.scorers.0.address the port of `flywheel serve-reward`?"
+    )
+    assert actor.scorer.client.last_attempts == 1  # not retried (the default is 4 retries)
+
+
+def test_a_port_that_answers_another_protocol_fails_at_once_and_a_closed_port_is_retried():
+    import socketserver
+
+    from services.reward.grpc_client import NotGrpcServerError, RemoteRewardError, RewardClient
+
+    class Banner(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Banner)
+    serve_in_thread(server)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        client = RewardClient(address, timeout_s=10, retries=3, sleep=lambda s: None)
+        with pytest.raises(NotGrpcServerError, match=rf"^{address} answered with something that is not gRPC "
+                                                     r"\(HTTP/2\): .*Failed parsing HTTP/2"):
+            client.health()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert client.last_attempts == 1
+    with socket.socket() as s:  # nothing listens: a server still starting, retried as before
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    client = RewardClient(closed, timeout_s=10, retries=2, sleep=lambda s: None)
+    with pytest.raises(RemoteRewardError, match="is unavailable: Health failed after 3 attempts") as info:
+        client.health()
+    assert not isinstance(info.value, NotGrpcServerError) and client.last_attempts == 3
+
+
+def without_special_tokens(model_dir: Path, target: Path, *tokens: str) -> Path:
+    """A copy of ``model_dir`` whose tokenizer files name none of ``tokens`` (e.g. pad_token)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, target)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (target / name).is_file():
+            config = json.loads((target / name).read_text())
+            (target / name).write_text(json.dumps({k: v for k, v in config.items() if k not in tokens}))
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert all(getattr(tokenizer, token) is None for token in tokens)
+    return target
+
+
+@pytest.fixture
+def no_pad_nor_eos(tiny_model_dir, tmp_path) -> Path:
+    return without_special_tokens(tiny_model_dir, tmp_path / "no-pad-nor-eos", "pad_token", "eos_token")
+
+
+@pytest.mark.parametrize("command, preset", [("train", "grpo-toy"), ("sft", "sft-toy"), ("train-rm", "rm-toy")])
+def test_a_tokenizer_with_neither_pad_nor_eos_is_refused_before_anything_starts(no_pad_nor_eos, good_sft, command,
+                                                                                 preset):
+    """Issue #22: `flywheel train` failed in a DeepSpeed rank (``full(): fill_value`` None),
+    `flywheel sft` in the toy evaluation's padding (ValueError), each with a traceback."""
+    before, tokenizer_files = snapshot(good_sft), snapshot(no_pad_nor_eos)
+    proc = flywheel(command, preset, "--out", str(good_sft), f"model.path={no_pad_nor_eos}")
+    assert_user_error(proc, f"model.path: the tokenizer in {no_pad_nor_eos} has neither a pad token nor an eos "
+                            f"token; set one (pad_token or eos_token in {no_pad_nor_eos / 'tokenizer_config.json'})")
+    assert snapshot(good_sft) == before and snapshot(no_pad_nor_eos) == tokenizer_files
+
+
+def test_a_tokenizer_with_no_pad_token_pads_with_its_eos_token(tiny_model_dir, tmp_path):
+    from services.core.special_tokens import load_padding_tokenizer, pad_token_id
+
+    no_pad = without_special_tokens(tiny_model_dir, tmp_path / "no-pad", "pad_token")
+    tokenizer = load_padding_tokenizer(no_pad, "model.path")
+    assert (tokenizer.pad_token, pad_token_id(tokenizer)) == ("<|eos|>", tokenizer.eos_token_id)
