@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ def run_flywheel(*args: str, timeout: float = 600, cwd: Path = REPO) -> subproce
         [sys.executable, "-m", "services.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
     )
+
+
+def launch(command: list[str], log, env: dict) -> subprocess.Popen:
+    """`flywheel train` in a process group of its own, with SIGINT as in a terminal's
+    foreground job (the suite may run in a background job, which starts with it ignored)."""
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def sft_policy(out_dir: str | Path, given: str | None = None) -> str:

@@ -20,15 +20,16 @@ from services.core.config import FlywheelConfig
 from services.core.data import load_rows
 from services.core.errors import UserError
 from services.core.prompts import prompt_text, render_prompt, resolve_chat_template
+from services.core.special_tokens import load_padding_tokenizer
 from services.core.toy_world import TASKS
 from services.reward.scorers import scorer_class, scorer_name
 from services.rpc.struct_columns import check_json_value
 
 
 def load_tokenizer(policy: str | Path, cfg: FlywheelConfig):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(policy), trust_remote_code=cfg.model.trust_remote_code)
+    """The policy's tokenizer; a UserError when it has neither a pad nor an eos token (the
+    learner pads with one of them), before Ray starts."""
+    return load_padding_tokenizer(policy, "model.path", cfg.model.trust_remote_code)
 
 
 def toy_rows(cfg: FlywheelConfig) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import random
 
 from services.core.batch_types import TokenBatch
 from services.core.config import FlywheelConfig
+from services.core.special_tokens import pad_token_id
 from services.learner.sft_data import IGNORE, collate, encode_example, sft_rows
 
 
@@ -24,7 +25,7 @@ class PtxBatches:
                            chat_template=cfg.model.chat_template, system_prompt=data.system_prompt)
             for r in rows
         ]
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.batch_size = cfg.algorithm.ptx_batch_size
         self._rng = random.Random(f"ptx-{cfg.seed}")
         self._order: list[int] = []

@@ -20,6 +20,7 @@ from services.core.batch_types import TokenBatch, Trajectory
 from services.core.config import FlywheelConfig
 from services.core.learner_batches import LearnerBatch
 from services.core.placement import reserve
+from services.core.special_tokens import pad_token_id
 from services.learner.group import LearnerGroup
 from services.reference.server import LearnerReference, ReferencePool
 from services.reward.ensemble import RewardService
@@ -107,7 +108,7 @@ def build_services(cfg: FlywheelConfig, policy_dir: str, needs_critic: bool, opt
 
     placement_group, placement = reserve(cfg)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)  # never None: rl_prompts refused a tokenizer that cannot pad
     started: list = []
     try:  # every service starts at once (the rollout engines, the slowest, first); then each is waited for
         rollout = RolloutPool(policy_dir, cfg, placement=placement["rollout"], wait=False)

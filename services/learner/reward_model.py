@@ -26,6 +26,7 @@ from services.core.config_loading import dump_config
 from services.core.data import write_jsonl
 from services.core.metrics import MetricsWriter
 from services.core.rl_math import bradley_terry_loss
+from services.core.special_tokens import load_padding_tokenizer
 from services.driver.bootstrap import policy_dir as resolve_policy
 from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
 from services.learner.lora import reject_lora
@@ -42,12 +43,10 @@ def reward_max_length(cfg: FlywheelConfig) -> int:
 def load_reward_model(policy_dir: str, seed: int):
     """A one-label sequence classifier on the policy's backbone (head seeded by ``seed``)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_padding_tokenizer(policy_dir, "model.path")
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
@@ -131,6 +130,8 @@ def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """Make or load the pairs, train K members, evaluate them; returns summary.json's content."""
     unpacked_stage(cfg.learner, "train-rm")
     out = Path(out_dir)  # made once the policy's files and the pairs are checked
+    if cfg.model.path is not None:  # the toy policy, made in OUT, can pad
+        load_padding_tokenizer(resolve_policy(cfg, out), "model.path")
     started = time.time()
     if cfg.data.source == "toy":  # toy pairs are sampled from the policy
         policy = str(resolve_policy(cfg, out).resolve())

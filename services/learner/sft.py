@@ -26,6 +26,7 @@ from services.core.metrics import MetricsWriter
 from services.core.model_files import check_model_files
 from services.core.prompts import prompt_text, resolve_chat_template
 from services.core.rl_math import TORCH_DTYPES
+from services.core.special_tokens import load_padding_tokenizer
 from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.core.toy_eval import evaluate_toy
 from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
@@ -37,7 +38,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str] | None = None):
     """The policy to fine-tune: a fresh toy Llama, or a HF causal LM from ``model.path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if cfg.model.path is None:
         tokenizer = train_toy_tokenizer(texts_for_tokenizer or [], cfg.model.toy.vocab_size)
@@ -46,15 +47,13 @@ def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str]
     if not Path(path).expanduser().is_dir() and (Path(path).exists() or not _HUB_ID.match(path)):
         raise UserError(f"model.path: no model directory at '{path}'")
     dtype = TORCH_DTYPES[cfg.model.dtype]
+    tokenizer = load_padding_tokenizer(path, "model.path", cfg.model.trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"model.path: could not load a causal LM from '{path}': {exc}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -75,10 +74,10 @@ def run_sft(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
 
     check_model_files(cfg.model.path, "model.path")  # a damaged weight file, before OUT is written
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = sft_rows(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg, [prompt_text(r["prompt"]) + r["response"] for r in rows])
+    out.mkdir(parents=True, exist_ok=True)  # after the checks of the rows and the model
     template = resolve_chat_template(tokenizer, cfg.model.chat_template)
     if template is not None:
         tokenizer.chat_template = template  # saved with the model: RL and vLLM then prompt it the same way

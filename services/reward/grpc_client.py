@@ -5,11 +5,18 @@ the server's aggregate (:class:`RemoteScores`, an :class:`EnsembleScores`). Each
 deadline of ``timeout_s``; only UNAVAILABLE (server down or restarting) is retried, at most
 ``retries`` more times, with exponential backoff and jitter. Every failure is a
 :class:`RemoteRewardError` that names the address and says what to change.
+
+A port that answers, but not with gRPC (a web server, a Prometheus exporter, another protocol),
+is not retried: grpc reports it as UNAVAILABLE ("Failed parsing HTTP/2"), and one HTTP/1.1
+request to the port (:func:`http_status_line`) tells whether it is an HTTP server; the error is
+then a :class:`NotGrpcServerError`. A port that refuses connections is retried as before (a
+server still starting).
 """
 
 from __future__ import annotations
 
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +40,50 @@ class RemoteRewardError(RuntimeError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None):
         super().__init__(message)
         self.code = code
+
+
+class NotGrpcServerError(RemoteRewardError):
+    """The address answered, but not with gRPC; ``answer`` says what it answered (e.g.
+    ``answered HTTP ("HTTP/1.0 200 OK" to GET /), not gRPC``), ``hint`` what else to check
+    ("" or "; ..."). Retrying would not help."""
+
+    def __init__(self, address: str, answer: str, hint: str = ""):
+        super().__init__(f"{address} {answer}; is it the address of a reward server (`flywheel serve-reward`)?{hint}",
+                         grpc.StatusCode.UNAVAILABLE)
+        self.address, self.answer, self.hint = address, answer, hint
+
+
+# grpc's words (in an UNAVAILABLE status's details) for a peer that sent bytes that are not HTTP/2,
+# and, for a TLS client, for a peer that did not answer the handshake with TLS
+NOT_HTTP2_WORDS = ("failed parsing http/2", "http1.x server")
+NOT_TLS_WORDS = ("wrong_version_number",)
+PLAINTEXT_HINT = ("; the client speaks plaintext: if the server uses TLS (reward.server.tls_cert), set tls_ca of the "
+                  "remote scorer")
+
+
+def http_status_line(address: str, timeout_s: float = 2.0) -> str | None:
+    """The status line (``HTTP/1.1 404 Not Found``) an HTTP/1.x server at ``address``
+    (``host:port``) answers to ``GET /``; None when the port does not answer HTTP, cannot be
+    reached, or the address is not of that form."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    request = f"GET / HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode("ascii", "replace")
+    reply = b""
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            sock.sendall(request)
+            while b"\n" not in reply and len(reply) < 256:
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+    except (OSError, ValueError):
+        pass  # what came before the reset or the timeout, if anything, is judged below
+    if not reply.startswith(b"HTTP/"):
+        return None
+    return reply.splitlines()[0].decode("latin-1").strip()[:100]
 
 
 @dataclass
@@ -161,6 +212,7 @@ class RewardClient:
     def _call(self, method: str, rpc: Callable, request: Any, request_bytes: int) -> Any:
         self.last_attempts = 0
         last: grpc.RpcError | None = None
+        probed = False
         for attempt in range(self.retries + 1):
             if attempt:
                 self._sleep(backoff_delay(attempt - 1, self.backoff_base_s, self.backoff_cap_s, self._rng))
@@ -171,19 +223,37 @@ class RewardClient:
                 last = exc
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise self._error(method, exc, request_bytes) from None
+                if not probed:
+                    probed = self._check_speaks_grpc(exc)
         raise RemoteRewardError(
             f"reward server at {self.address} is unavailable: {method} failed after {self.last_attempts} attempts "
             f"({self.retries} retries); last status {last.code().name}: {last.details()}{self._tls_hint(last)}",
             last.code(),
         ) from None
 
+    def _check_speaks_grpc(self, exc: grpc.RpcError) -> bool:
+        """Raise :class:`NotGrpcServerError` when the UNAVAILABLE ``exc`` came from a port that
+        answered, but not with gRPC; True when the port was probed (once per call is enough)."""
+        details = (exc.details() or "").lower()
+        not_http2 = not self.tls and any(word in details for word in NOT_HTTP2_WORDS)
+        not_tls = self.tls and any(word in details for word in NOT_TLS_WORDS)
+        if not (not_http2 or not_tls):
+            return False
+        status = http_status_line(self.address, min(self.timeout_s, 2.0))
+        if status is not None:
+            raise NotGrpcServerError(self.address, f'answered HTTP ("{status}" to GET /), not gRPC') from None
+        if not_http2:  # a gRPC server's first bytes are HTTP/2, whatever happens to it: retrying will not help
+            raise NotGrpcServerError(
+                self.address, f"answered with something that is not gRPC (HTTP/2): {exc.details()}", PLAINTEXT_HINT,
+            ) from None
+        return True
+
     def _tls_hint(self, exc: grpc.RpcError) -> str:
         """What to check when the connection failed where TLS is the likely cause."""
         details = (exc.details() or "").lower()
         closed = any(word in details for word in ("socket closed", "connection reset", "eof"))
         if not self.tls and closed:
-            return ("; the client speaks plaintext: if the server uses TLS (reward.server.tls_cert), set tls_ca of "
-                    "the remote scorer")
+            return PLAINTEXT_HINT
         if self.tls and closed:
             return ("; the server closed the connection during the TLS handshake: does the server want a client "
                     "certificate (tls_cert, tls_key), signed by its reward.server.tls_client_ca?")
@@ -218,4 +288,5 @@ class RewardClient:
         return RemoteRewardError(message, code)
 
 
-__all__ = ["RewardClient", "RemoteRewardError", "RemoteScores", "backoff_delay"]
+__all__ = ["RewardClient", "RemoteRewardError", "NotGrpcServerError", "RemoteScores", "backoff_delay",
+           "http_status_line"]

@@ -46,6 +46,7 @@ from services.core.config import ScorerConfig
 from services.core.errors import UserError
 from services.core.model_files import check_model_files
 from services.core.registry import Registry
+from services.core.special_tokens import require_padding
 from services.core.toy_world import gold_reward
 from services.reward.process_steps import reduce_steps, split_steps
 
@@ -355,10 +356,7 @@ class HFScorer(Scorer):
             raise UserError(
                 f"{field}: '{path}' has num_labels={self.model.config.num_labels}; a reward model needs num_labels=1"
             )
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token_id is None:
-                raise UserError(f"{field}: the tokenizer in '{path}' has neither a pad nor an eos token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        require_padding(self.tokenizer, path, f"{field}.path")
         if self.model.config.pad_token_id is None:  # needed to find each row's last token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to("cpu").eval()
@@ -452,7 +450,13 @@ class RemoteScorer(Scorer):
         return {cfg.token_env: os.environ[cfg.token_env]} if cfg.token_env and os.environ.get(cfg.token_env) else {}
 
     def compute(self, prompts, completions, columns):
-        result = self.client.score(prompts, completions, columns)
+        from services.reward.grpc_client import NotGrpcServerError
+
+        try:
+            result = self.client.score(prompts, completions, columns)
+        except NotGrpcServerError as exc:
+            raise ScorerError(f"reward scorer '{self.name}' ({self.field}): {exc.address} {exc.answer}; is "
+                              f"{self.field}.address the port of `flywheel serve-reward`?{exc.hint}") from None
         if self.member is None:
             return result.scores
         if self.member not in result.member_names:

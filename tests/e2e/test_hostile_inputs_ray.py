@@ -113,3 +113,62 @@ def test_reward_service_failures_name_the_member(ray_session, tmp_path, rewards_
     message = str(actor_user_error(info.value, metrics))
     assert message.startswith("step 2: " + expected.format(file=rewards_file)), message
     assert "Traceback" not in message
+
+
+def ray_processes(since: float) -> list:
+    """Ray's processes (raylet, GCS, agents, workers) started after ``since`` (time.time())."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "create_time"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        ray_like = process.info["name"] in ("raylet", "gcs_server") or (process.info["name"] or "").startswith("ray::")
+        if process.info["create_time"] >= since and (ray_like or "/ray/" in cmdline):
+            found.append(process)
+    return found
+
+
+@pytest.mark.parametrize("presses", [1, 2], ids=["ctrl-c", "ctrl-c-twice"])
+def test_ctrl_c_while_ray_starts_leaves_no_process_and_no_traceback(tmp_path, tiny_model_dir, presses):
+    """Issue #22: Ctrl-C during start-up left `ray::DashboardAgent` and `ray::RuntimeEnvAgent`
+    running as orphans (over 40 s), and could print a KeyboardInterrupt traceback from Ray's exit
+    hook. Ctrl-C (SIGINT to the process group, once or twice) lands as soon as Ray's raylet
+    exists, inside ``ray.init``: exit 130, "interrupted", no traceback, every Ray process the
+    run started gone, OUT's lock released."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import DIST_ENV, launch
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "services.cli", "train", "grpo-toy", "--out", str(out),
+               f"model.path={tiny_model_dir}", "algorithm.total_steps=2"]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    log = tmp_path / "stderr.txt"
+    started = time.time()
+    with log.open("w") as stderr_file:
+        proc = launch(command, stderr_file, env)
+        try:
+            deadline = time.monotonic() + 300
+            while not any(p.name() == "raylet" for p in psutil.Process(proc.pid).children(recursive=True)):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "Ray did not start within 5 minutes"
+                time.sleep(0.05)
+            for press in range(presses):
+                os.killpg(proc.pid, signal.SIGINT)
+                time.sleep(0.3)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 60  # the reaper's grace is 3 s; Ray's own processes stop sooner
+    while (left := ray_processes(started)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"left running after Ctrl-C: {[(p.pid, p.name()) for p in left]}"
+    assert not (out / ".flywheel.lock").exists()

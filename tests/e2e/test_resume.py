@@ -35,7 +35,7 @@ from services.core.config_loading import load_config
 from services.core.metrics import read_metrics
 from services.driver.checkpoint import CheckpointStore
 from services.rpc.trajectory_io import read_trajectories
-from tests.conftest import DIST_ENV, REPO
+from tests.conftest import DIST_ENV, REPO, launch
 
 pytestmark = pytest.mark.slow
 TOTAL = 8
@@ -58,13 +58,6 @@ def samples_by_step(out) -> dict[int, list[tuple]]:
         t = record.trajectory
         by_step.setdefault(record.step, []).append((t.prompt_id, t.sample_index, tuple(t.response_ids), record.reward))
     return by_step
-
-
-def launch(command: list[str], log, env: dict) -> subprocess.Popen:
-    """`flywheel train` in a process group of its own, with SIGINT as in a terminal's
-    foreground job (the suite may run in a background job, which starts with it ignored)."""
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(proc: subprocess.Popen, out, step: int, log) -> None:

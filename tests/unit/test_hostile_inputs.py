@@ -5,7 +5,8 @@ config.yaml, checkpoints, policy) and the input files stay byte-identical.
 
 Everything here fails before Ray, vLLM or DeepSpeed start (a few seconds per command). The
 cases that need Ray actors (a reward function failing inside the reward service, and one
-`flywheel train` whose reward function raises) are in tests/e2e/test_hostile_inputs_ray.py.
+`flywheel train` whose reward function raises) are in tests/e2e/test_hostile_inputs_ray.py;
+the output directory's cases in test_hostile_out.py; damaged files in test_hostile_files.py.
 
 Prompt length, decided: RL refuses a prompt longer than ``data.max_prompt_tokens`` (exit 2,
 before Ray): truncating it would make the policy answer a prompt the reward function never
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,69 +26,9 @@ import pytest
 from services.core.errors import UserError
 from services.driver import preflight
 from services.driver.checkpoint import CheckpointStore, model_fingerprint
-from tests.conftest import run_flywheel
-
-STALE_MODEL = "0123456789abcdef"
-
-
-def flywheel(*args: str) -> subprocess.CompletedProcess:
-    return run_flywheel(*args, timeout=300)
-
-
-def load(preset: str, *overrides: str):
-    from services.core.config_loading import load_config
-
-    return load_config(preset, list(overrides))
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root``: file bytes, None for a directory."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    assert proc.stderr.startswith("error: "), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for text in expected:
-        assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr[-3000:]}"
-
-
-def make_checkpoint(root: Path, step: int, fingerprint: str, algorithm: str = "grpo",
-                    files: dict[str, bytes] | None = None) -> Path:
-    """``files``: more files (path in the checkpoint -> bytes), recorded in its manifest."""
-    store = CheckpointStore(root, keep_last=5)
-    tmp = store.begin(step)
-    (tmp / "learner" / "policy").mkdir(parents=True)
-    for name, data in (files or {}).items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_bytes(data)
-    (tmp / "config.yaml").write_text("algorithm:\n  name: grpo\n")
-    state = {"algorithm": algorithm, "model_fingerprint": fingerprint, "draws": step, "policy_version": step}
-    return store.commit(tmp, step, state)
-
-
-@pytest.fixture
-def good_run(tmp_path, tiny_model_dir) -> Path:
-    """An OUT holding a finished 2-step GRPO run of ``tiny_model_dir`` (what a user must not lose)."""
-    out = tmp_path / "good-run"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": 0.1 * s}) + "\n" for s in (1, 2)))
-    (out / "config.yaml").write_text("algorithm:\n  name: grpo\n")
-    (out / "policy").mkdir()
-    (out / "policy" / "model.safetensors").write_bytes(b"\x00weights\x01")
-    make_checkpoint(out / "checkpoints", 2, model_fingerprint(tiny_model_dir))
-    return out
-
-
-def train_fails(good_run: Path, *args: str, expected: list[str]) -> subprocess.CompletedProcess:
-    """`flywheel train ARGS --out good_run` exits 2 with ``expected`` and leaves good_run as it was."""
-    before = snapshot(good_run)
-    proc = flywheel("train", *args, "--out", str(good_run))
-    assert_user_error(proc, *expected)
-    assert snapshot(good_run) == before, "the failed command changed the existing run"
-    return proc
-
+from tests.hostile import (  # noqa: F401 (good_run, good_sft: fixtures)
+    STALE_MODEL, assert_user_error, flywheel, good_run, good_sft, load, make_checkpoint, snapshot, train_fails,
+)
 
 # --- 1. malformed YAML --------------------------------------------------------------------------
 
@@ -252,18 +192,9 @@ def test_sft_truncates_long_rows_and_says_so(tiny_model_dir):
 # --- 6. empty datasets / 7. non-UTF-8 lines -----------------------------------------------------
 
 
-@pytest.fixture
-def good_sft(tmp_path) -> Path:
-    out = tmp_path / "good-sft"
-    (out / "model").mkdir(parents=True)
-    (out / "model" / "model.safetensors").write_bytes(b"\x00weights")
-    (out / "summary.json").write_text('{"rows": 2}')
-    return out
-
-
 def stage_fails(command: str, preset: str, out: Path, data: Path, expected: list[str]) -> None:
     before, data_bytes = snapshot(out), data.read_bytes()
-    proc = flywheel(command, preset, "--out", str(out), f"data.source={data}")
+    proc = flywheel(command, preset, "--out", str(out), "--overwrite", f"data.source={data}")  # out holds an SFT
     assert_user_error(proc, *expected)
     assert snapshot(out) == before and data.read_bytes() == data_bytes
 
@@ -467,49 +398,7 @@ def test_metrics_host_and_ray_metrics_port_problems(monkeypatch):
     preflight.check_ports(load("grpo-toy", "metrics.prometheus_port=0"))  # 0: the OS picks one
 
 
-# --- 12. a fresh run into an OUT that holds a run -----------------------------------------------
-
-
-def test_fresh_train_into_a_run_with_checkpoints_is_refused(good_run):
-    train_fails(good_run, "grpo-toy", expected=[
-        f"--out: {good_run} already holds a run with checkpoints (latest: {good_run / 'checkpoints' / 'step-000002'})",
-        "Pass --resume to continue it, or choose another --out",
-    ])
-
-
-def test_check_fresh_out(tmp_path):
-    out = tmp_path / "run"
-    preflight.check_fresh_out(out, None)  # nothing there yet
-    (out / "checkpoints" / "step-000004").mkdir(parents=True)  # died before driver_state.json: not a checkpoint
-    (out / "checkpoints" / ".tmp-step-000005-123").mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1}\n')
-    preflight.check_fresh_out(out, None)
-    done = make_checkpoint(out / "checkpoints", 6, STALE_MODEL)
-    with pytest.raises(UserError, match="already holds a run with checkpoints"):
-        preflight.check_fresh_out(out, None)
-    preflight.check_fresh_out(out, done)  # --resume or checkpoint.resume_from: not a fresh run
-
-
-# --- 13. an --out that cannot be a directory ------------------------------------------------------
-
-
-@pytest.mark.parametrize("command", [["train", "grpo-toy"], ["sft", "sft-toy"], ["demo"]])
-def test_out_that_is_a_file_or_under_one_is_refused(tmp_path, command):
-    a_file = tmp_path / "notes.txt"
-    a_file.write_text("mine\n")
-    assert_user_error(flywheel(*command, "--out", str(a_file)), f"--out: {a_file} is a file, not a directory")
-    assert_user_error(flywheel(*command, "--out", str(a_file / "run")),
-                      f"--out: {a_file} is a file, not a directory, so --out {a_file / 'run'} cannot be made")
-    assert a_file.read_text() == "mine\n" and sorted(tmp_path.iterdir()) == [a_file]
-
-
-def test_check_out_dir(tmp_path):
-    preflight.check_out_dir(tmp_path)  # an existing directory
-    preflight.check_out_dir(tmp_path / "new" / "run")  # to be made
-    preflight.check_out_dir(Path("relative-run"))  # under the working directory
-    (tmp_path / "f").write_text("")
-    with pytest.raises(UserError, match="is a file, not a directory"):
-        preflight.check_out_dir(tmp_path / "f" / "deeper" / "run")
+# --- issue #22's smaller cases -----------------------------------------------------------------
 
 
 def test_sft_rows_whose_response_is_only_whitespace_are_named_in_a_warning(tmp_path, capsys):
@@ -537,131 +426,3 @@ def test_serve_reward_on_a_host_that_cannot_be_bound_names_the_host(host_args, e
     assert "token" not in proc.stderr
 
 
-# --- 14. damaged files: a truncated model or checkpoint -------------------------------------------
-
-
-def cut_model(tmp_path: Path, tiny_model_dir: Path, keep: int | None = None) -> tuple[Path, Path, int]:
-    """A copy of the tiny model whose model.safetensors is cut to ``keep`` bytes (default: half);
-    (the copy, its model.safetensors, the whole file's size). The shared fixture stays whole."""
-    import shutil
-
-    model = shutil.copytree(tiny_model_dir, tmp_path / "cut-model")
-    weights = model / "model.safetensors"
-    size = weights.stat().st_size
-    with weights.open("r+b") as file:
-        file.truncate(size // 2 if keep is None else keep)
-    return model, weights, size
-
-
-@pytest.mark.parametrize("command, preset", [
-    ("train", "grpo-toy"), ("sft", "sft-toy"), ("train-rm", "rm-toy"), ("eval-rm", "rm-toy"),
-])
-def test_truncated_model_safetensors_is_named_before_out_is_written(tmp_path, tiny_model_dir, command, preset):
-    """It was a SafetensorError traceback ("incomplete metadata, file not fully covered") from
-    transformers, or from the vLLM and DeepSpeed actors after Ray started."""
-    model, weights, size = cut_model(tmp_path, tiny_model_dir)
-    before, out = snapshot(model), tmp_path / "out"
-    assert_user_error(flywheel(command, preset, "--out", str(out), f"model.path={model}"),
-                      f"model.path: {weights} is damaged (truncated: {size // 2} of {size} bytes)",
-                      "copy or download the model again")
-    assert snapshot(model) == before and not out.exists()
-
-
-def test_truncated_reward_model_is_named(good_run, tmp_path, tiny_model_dir):
-    model, weights, size = cut_model(tmp_path, tiny_model_dir)
-    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"reward.scorers=[{{kind: hf, path: {model}}}]",
-                "--resume", expected=[f"reward.scorers.0.path: {weights} is damaged (truncated: {size // 2} of {size} "
-                                      "bytes)"])
-
-
-def test_safetensors_damage_found_from_the_header(tmp_path, tiny_model_dir):
-    from services.core.model_files import check_model_files, safetensors_problem
-
-    model, weights, size = cut_model(tmp_path, tiny_model_dir, keep=40)
-    assert safetensors_problem(weights).startswith("truncated: 40 of at least ")  # cut inside the JSON header
-    assert safetensors_problem(tiny_model_dir / "model.safetensors") is None
-    with weights.open("wb") as file:
-        file.write((tiny_model_dir / "model.safetensors").read_bytes() + b"\0\0")
-    assert safetensors_problem(weights) == f"2 bytes longer than its header says ({size + 2} instead of {size} bytes)"
-    weights.write_bytes(b"\x05\x00")
-    assert safetensors_problem(weights) == "truncated: 2 bytes, fewer than the 8 that give the header's length"
-    weights.write_bytes(b"<html>404 Not Found</html>")  # a download that saved an error page
-    assert safetensors_problem(weights).startswith("not a safetensors file")
-    weights.unlink()
-    index = model / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-1.safetensors"}}))
-    with pytest.raises(UserError, match=rf"model\.path: {index} names the shard model-1\.safetensors, which is missing"):
-        check_model_files(model, "model.path")
-    check_model_files(tmp_path / "no-such-dir", "model.path")  # the callers say what a missing directory means
-    check_model_files("org/hub-model", "model.path")
-
-
-def learner_files(step: int, size: int = 4096) -> dict[str, bytes]:
-    """What a DeepSpeed save leaves under learner/policy (no real weights), by path in the checkpoint."""
-    return {"learner/policy/latest": f"global_step{step}".encode(),
-            f"learner/policy/global_step{step}/mp_rank_00_model_states.pt": b"\x80" * size}
-
-
-def damage(checkpoint: Path, step: int, keep: int = 1000) -> Path:
-    weights = checkpoint / f"learner/policy/global_step{step}/mp_rank_00_model_states.pt"
-    with weights.open("r+b") as file:
-        file.truncate(keep)
-    return weights
-
-
-def test_resume_falls_back_past_a_damaged_latest_checkpoint(good_run, tiny_model_dir, capsys):
-    """`--resume` (and checkpoint.resume_from naming a checkpoints folder) takes the newest intact
-    checkpoint, warning with the damaged file; the run itself would start Ray, so this is the
-    function `flywheel train` calls first."""
-    from services.driver.checkpoint import resolve_resume
-
-    root = good_run / "checkpoints"
-    intact = make_checkpoint(root, 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
-    latest = make_checkpoint(root, 6, model_fingerprint(tiny_model_dir), files=learner_files(6))
-    weights = damage(latest, 6)
-    for resume_from, resume in ((None, True), (str(root), False)):
-        assert resolve_resume(resume_from, resume, good_run) == intact
-        assert capsys.readouterr().err == (f"warning: checkpoint: {weights} is damaged (truncated: 1000 of 4096 "
-                                           f"bytes); using {intact} instead, the newest intact checkpoint\n")
-    (intact / "learner" / "policy" / "latest").unlink()
-    assert resolve_resume(None, True, good_run) == root / "step-000002"
-    warnings = capsys.readouterr().err.splitlines()
-    assert len(warnings) == 2  # step 6's file, then step 4's
-    assert f"{intact / 'learner/policy/latest'} is missing (the checkpoint recorded 12 bytes)" in warnings[1]
-
-
-def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_previous_intact_one(good_run, tiny_model_dir):
-    latest = make_checkpoint(good_run / "checkpoints", 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
-    weights = damage(latest, 4)
-    proc = train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"checkpoint.resume_from={latest}",
-                       expected=[f"checkpoint.resume_from: {weights} is damaged (truncated: 1000 of 4096 bytes); "
-                                 f"{good_run / 'checkpoints' / 'step-000002'} is the previous intact checkpoint"])
-    assert "resumed from" not in proc.stdout
-
-
-def test_resume_with_no_intact_checkpoint_names_the_file(good_run, tiny_model_dir):
-    (only,) = CheckpointStore(good_run / "checkpoints").complete()
-    config = only / "config.yaml"
-    config.write_text("algor")  # written after the manifest: 5 of 24 bytes
-    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", "--resume", expected=[
-        f"checkpoint: {config} is damaged (truncated: 5 of 24 bytes); no checkpoint under {good_run / 'checkpoints'} "
-        "is intact"])
-    train_fails(good_run, "grpo-toy", f"model.path={tiny_model_dir}", f"checkpoint.resume_from={only}", expected=[
-        f"checkpoint.resume_from: {config} is damaged (truncated: 5 of 24 bytes); no earlier checkpoint beside it "
-        "is intact"])
-
-
-def test_export_of_a_damaged_checkpoint_names_the_file(good_run, tmp_path, tiny_model_dir):
-    latest = make_checkpoint(good_run / "checkpoints", 4, model_fingerprint(tiny_model_dir), files=learner_files(4))
-    weights, target = damage(latest, 4), tmp_path / "exported"
-    before = snapshot(good_run)
-    assert_user_error(flywheel("export", str(latest), str(target)),
-                      f"export: {weights} is damaged (truncated: 1000 of 4096 bytes); "
-                      f"{good_run / 'checkpoints' / 'step-000002'} is the previous intact checkpoint")
-    # OUT/checkpoints: the newest intact one is taken (step 2 of good_run holds no DeepSpeed files)
-    proc = flywheel("export", str(good_run / "checkpoints"), str(target))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.startswith(f"warning: checkpoint: {weights} is damaged (truncated: 1000 of 4096 bytes); "
-                                  f"using {good_run / 'checkpoints' / 'step-000002'} instead"), proc.stderr
-    assert "error: export: " in proc.stderr and "step-000002' holds no DeepSpeed policy checkpoint" in proc.stderr
-    assert snapshot(good_run) == before and not target.exists()

@@ -80,6 +80,7 @@ LAYER_OF: dict[str, str] = {
     "services.core.registry": "base",
     "services.core.rl_math": "base",
     "services.core.rl_variants": "base",
+    "services.core.special_tokens": "base",  # a tokenizer's pad and eos tokens, checked before a stage starts
     "services.core.tiny_model": "base",
     "services.core.toy_eval": "base",  # sampling and scoring a saved policy on the toy world (transformers on call)
     "services.core.toy_world": "base",
