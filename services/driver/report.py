@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 # (file stem, title, line keys, (mean key, std key) for a ±std band or None)
 PANELS: list[tuple[str, str, list[str], tuple[str, str] | None]] = [
     ("reward", "Reward (proxy, ±std)", ["reward/mean"], ("reward/mean", "reward/std")),
-    ("gold", "Gold reward", ["gold/mean"], None),
+    ("gold", "Gold reward (the toy world's true reward, whatever reward the run trains on)", ["gold/mean"], None),
     ("eval", "Held-out evaluation", ["eval/reward_mean", "eval/gold_mean", "eval/pass@*"], None),
     ("kl", "KL to reference", ["train/kl"], None),
     ("response_length", "Response length (tokens)", ["rollout/response_length_mean"], None),

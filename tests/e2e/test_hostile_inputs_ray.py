@@ -59,8 +59,20 @@ def rewards_file(tmp_path):
     return path
 
 
+def wait_until_gone(started: float, timeout_s: float = 60) -> None:
+    """Every Ray process started since ``started`` ends within ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (left := ray_processes(started)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"left running after the run: {[(p.pid, p.name()) for p in left]}"
+
+
 def test_train_stops_with_exit_2_when_the_reward_function_raises(tmp_path, tiny_model_dir, rewards_file):
-    out = tmp_path / "run"
+    import time
+
+    out, started = tmp_path / "run", time.time()
     scorers = json.dumps([{"kind": "python", "path": f"{rewards_file}:flaky", "name": "flaky"}])
     proc = run_flywheel(
         "train", "grpo-toy", "--out", str(out), f"model.path={tiny_model_dir}", "algorithm.total_steps=3",
@@ -85,6 +97,7 @@ def test_train_stops_with_exit_2_when_the_reward_function_raises(tmp_path, tiny_
     logs = {path.name: path.read_text() for path in (out / "logs").iterdir()}
     assert set(logs) == {"rollout-0.log", "learner-rank-0.log", "reference-0.log", "reward-0-flaky.log"}
     assert "Loading safetensors checkpoint shards" in logs["rollout-0.log"]
+    wait_until_gone(started)  # no process of the run survives it
 
 
 @pytest.mark.parametrize("fn, expected", [
@@ -116,11 +129,14 @@ def test_reward_service_failures_name_the_member(ray_session, tmp_path, rewards_
 
 
 def ray_processes(since: float) -> list:
-    """Ray's processes (raylet, GCS, agents, workers) started after ``since`` (time.time())."""
+    """Ray's processes (raylet, GCS, agents, workers) started after ``since`` (time.time()),
+    but the test session's own Ray (``ray_session``, below this process)."""
     import psutil
 
-    found = []
+    found, ours = [], {p.pid for p in psutil.Process().children(recursive=True)}
     for process in psutil.process_iter(["name", "cmdline", "create_time"]):
+        if process.pid in ours:
+            continue
         cmdline = " ".join(process.info["cmdline"] or [])
         ray_like = process.info["name"] in ("raylet", "gcs_server") or (process.info["name"] or "").startswith("ray::")
         if process.info["create_time"] >= since and (ray_like or "/ray/" in cmdline):
@@ -167,8 +183,5 @@ def test_ctrl_c_while_ray_starts_leaves_no_process_and_no_traceback(tmp_path, ti
     stderr = log.read_text()
     assert proc.returncode == 130, stderr[-3000:]
     assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr, stderr[-3000:]
-    deadline = time.monotonic() + 60  # the reaper's grace is 3 s; Ray's own processes stop sooner
-    while (left := ray_processes(started)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"left running after Ctrl-C: {[(p.pid, p.name()) for p in left]}"
+    wait_until_gone(started)  # the reaper's grace is 3 s; Ray's own processes stop sooner
     assert not (out / ".flywheel.lock").exists()

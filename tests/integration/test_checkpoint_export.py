@@ -55,14 +55,24 @@ def test_export_loads_in_transformers_with_the_learners_logprobs(model_dir, tmp_
 
 
 def test_export_of_the_checkpoints_folder_takes_the_latest(model_dir, tmp_path):
+    """Also `flywheel export` into that export again: refused (issue #22: it wrote over it
+    silently), then, with --overwrite, the directory holds step 1's weights."""
     learner = trained_learner(model_dir, 0)
-    save_run_checkpoint(learner, model_dir, tmp_path / "checkpoints", step=1)
+    tokens = make_tokens([3, 4], [5, 3], seed=9)
+    valid = tokens.attention_mask[:, 1:].bool()
+    first = learner.logprobs(tokens)[:, 1:][valid]
+    step_1 = save_run_checkpoint(learner, model_dir, tmp_path / "checkpoints", step=1)
     learner.train_step(ppo_batch(learner, make_tokens([3, 5], [4, 2])), loss_spec("ppo"))
     save_run_checkpoint(learner, model_dir, tmp_path / "checkpoints", step=2)
     out = export_checkpoint(tmp_path / "checkpoints", tmp_path / "export")
-    tokens = make_tokens([3, 4], [5, 3], seed=9)
-    valid = tokens.attention_mask[:, 1:].bool()
     torch.testing.assert_close(direct(hf_model(out), tokens)[0][valid], learner.logprobs(tokens)[:, 1:][valid], atol=1e-5, rtol=0)
+
+    refused = run_flywheel("export", str(step_1), str(out))
+    assert refused.returncode == 2 and f"--out: {out} already holds files (" in refused.stderr, refused.stderr[-3000:]
+    torch.testing.assert_close(direct(hf_model(out), tokens)[0][valid], learner.logprobs(tokens)[:, 1:][valid], atol=1e-5, rtol=0)
+    again = run_flywheel("export", str(step_1), str(out), "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    torch.testing.assert_close(direct(hf_model(out), tokens)[0][valid], first, atol=1e-5, rtol=0)
 
 
 def test_half_written_checkpoints_are_never_picked_and_only_the_last_k_stay(tmp_path):
