@@ -31,7 +31,9 @@ from services.core.tiny_model import build_toy_llama, train_toy_tokenizer
 from services.core.toy_eval import evaluate_toy
 from services.learner.deepspeed_setup import full_state_dict, init_engine, unpacked_stage
 from services.learner.lora import reject_lora
-from services.learner.sft_data import IGNORE, collate, encode_example, sft_rows, truncation_warning
+from services.learner.sft_data import (
+    IGNORE, check_response_end, collate, encode_example, sft_rows, truncation_warning,
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -48,6 +50,7 @@ def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str]
         raise UserError(f"model.path: no model directory at '{path}'")
     dtype = TORCH_DTYPES[cfg.model.dtype]
     tokenizer = load_padding_tokenizer(path, "model.path", cfg.model.trust_remote_code)
+    check_response_end(tokenizer, cfg.model.chat_template)  # before the weights load
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code

@@ -263,3 +263,13 @@ def test_a_tokenizer_with_no_pad_token_pads_with_its_eos_token(tiny_model_dir, t
     no_pad = without_special_tokens(tiny_model_dir, tmp_path / "no-pad", "pad_token")
     tokenizer = load_padding_tokenizer(no_pad, "model.path")
     assert (tokenizer.pad_token, pad_token_id(tokenizer)) == ("<|eos|>", tokenizer.eos_token_id)
+
+
+def test_sft_without_a_chat_template_refuses_a_tokenizer_with_no_eos(tiny_model_dir, tmp_path):
+    """SFT ends each response with the eos token (no chat template); a pad token alone was a
+    TypeError in the collation."""
+    no_eos = without_special_tokens(tiny_model_dir, tmp_path / "no-eos", "eos_token")
+    out = tmp_path / "out"
+    assert_user_error(flywheel("sft", "sft-toy", "--out", str(out), f"model.path={no_eos}"),
+                      f"model.path: the tokenizer in {no_eos} has no eos token, which ends each SFT response")
+    assert not out.exists()
