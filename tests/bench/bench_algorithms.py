@@ -72,7 +72,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     if not (example / "train.jsonl").is_file():
         flywheel("example", str(example), "--train", "2000", "--test", "100", "--max-number", "10")
     if not (sft / "model" / "config.json").is_file():
-        flywheel("sft", "sft-chat", "--out", str(sft), f"model.path={example / 'model'}",
+        flywheel("sft", "sft-chat", "--out", str(sft), "--overwrite", f"model.path={example / 'model'}",
                  f"data.source={example / 'train.jsonl'}")
     return example, sft / "model"
 

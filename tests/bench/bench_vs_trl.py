@@ -72,7 +72,7 @@ def prepare(work: Path) -> Path:
     if not (policy / "config.json").exists():
         print(f"SFT of the benchmark policy ({SFT_EPOCHS} epochs of {TRAIN_ROWS} rows), once; log in {work}/sft.log")
         begin = time.time()
-        run([sys.executable, "-m", "services.cli", "sft", "sft-chat", "--out", str(work / "sft"),
+        run([sys.executable, "-m", "services.cli", "sft", "sft-chat", "--out", str(work / "sft"), "--overwrite",
              f"model.path={data / 'model'}", f"data.source={data / 'train.jsonl'}",
              f"learner.epochs={SFT_EPOCHS}", f"learner.lr={SFT_LR}"], work / "sft.log")
         print(f"  SFT took {time.time() - begin:.0f} s")
