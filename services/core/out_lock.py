@@ -89,7 +89,10 @@ def out_lock(out: Path, command: str) -> Iterator[Path]:
     path = out / LOCK_FILE
     try:
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"--out: cannot write {path}: {exc.strerror or exc}; choose another --out") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
