@@ -416,6 +416,17 @@ class FlywheelConfig(Section):
                              f"({self.rollout.max_tokens})")
         return self
 
+    @model_validator(mode="after")
+    def _lora_has_no_reference_actor(self) -> "FlywheelConfig":
+        changed = sorted(self.reference.model_dump(exclude_defaults=True))
+        if self.learner.lora is not None and changed:
+            raise ValueError(
+                f"reference.{', reference.'.join(changed)}: a LoRA run (learner.lora) starts no reference actor (its "
+                "reference is the learner's base model with the adapter off, batched as the learner's log-probs); "
+                "remove these settings"
+            )
+        return self
+
     @field_validator("seed")
     @classmethod
     def _seed_non_negative(cls, v: int) -> int:

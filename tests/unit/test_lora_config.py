@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 
 from services.core.config import FlywheelConfig, LearnerConfig
 from services.core.config_loading import dump_config, load_config
@@ -115,3 +116,14 @@ def test_stages_that_train_every_weight_reject_lora():
     reject_lora(LearnerConfig(), "sft")
     with pytest.raises(UserError, match="learner.lora: `flywheel sft` trains every weight"):
         reject_lora(LearnerConfig(lora=LoraConfig()), "sft")
+
+
+def test_reference_settings_are_refused_with_lora():
+    """A LoRA run starts no reference actor, so a `reference.*` setting would be silently
+    unused; the defaults (as a resolved config.yaml holds them) are fine."""
+    with pytest.raises(UserError, match=r"reference\.packing, reference\.replicas: a LoRA run \(learner\.lora\) "
+                                        "starts no reference actor"):
+        load_config("grpo-toy", ["learner.lora.rank=8", "reference.replicas=2", "reference.packing=true"])
+    resolved = dump_config(load_config("grpo-toy", ["learner.lora.rank=8"]))
+    assert FlywheelConfig.model_validate(yaml.safe_load(resolved)).learner.lora.rank == 8
+    assert load_config("grpo-toy", ["reference.replicas=2"]).reference.replicas == 2  # without LoRA: used
