@@ -81,6 +81,7 @@ def to_message(
         turns=[trajectory_pb2.Turn(role=role, start=start, end=end) for role, start, end in trajectory.turns or []],
         version_spans=[trajectory_pb2.VersionSpan(start=start, version=version)
                        for start, version in trajectory.version_spans or []],
+        env_info={name: float(value) for name, value in trajectory.env_info.items()},
     )
     if reward is not None:
         message.reward = float(reward)
@@ -98,6 +99,7 @@ def from_message(message: trajectory_pb2.Trajectory) -> TrajectoryRecord:
         loss_mask=list(message.loss_mask) or None, turns=[(t.role, t.start, t.end) for t in message.turns] or None,
         env_reward=message.env_reward,
         version_spans=[(s.start, s.version) for s in message.version_spans] or None,
+        env_info=dict(message.env_info),
     )
     return TrajectoryRecord(
         trajectory,

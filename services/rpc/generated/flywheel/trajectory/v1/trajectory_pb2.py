@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n>services/rpc/generated/flywheel/trajectory/v1/trajectory.proto\x12\x16\x66lywheel.trajectory.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xba\x04\n\nTrajectory\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x14\n\x0cresponse_ids\x18\x05 \x03(\x05\x12\x10\n\x08logprobs\x18\x06 \x03(\x01\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x03\x12\x14\n\x0csample_index\x18\t \x01(\x05\x12(\n\x07\x63olumns\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06reward\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12K\n\rmember_scores\x18\x0c \x03(\x0b\x32\x34.flywheel.trajectory.v1.Trajectory.MemberScoresEntry\x12\x11\n\x04step\x18\r \x01(\x03H\x01\x88\x01\x01\x12\x11\n\tloss_mask\x18\x0e \x03(\x05\x12+\n\x05turns\x18\x0f \x03(\x0b\x32\x1c.flywheel.trajectory.v1.Turn\x12\x12\n\nenv_reward\x18\x10 \x01(\x01\x12:\n\rversion_spans\x18\x11 \x03(\x0b\x32#.flywheel.trajectory.v1.VersionSpan\x1a\x33\n\x11MemberScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_rewardB\x07\n\x05_step\"-\n\x0bVersionSpan\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\"0\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n>services/rpc/generated/flywheel/trajectory/v1/trajectory.proto\x12\x16\x66lywheel.trajectory.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xad\x05\n\nTrajectory\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x14\n\x0cresponse_ids\x18\x05 \x03(\x05\x12\x10\n\x08logprobs\x18\x06 \x03(\x01\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x03\x12\x14\n\x0csample_index\x18\t \x01(\x05\x12(\n\x07\x63olumns\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06reward\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12K\n\rmember_scores\x18\x0c \x03(\x0b\x32\x34.flywheel.trajectory.v1.Trajectory.MemberScoresEntry\x12\x11\n\x04step\x18\r \x01(\x03H\x01\x88\x01\x01\x12\x11\n\tloss_mask\x18\x0e \x03(\x05\x12+\n\x05turns\x18\x0f \x03(\x0b\x32\x1c.flywheel.trajectory.v1.Turn\x12\x12\n\nenv_reward\x18\x10 \x01(\x01\x12:\n\rversion_spans\x18\x11 \x03(\x0b\x32#.flywheel.trajectory.v1.VersionSpan\x12\x41\n\x08\x65nv_info\x18\x12 \x03(\x0b\x32/.flywheel.trajectory.v1.Trajectory.EnvInfoEntry\x1a\x33\n\x11MemberScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x45nvInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_rewardB\x07\n\x05_step\"-\n\x0bVersionSpan\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\x03\"0\n\x04Turn\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAJECTORY_MEMBERSCORESENTRY']._loaded_options = None
   _globals['_TRAJECTORY_MEMBERSCORESENTRY']._serialized_options = b'8\001'
+  _globals['_TRAJECTORY_ENVINFOENTRY']._loaded_options = None
+  _globals['_TRAJECTORY_ENVINFOENTRY']._serialized_options = b'8\001'
   _globals['_TRAJECTORY']._serialized_start=121
-  _globals['_TRAJECTORY']._serialized_end=691
-  _globals['_TRAJECTORY_MEMBERSCORESENTRY']._serialized_start=620
-  _globals['_TRAJECTORY_MEMBERSCORESENTRY']._serialized_end=671
-  _globals['_VERSIONSPAN']._serialized_start=693
-  _globals['_VERSIONSPAN']._serialized_end=738
-  _globals['_TURN']._serialized_start=740
-  _globals['_TURN']._serialized_end=788
+  _globals['_TRAJECTORY']._serialized_end=806
+  _globals['_TRAJECTORY_MEMBERSCORESENTRY']._serialized_start=687
+  _globals['_TRAJECTORY_MEMBERSCORESENTRY']._serialized_end=738
+  _globals['_TRAJECTORY_ENVINFOENTRY']._serialized_start=740
+  _globals['_TRAJECTORY_ENVINFOENTRY']._serialized_end=786
+  _globals['_VERSIONSPAN']._serialized_start=808
+  _globals['_VERSIONSPAN']._serialized_end=853
+  _globals['_TURN']._serialized_start=855
+  _globals['_TURN']._serialized_end=903
 # @@protoc_insertion_point(module_scope)

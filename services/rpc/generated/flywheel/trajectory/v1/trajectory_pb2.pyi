@@ -8,8 +8,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Trajectory(_message.Message):
-    __slots__ = ("prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "finish_reason", "policy_version", "sample_index", "columns", "reward", "member_scores", "step", "loss_mask", "turns", "env_reward", "version_spans")
+    __slots__ = ("prompt_id", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "finish_reason", "policy_version", "sample_index", "columns", "reward", "member_scores", "step", "loss_mask", "turns", "env_reward", "version_spans", "env_info")
     class MemberScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class EnvInfoEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +40,7 @@ class Trajectory(_message.Message):
     TURNS_FIELD_NUMBER: _ClassVar[int]
     ENV_REWARD_FIELD_NUMBER: _ClassVar[int]
     VERSION_SPANS_FIELD_NUMBER: _ClassVar[int]
+    ENV_INFO_FIELD_NUMBER: _ClassVar[int]
     prompt_id: str
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -50,7 +58,8 @@ class Trajectory(_message.Message):
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
     env_reward: float
     version_spans: _containers.RepeatedCompositeFieldContainer[VersionSpan]
-    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., policy_version: _Optional[int] = ..., sample_index: _Optional[int] = ..., columns: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reward: _Optional[float] = ..., member_scores: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., loss_mask: _Optional[_Iterable[int]] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., env_reward: _Optional[float] = ..., version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ...) -> None: ...
+    env_info: _containers.ScalarMap[str, float]
+    def __init__(self, prompt_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., policy_version: _Optional[int] = ..., sample_index: _Optional[int] = ..., columns: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reward: _Optional[float] = ..., member_scores: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., loss_mask: _Optional[_Iterable[int]] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., env_reward: _Optional[float] = ..., version_spans: _Optional[_Iterable[_Union[VersionSpan, _Mapping]]] = ..., env_info: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class VersionSpan(_message.Message):
     __slots__ = ("start", "version")
