@@ -11,6 +11,7 @@ from statistics import mean
 
 from services.core import toy_world
 from services.core.config import FlywheelConfig
+from services.core.special_tokens import load_padding_tokenizer
 
 EVAL_SEED_OFFSET = 777  # eval prompts are drawn apart from the SFT prompts
 
@@ -20,11 +21,9 @@ def load_sampling_policy(policy_dir: str):
     """(model, tokenizer) of a saved policy for sampling with :func:`generate`, fp32, pad
     token set; cached, so the callers sampling one policy in turn load it once."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_padding_tokenizer(policy_dir, "model.path")
     return AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32), tokenizer
 
 

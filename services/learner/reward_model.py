@@ -130,15 +130,14 @@ def run_train_rm(cfg: FlywheelConfig, out_dir: str | Path) -> dict:
     """Make or load the pairs, train K members, evaluate them; returns summary.json's content."""
     unpacked_stage(cfg.learner, "train-rm")
     out = Path(out_dir)  # made once the policy's files and the pairs are checked
-    if cfg.model.path is not None:  # the toy policy, made in OUT, can pad
-        load_padding_tokenizer(resolve_policy(cfg, out), "model.path")
     started = time.time()
-    if cfg.data.source == "toy":  # toy pairs are sampled from the policy
-        policy = str(resolve_policy(cfg, out).resolve())
-        train, heldout = preference_pairs(cfg, policy)
-    else:  # the user's pairs are checked before anything slow
+    if cfg.data.source != "toy":  # the user's pairs are checked before anything slow
         train, heldout = preference_pairs(cfg, None)
-        policy = str(resolve_policy(cfg, out).resolve())
+    policy = str(resolve_policy(cfg, out).resolve())
+    if cfg.model.path is not None:  # the toy policy, made in OUT, can pad
+        load_padding_tokenizer(policy, "model.path")
+    if cfg.data.source == "toy":  # toy pairs are sampled from the policy
+        train, heldout = preference_pairs(cfg, policy)
     (out / "pairs").mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "pairs" / "train.jsonl", train)
     write_jsonl(out / "pairs" / "heldout.jsonl", heldout)

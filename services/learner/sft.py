@@ -50,7 +50,7 @@ def load_model_and_tokenizer(cfg: FlywheelConfig, texts_for_tokenizer: list[str]
         raise UserError(f"model.path: no model directory at '{path}'")
     dtype = TORCH_DTYPES[cfg.model.dtype]
     tokenizer = load_padding_tokenizer(path, "model.path", cfg.model.trust_remote_code)
-    check_response_end(tokenizer, cfg.model.chat_template)  # before the weights load
+    check_response_end(tokenizer, resolve_chat_template(tokenizer, cfg.model.chat_template))  # before the weights
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code

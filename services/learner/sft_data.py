@@ -33,15 +33,16 @@ def encode_example(tokenizer, prompt: str | list, response: str, max_prompt: int
         prompt_ids = tokenizer(prompt).input_ids
     else:
         _, prompt_ids = render_prompt(tokenizer, prompt, None)
-    check_response_end(tokenizer, None)
+    check_response_end(tokenizer, template)
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return _truncate(prompt_ids, response_ids, max_prompt, max_response, truncated)
 
 
-def check_response_end(tokenizer, chat_template: str | None) -> None:
-    """Without a chat template, each SFT response ends with the eos token, so that the model
-    learns to stop: a tokenizer with none is refused (its None id failed deep in the collation)."""
-    if tokenizer.eos_token_id is None and resolve_chat_template(tokenizer, chat_template) is None:
+def check_response_end(tokenizer, template: str | None) -> None:
+    """Without a chat template (``template``: the resolved one, or None), each SFT response
+    ends with the eos token, so that the model learns to stop: a tokenizer with none is refused
+    (its None id failed deep in the collation)."""
+    if tokenizer.eos_token_id is None and template is None:
         raise UserError(
             f"model.path: the tokenizer in {tokenizer.name_or_path} has no eos token, which ends each SFT response "
             "(without a chat template) so that the model learns to stop; set eos_token in its tokenizer_config.json"
